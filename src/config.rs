@@ -1,0 +1,578 @@
+//! Kafka consumer configuration: programmatic, or from the `XZEPR_KAFKA_*`
+//! environment of the XZepr contract. Values are checked when the consumer is
+//! built ([`KafkaConsumerConfig::to_client_config`]), each error naming the field
+//! or variable at fault. The SASL password never appears in `Debug` output.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+/// Configuration errors, each naming the field or environment variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required value is absent.
+    #[error("missing required setting `{name}`")]
+    Missing {
+        /// The field or variable.
+        name: &'static str,
+    },
+    /// A value is not one of the accepted ones.
+    #[error("invalid value {value:?} for `{name}`: expected {expected}")]
+    Invalid {
+        /// The field or variable.
+        name: &'static str,
+        /// What was given.
+        value: String,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A certificate or key file cannot be read.
+    #[error("`{name}`: cannot read {path:?}: {reason}")]
+    UnreadableFile {
+        /// The field or variable.
+        name: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The I/O error.
+        reason: String,
+    },
+}
+
+/// How the consumer talks to the brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL over plain TCP.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "PLAINTEXT",
+            Self::Ssl => "SSL",
+            Self::SaslPlaintext => "SASL_PLAINTEXT",
+            Self::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    fn parse(name: &'static str, value: &str) -> Result<Self, ConfigError> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "PLAINTEXT" => Ok(Self::Plaintext),
+            "SSL" => Ok(Self::Ssl),
+            "SASL_PLAINTEXT" => Ok(Self::SaslPlaintext),
+            "SASL_SSL" => Ok(Self::SaslSsl),
+            _ => Err(ConfigError::Invalid {
+                name,
+                value: value.to_owned(),
+                expected: "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+            }),
+        }
+    }
+
+    fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+}
+
+/// The SASL mechanism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SaslMechanism {
+    /// `PLAIN`.
+    Plain,
+    /// `SCRAM-SHA-256` (the contract's default).
+    #[default]
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+
+    fn parse(name: &'static str, value: &str) -> Result<Self, ConfigError> {
+        match value.trim().to_ascii_uppercase().as_str() {
+            "PLAIN" => Ok(Self::Plain),
+            "SCRAM-SHA-256" => Ok(Self::ScramSha256),
+            "SCRAM-SHA-512" => Ok(Self::ScramSha512),
+            _ => Err(ConfigError::Invalid {
+                name,
+                value: value.to_owned(),
+                expected: "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+            }),
+        }
+    }
+}
+
+/// Kafka consumer settings.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct KafkaConsumerConfig {
+    /// Bootstrap servers, comma-separated.
+    pub brokers: String,
+    /// Topics to consume (the contract's default: `xzepr.dev.events`).
+    pub topics: Vec<String>,
+    /// Consumer group; defaults to `xzepr-consumer-{service_name}`.
+    pub group_id: String,
+    /// The service's name.
+    pub service_name: String,
+    /// Transport security; set from the SASL/SSL helpers or the environment.
+    pub security_protocol: Option<SecurityProtocol>,
+    /// SASL mechanism (default SCRAM-SHA-256 when SASL is used).
+    pub sasl_mechanism: SaslMechanism,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password (never printed).
+    pub sasl_password: Option<String>,
+    /// CA certificate file (PEM).
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate file for mTLS (PEM).
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// Client key file for mTLS (PEM).
+    pub ssl_key_location: Option<PathBuf>,
+    /// Where a group with no committed offset starts: `earliest` (default) or `latest`.
+    pub auto_offset_reset: String,
+    /// Session timeout: the broker evicts a consumer silent for this long.
+    /// Default 30 s (librdkafka's default is 45 s; the plan used 30 s).
+    pub session_timeout: Duration,
+    /// Any other librdkafka property, applied last (so it overrides ours).
+    pub extra: Vec<(String, String)>,
+}
+
+/// librdkafka's `fetch.wait.max.ms`, lowered from its 500 ms default. The source
+/// stage pauses a partition whose queue is full, and a resumed partition is not
+/// fetched until the fetch already in flight returns; when the partitions still
+/// fetching have no new data, the broker holds that fetch this long. 100 ms is
+/// shorter than the work a resumed partition still has queued for any handler
+/// slower than ~15,000 events/s per queue (the resume watermark leaves ~1,500
+/// messages ahead), so the stall stays hidden; an idle consumer pays ten empty
+/// fetches a second per broker for it. Override with
+/// `KafkaConsumerConfig::set("fetch.wait.max.ms", ..)`.
+pub const FETCH_WAIT_MAX_MS: &str = "100";
+
+impl fmt::Debug for KafkaConsumerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redacted: Vec<_> = self
+            .extra
+            .iter()
+            .map(|(k, v)| {
+                let secret = k.contains("password") || k.contains("secret");
+                (k.as_str(), if secret { "<redacted>" } else { v.as_str() })
+            })
+            .collect();
+        f.debug_struct("KafkaConsumerConfig")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("group_id", &self.group_id)
+            .field("service_name", &self.service_name)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_certificate_location", &self.ssl_certificate_location)
+            .field("ssl_key_location", &self.ssl_key_location)
+            .field("auto_offset_reset", &self.auto_offset_reset)
+            .field("session_timeout", &self.session_timeout)
+            .field("extra", &redacted)
+            .finish()
+    }
+}
+
+impl KafkaConsumerConfig {
+    /// Settings for `service_name` consuming `topic` from `brokers`, in group
+    /// `xzepr-consumer-{service_name}`.
+    pub fn new(brokers: &str, topic: &str, service_name: &str) -> Self {
+        KafkaConsumerConfig {
+            brokers: brokers.to_owned(),
+            topics: vec![topic.to_owned()],
+            group_id: format!("xzepr-consumer-{service_name}"),
+            service_name: service_name.to_owned(),
+            security_protocol: None,
+            sasl_mechanism: SaslMechanism::default(),
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            ssl_certificate_location: None,
+            ssl_key_location: None,
+            auto_offset_reset: "earliest".to_owned(),
+            session_timeout: Duration::from_secs(30),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Overrides the consumer group.
+    #[must_use]
+    pub fn with_group_id(mut self, group_id: &str) -> Self {
+        self.group_id = group_id.to_owned();
+        self
+    }
+
+    /// Consumes one more topic.
+    #[must_use]
+    pub fn with_topic(mut self, topic: &str) -> Self {
+        self.topics.push(topic.to_owned());
+        self
+    }
+
+    /// SASL authentication with `mechanism`. Keeps TLS if it was configured
+    /// (SASL_SSL), else uses SASL_PLAINTEXT.
+    #[must_use]
+    pub fn with_sasl(mut self, mechanism: SaslMechanism, username: &str, password: &str) -> Self {
+        let tls = self
+            .security_protocol
+            .is_some_and(SecurityProtocol::uses_tls);
+        self.security_protocol = Some(if tls {
+            SecurityProtocol::SaslSsl
+        } else {
+            SecurityProtocol::SaslPlaintext
+        });
+        self.sasl_mechanism = mechanism;
+        self.sasl_username = Some(username.to_owned());
+        self.sasl_password = Some(password.to_owned());
+        self
+    }
+
+    /// SASL/SCRAM-SHA-256 authentication (the plan's helper).
+    #[must_use]
+    pub fn with_sasl_scram_sha256(self, username: &str, password: &str) -> Self {
+        self.with_sasl(SaslMechanism::ScramSha256, username, password)
+    }
+
+    /// TLS with a CA file. Keeps SASL if it was configured (SASL_SSL).
+    #[must_use]
+    pub fn with_ssl(mut self, ca_location: &str) -> Self {
+        let sasl = self
+            .security_protocol
+            .is_some_and(SecurityProtocol::uses_sasl);
+        self.security_protocol = Some(if sasl {
+            SecurityProtocol::SaslSsl
+        } else {
+            SecurityProtocol::Ssl
+        });
+        self.ssl_ca_location = Some(ca_location.into());
+        self
+    }
+
+    /// A client certificate and key for mutual TLS.
+    #[must_use]
+    pub fn with_client_certificate(mut self, certificate: &str, key: &str) -> Self {
+        self.ssl_certificate_location = Some(certificate.into());
+        self.ssl_key_location = Some(key.into());
+        self
+    }
+
+    /// Sets any librdkafka property (applied after ours, so it wins).
+    #[must_use]
+    pub fn set(mut self, key: &str, value: &str) -> Self {
+        self.extra.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Reads the contract's `XZEPR_KAFKA_*` variables from the process environment.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable with a bad value.
+    pub fn from_env(service_name: &str) -> Result<Self, ConfigError> {
+        Self::from_env_with(service_name, |name| std::env::var(name).ok())
+    }
+
+    /// As [`KafkaConsumerConfig::from_env`], reading variables through `lookup`
+    /// (tests, or configuration from elsewhere).
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the variable with a bad value.
+    pub fn from_env_with(
+        service_name: &str,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let brokers = get("XZEPR_KAFKA_BROKERS").unwrap_or_else(|| "localhost:9092".to_owned());
+        let topic = get("XZEPR_KAFKA_TOPIC").unwrap_or_else(|| "xzepr.dev.events".to_owned());
+        let mut c = Self::new(&brokers, &topic, service_name);
+        if let Some(group) = get("XZEPR_KAFKA_GROUP_ID") {
+            c.group_id = group;
+        }
+        if let Some(p) = get("XZEPR_KAFKA_SECURITY_PROTOCOL") {
+            c.security_protocol = Some(SecurityProtocol::parse(
+                "XZEPR_KAFKA_SECURITY_PROTOCOL",
+                &p,
+            )?);
+        }
+        if let Some(m) = get("XZEPR_KAFKA_SASL_MECHANISM") {
+            c.sasl_mechanism = SaslMechanism::parse("XZEPR_KAFKA_SASL_MECHANISM", &m)?;
+        }
+        c.sasl_username = get("XZEPR_KAFKA_SASL_USERNAME");
+        c.sasl_password = lookup("XZEPR_KAFKA_SASL_PASSWORD");
+        c.ssl_ca_location = get("XZEPR_KAFKA_SSL_CA_LOCATION").map(PathBuf::from);
+        c.ssl_certificate_location = get("XZEPR_KAFKA_SSL_CERT_LOCATION")
+            .or_else(|| get("XZEPR_KAFKA_SSL_CERTIFICATE_LOCATION"))
+            .map(PathBuf::from);
+        c.ssl_key_location = get("XZEPR_KAFKA_SSL_KEY_LOCATION").map(PathBuf::from);
+        Ok(c)
+    }
+
+    /// Checks the settings and turns them into librdkafka's, with our commit
+    /// discipline: `enable.auto.commit=false` and `enable.auto.offset.store=false`
+    /// (the offset tracker decides what is committed).
+    ///
+    /// # Errors
+    /// - [`ConfigError::Missing`]: no brokers, topic or group; a SASL protocol
+    ///   without user name or password;
+    /// - [`ConfigError::Invalid`]: an `auto_offset_reset` other than earliest/latest;
+    /// - [`ConfigError::UnreadableFile`]: a certificate or key file that cannot be read.
+    pub fn to_client_config(&self) -> Result<ClientConfig, ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(ConfigError::Missing { name: "brokers" });
+        }
+        if self.topics.is_empty() || self.topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::Missing { name: "topics" });
+        }
+        if self.group_id.trim().is_empty() {
+            return Err(ConfigError::Missing { name: "group_id" });
+        }
+        if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
+            return Err(ConfigError::Invalid {
+                name: "auto_offset_reset",
+                value: self.auto_offset_reset.clone(),
+                expected: "earliest or latest",
+            });
+        }
+        let protocol = self.security_protocol.unwrap_or_default();
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            .set("client.id", &self.service_name)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", &self.auto_offset_reset)
+            .set(
+                "session.timeout.ms",
+                self.session_timeout.as_millis().to_string(),
+            )
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
+            .set("security.protocol", protocol.as_str());
+        if protocol.uses_sasl() {
+            let user = self.sasl_username.as_deref().filter(|u| !u.is_empty());
+            let user = user.ok_or(ConfigError::Missing {
+                name: "sasl_username (XZEPR_KAFKA_SASL_USERNAME)",
+            })?;
+            let password = self.sasl_password.as_deref().ok_or(ConfigError::Missing {
+                name: "sasl_password (XZEPR_KAFKA_SASL_PASSWORD)",
+            })?;
+            c.set("sasl.mechanism", self.sasl_mechanism.as_str())
+                .set("sasl.username", user)
+                .set("sasl.password", password);
+        }
+        for (name, path, key) in [
+            (
+                "ssl_ca_location (XZEPR_KAFKA_SSL_CA_LOCATION)",
+                &self.ssl_ca_location,
+                "ssl.ca.location",
+            ),
+            (
+                "ssl_certificate_location (XZEPR_KAFKA_SSL_CERT_LOCATION)",
+                &self.ssl_certificate_location,
+                "ssl.certificate.location",
+            ),
+            (
+                "ssl_key_location (XZEPR_KAFKA_SSL_KEY_LOCATION)",
+                &self.ssl_key_location,
+                "ssl.key.location",
+            ),
+        ] {
+            if let Some(path) = path {
+                std::fs::File::open(path).map_err(|e| ConfigError::UnreadableFile {
+                    name,
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+                c.set(key, path.to_string_lossy());
+            }
+        }
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults_follow_the_contract() {
+        let c = KafkaConsumerConfig::from_env_with("billing", env(&[])).unwrap();
+        assert_eq!(c.brokers, "localhost:9092");
+        assert_eq!(c.topics, vec!["xzepr.dev.events".to_owned()]);
+        assert_eq!(c.group_id, "xzepr-consumer-billing");
+        let rd = c.to_client_config().unwrap();
+        assert_eq!(rd.get("enable.auto.commit"), Some("false"));
+        assert_eq!(rd.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(rd.get("security.protocol"), Some("PLAINTEXT"));
+        assert_eq!(rd.get("fetch.wait.max.ms"), Some(FETCH_WAIT_MAX_MS));
+        let rd = c
+            .set("fetch.wait.max.ms", "500")
+            .to_client_config()
+            .unwrap();
+        assert_eq!(
+            rd.get("fetch.wait.max.ms"),
+            Some("500"),
+            "the user's value wins"
+        );
+    }
+
+    #[test]
+    fn sasl_from_env_and_password_never_printed() {
+        let c = KafkaConsumerConfig::from_env_with(
+            "svc",
+            env(&[
+                ("XZEPR_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
+                ("XZEPR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+                ("XZEPR_KAFKA_SASL_USERNAME", "alice"),
+                ("XZEPR_KAFKA_SASL_PASSWORD", "hunter2-secret"),
+                ("XZEPR_KAFKA_GROUP_ID", "custom"),
+            ]),
+        )
+        .unwrap()
+        .set("sasl.password", "hunter2-secret");
+        let rd = c.to_client_config().unwrap();
+        assert_eq!(rd.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(rd.get("group.id"), Some("custom"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("alice"));
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let err = KafkaConsumerConfig::from_env_with(
+            "s",
+            env(&[("XZEPR_KAFKA_SECURITY_PROTOCOL", "TLS")]),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                name: "XZEPR_KAFKA_SECURITY_PROTOCOL",
+                ..
+            }
+        ));
+        let err = KafkaConsumerConfig::from_env_with(
+            "s",
+            env(&[("XZEPR_KAFKA_SASL_MECHANISM", "GSSAPI")]),
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::Invalid {
+                name: "XZEPR_KAFKA_SASL_MECHANISM",
+                ..
+            }
+        ));
+        let c = KafkaConsumerConfig::from_env_with(
+            "s",
+            env(&[
+                ("XZEPR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("XZEPR_KAFKA_SASL_PASSWORD", "p"),
+            ]),
+        )
+        .unwrap();
+        let err = c.to_client_config().unwrap_err();
+        assert!(
+            err.to_string().contains("XZEPR_KAFKA_SASL_USERNAME"),
+            "{err}"
+        );
+        let c = KafkaConsumerConfig::from_env_with(
+            "s",
+            env(&[
+                ("XZEPR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+                ("XZEPR_KAFKA_SASL_USERNAME", "u"),
+            ]),
+        )
+        .unwrap();
+        assert!(c
+            .to_client_config()
+            .unwrap_err()
+            .to_string()
+            .contains("XZEPR_KAFKA_SASL_PASSWORD"));
+        // Both spellings of the certificate variable; an unreadable file is named.
+        for var in [
+            "XZEPR_KAFKA_SSL_CERT_LOCATION",
+            "XZEPR_KAFKA_SSL_CERTIFICATE_LOCATION",
+        ] {
+            let c = KafkaConsumerConfig::from_env_with(
+                "s",
+                env(&[
+                    ("XZEPR_KAFKA_SECURITY_PROTOCOL", "SSL"),
+                    (var, "/nonexistent/cert.pem"),
+                ]),
+            )
+            .unwrap();
+            let err = c.to_client_config().unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::UnreadableFile { name, .. } if name.contains("XZEPR_KAFKA_SSL_CERT_LOCATION")),
+                "{err}"
+            );
+        }
+        let mut c = KafkaConsumerConfig::new("b:9092", "t", "s");
+        c.auto_offset_reset = "smallest".into();
+        assert!(matches!(
+            c.to_client_config(),
+            Err(ConfigError::Invalid {
+                name: "auto_offset_reset",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn builder_combines_sasl_and_tls() {
+        let ca = tempfile::NamedTempFile::new().unwrap();
+        let c = KafkaConsumerConfig::new("b:9092", "t", "s")
+            .with_ssl(ca.path().to_str().unwrap())
+            .with_sasl(SaslMechanism::Plain, "u", "p")
+            .with_topic("t2");
+        assert_eq!(c.security_protocol, Some(SecurityProtocol::SaslSsl));
+        assert_eq!(c.topics.len(), 2);
+        let rd = c.to_client_config().unwrap();
+        assert_eq!(rd.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(rd.get("sasl.mechanism"), Some("PLAIN"));
+    }
+}

@@ -1,0 +1,420 @@
+//! The source stage and offset commits against librdkafka's mock cluster (the real
+//! Kafka protocol, in process).
+
+mod kafka_support;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+use xzepr_consumer::config::KafkaConsumerConfig;
+use xzepr_consumer::source::{Message, Source, SourceOptions};
+
+use kafka_support::*;
+
+/// Generous bound for "eventually" in a loaded CI machine; never a timing assertion.
+const PATIENCE: Duration = Duration::from_secs(240);
+
+fn options(queues: usize, capacity: usize) -> SourceOptions {
+    let mut o = SourceOptions::default();
+    o.queues = queues;
+    o.queue_capacity = capacity;
+    o.resume_below = capacity / 2;
+    o.commit_interval = Duration::from_millis(100);
+    o.drain_timeout = Duration::from_secs(5);
+    o
+}
+
+type Seen = Arc<Mutex<HashMap<i32, BTreeSet<i64>>>>;
+
+/// Worker threads that finish messages in a random order, after random delays.
+/// `skip` is never finished.
+fn shuffling_workers(
+    source: &mut Source,
+    seen: Seen,
+    skip: Option<(i32, i64)>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    paced_shuffling_workers(source, seen, skip, Duration::ZERO)
+}
+
+/// As [`shuffling_workers`], each message taking at least `pace` of work.
+fn paced_shuffling_workers(
+    source: &mut Source,
+    seen: Seen,
+    skip: Option<(i32, i64)>,
+    pace: Duration,
+) -> Vec<std::thread::JoinHandle<()>> {
+    source
+        .take_receivers()
+        .into_iter()
+        .map(|rx| {
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                let mut rng = rand::rng();
+                let mut held: Vec<Message> = Vec::new();
+                loop {
+                    let got = rx.recv_timeout(Duration::from_millis(20));
+                    let closed =
+                        matches!(got, Err(crossbeam_channel::RecvTimeoutError::Disconnected));
+                    let idle = got.is_err();
+                    if let Ok(m) = got {
+                        seen.lock()
+                            .unwrap()
+                            .entry(m.partition)
+                            .or_default()
+                            .insert(m.offset);
+                        held.push(m);
+                    }
+                    if held.len() >= rng.random_range(1..64) || idle {
+                        held.shuffle(&mut rng);
+                        for m in held.drain(..) {
+                            if rng.random_ratio(1, 500) {
+                                std::thread::sleep(Duration::from_micros(
+                                    rng.random_range(0..2000),
+                                ));
+                            }
+                            if !pace.is_zero() {
+                                std::thread::sleep(pace);
+                            }
+                            if skip == Some((m.partition, m.offset)) {
+                                continue;
+                            }
+                            m.finish();
+                        }
+                    }
+                    if closed {
+                        return;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn total(seen: &Seen) -> usize {
+    seen.lock().unwrap().values().map(BTreeSet::len).sum()
+}
+
+#[test]
+fn random_completion_order_commits_to_the_end() {
+    let cluster = cluster("events", 4);
+    let brokers = cluster.bootstrap_servers();
+    const N: u64 = 100_000;
+    produce(&brokers, "events", 4, N, |i| {
+        format!("{{\"n\":{i}}}").into_bytes()
+    });
+    let ends = end_offsets(&brokers, "events", 4);
+
+    let config = KafkaConsumerConfig::new(&brokers, "events", "order-test");
+    let mut source = Source::start(&config, options(4, 512)).unwrap();
+    let seen: Seen = Arc::default();
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), None);
+    wait_for("every message", || total(&seen) as u64 >= N);
+    let handle = source.handle();
+    handle.shutdown();
+    handle.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    for p in 0..4 {
+        let offsets = &seen[&p];
+        assert_eq!(
+            offsets.len() as i64,
+            ends[&p],
+            "partition {p}: every offset handled"
+        );
+        assert_eq!(*offsets.iter().next_back().unwrap(), ends[&p] - 1);
+    }
+    assert_eq!(
+        committed(&brokers, "xzepr-consumer-order-test", "events", 4),
+        ends
+    );
+}
+
+#[test]
+fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
+    let cluster = cluster("poison", 2);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "poison", 2, 2_000, |i| {
+        format!("{i}").into_bytes()
+    });
+    let poison = (1, 300i64);
+
+    let config = KafkaConsumerConfig::new(&brokers, "poison", "poison-test");
+    let mut source = Source::start(&config, options(2, 64)).unwrap();
+    let seen: Seen = Arc::default();
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), Some(poison));
+    wait_for("every message", || total(&seen) >= 2_000);
+    // Later offsets finished; the commit point must still be the poison offset.
+    std::thread::sleep(Duration::from_millis(300));
+    let handle = source.handle();
+    handle.shutdown();
+    handle.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let committed_now = committed(&brokers, "xzepr-consumer-poison-test", "poison", 2);
+    assert_eq!(committed_now[&0], 1_000);
+    assert_eq!(committed_now[&1], poison.1);
+
+    // A new consumer in the group gets the poison offset and everything after it.
+    let mut again = Source::start(&config, options(2, 64)).unwrap();
+    let seen2: Seen = Arc::default();
+    let workers = shuffling_workers(&mut again, Arc::clone(&seen2), None);
+    wait_for("the replay", || total(&seen2) >= 700);
+    let handle = again.handle();
+    handle.shutdown();
+    handle.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let seen2 = seen2.lock().unwrap();
+    let replayed: Vec<i64> = seen2[&1].iter().copied().collect();
+    assert_eq!(replayed, (300..1_000).collect::<Vec<_>>());
+    assert!(!seen2.contains_key(&0), "partition 0 was fully committed");
+}
+
+#[test]
+fn a_second_consumer_joining_mid_stream_loses_nothing() {
+    let cluster = cluster("rebalance", 4);
+    let brokers = cluster.bootstrap_servers();
+    const N: u64 = 40_000;
+    produce(&brokers, "rebalance", 4, N, |i| format!("{i}").into_bytes());
+    // The mock broker refuses every commit from the moment a member joins until the
+    // group has rebalanced (a real broker accepts the current generation's), and a
+    // member learns of the rebalance at its next heartbeat: heartbeats every 100 ms
+    // keep that window short.
+    let config = KafkaConsumerConfig::new(&brokers, "rebalance", "rebalance-test")
+        .set("heartbeat.interval.ms", "100");
+    // Paced work (two workers, at least 100 µs a message) keeps the stream going
+    // while the second member joins: the first cannot race through the whole
+    // backlog inside the window in which its commits are refused.
+    let pace = Duration::from_micros(100);
+
+    let seen: Seen = Arc::default();
+    let mut first = Source::start(&config, options(2, 128)).unwrap();
+    let w1 = paced_shuffling_workers(&mut first, Arc::clone(&seen), None, pace);
+    wait_for(
+        "a commit on every partition before the second member joins",
+        || {
+            let c = committed(&brokers, "xzepr-consumer-rebalance-test", "rebalance", 4);
+            (0..4).all(|p| c.get(&p).is_some_and(|&o| o > 0))
+        },
+    );
+    let handled_before_join = total(&seen);
+    let seen_b: Seen = Arc::default();
+    let mut second = Source::start(&config, options(2, 128)).unwrap();
+    let w2 = paced_shuffling_workers(&mut second, Arc::clone(&seen_b), None, pace);
+    wait_for("the second consumer to be assigned", || {
+        second
+            .handle()
+            .stats()
+            .assigned
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    });
+    wait_for("every offset handled at least once", || {
+        let a = seen.lock().unwrap();
+        let b = seen_b.lock().unwrap();
+        let distinct: usize = (0..4)
+            .map(|p| {
+                let mut s = a.get(&p).cloned().unwrap_or_default();
+                s.extend(b.get(&p).into_iter().flatten());
+                s.len()
+            })
+            .sum();
+        distinct as u64 >= N
+    });
+    // One after the other: a member leaving triggers a rebalance, and the mock
+    // broker refuses the other's commits while it is in progress.
+    for s in [&second, &first] {
+        s.handle().shutdown();
+        s.handle().join().unwrap();
+    }
+    for w in w1.into_iter().chain(w2) {
+        w.join().unwrap();
+    }
+    let a = seen.lock().unwrap();
+    let b = seen_b.lock().unwrap();
+    let both: usize = (0..4)
+        .map(|p| match (a.get(&p), b.get(&p)) {
+            (Some(x), Some(y)) => x.intersection(y).count(),
+            _ => 0,
+        })
+        .sum();
+    let refused = first
+        .handle()
+        .stats()
+        .revoke_commit_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "rebalance: {handled_before_join} handled before the join, {both} duplicates, \
+         {refused} revoke commits refused by the broker"
+    );
+    assert!(
+        handled_before_join < N as usize,
+        "the second member joined mid-stream"
+    );
+    assert!(
+        !b.is_empty(),
+        "the second member handled partitions of its own"
+    );
+    // Duplicates come only from work the first member finished after its last
+    // commit the broker accepted (in flight at the revoke, or finished while the
+    // broker refused commits): never a whole partition replayed from the start.
+    for p in 0..4 {
+        if let (Some(x), Some(y)) = (a.get(&p), b.get(&p)) {
+            let dup: Vec<i64> = x.intersection(y).copied().collect();
+            assert!(
+                dup.first().is_none_or(|&o| o > 0),
+                "partition {p} was replayed from its start"
+            );
+        }
+    }
+    assert!((both as u64) < N / 2, "{both} duplicates");
+    // Never committed past the end, and every partition has a commit.
+    let ends = end_offsets(&brokers, "rebalance", 4);
+    let committed = committed(&brokers, "xzepr-consumer-rebalance-test", "rebalance", 4);
+    for p in 0..4 {
+        assert!(
+            committed[&p] <= ends[&p],
+            "partition {p}: {committed:?} past {ends:?}"
+        );
+        assert!(committed[&p] > 0, "partition {p}: nothing committed");
+    }
+}
+
+#[test]
+fn a_slow_handler_pauses_partitions_and_memory_stays_bounded() {
+    // The mock broker keeps at most ~100,000 messages (or 5 MB) per partition:
+    // a 1,000,000-message backlog needs many partitions of small messages.
+    const PARTITIONS: i32 = 64;
+    const N: u64 = 1_000_000;
+    let cluster = cluster("backlog", PARTITIONS);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "backlog", PARTITIONS, N, |i| {
+        format!("{{\"n\":{i}}}").into_bytes()
+    });
+    let config = KafkaConsumerConfig::new(&brokers, "backlog", "slow-test");
+    const CAPACITY: usize = 1024;
+    const STASH_BUDGET: usize = 1 << 20;
+    let mut opts = options(2, CAPACITY);
+    opts.stash_budget = STASH_BUDGET;
+    let mut source = Source::start(&config, opts).unwrap();
+    let rss_start = rss_kib();
+    let max_len = Arc::new(Mutex::new(0usize));
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let workers: Vec<_> = source
+        .take_receivers()
+        .into_iter()
+        .map(|rx| {
+            let (max_len, done) = (Arc::clone(&max_len), Arc::clone(&done));
+            std::thread::spawn(move || {
+                for (i, m) in rx.iter().enumerate() {
+                    {
+                        let mut ml = max_len.lock().unwrap();
+                        *ml = (*ml).max(rx.len());
+                    }
+                    // Slow: the poll thread outruns this by far.
+                    if i % 256 == 0 {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    m.finish();
+                    done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    let handle = source.handle();
+    let mut rss_peak = rss_start;
+    let mut ticks = 0u32;
+    wait_for("the backlog", || {
+        rss_peak = rss_peak.max(rss_kib());
+        ticks += 1;
+        let n = done.load(std::sync::atomic::Ordering::Relaxed);
+        if ticks % 200 == 0 {
+            eprintln!("backlog progress: {n} of {N}, {:?}", handle.stats());
+        }
+        n >= N
+    });
+    handle.shutdown();
+    handle.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let stats = handle.stats();
+    let pauses = stats.pauses.load(std::sync::atomic::Ordering::Relaxed);
+    let resumes = stats.resumes.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "backlog of {N}: pauses={pauses} resumes={resumes} max_queue_len={} max_stashed_bytes={} rss start={rss_start} KiB peak={rss_peak} KiB",
+        stats.max_queue_len.load(std::sync::atomic::Ordering::Relaxed),
+        stats.max_stashed_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(*max_len.lock().unwrap() <= CAPACITY);
+    assert!(
+        stats
+            .max_queue_len
+            .load(std::sync::atomic::Ordering::Relaxed) as usize
+            <= CAPACITY
+    );
+    // Over the budget only by what librdkafka had already handed over for each
+    // partition when it was paused (kept, in order: dropping it would skip it).
+    let stashed = stats
+        .max_stashed_bytes
+        .load(std::sync::atomic::Ordering::Relaxed) as usize;
+    assert!(
+        stashed > 0,
+        "full queues were absorbed by the stashes first"
+    );
+    assert!(stashed <= 2 * STASH_BUDGET, "{stashed} bytes stashed");
+    assert!(
+        pauses > 0,
+        "stashes over their budget pause their partitions"
+    );
+    assert!(resumes > 0, "a drained queue resumes it");
+    // Never evicted: had the group dropped us, the commit would fail and the
+    // committed offsets would stop short of the end.
+    let ends = end_offsets(&brokers, "backlog", PARTITIONS);
+    assert_eq!(
+        committed(&brokers, "xzepr-consumer-slow-test", "backlog", PARTITIONS),
+        ends
+    );
+}
+
+#[test]
+fn configuration_errors_name_the_field() {
+    let mut o = options(0, 8);
+    let config = KafkaConsumerConfig::new("127.0.0.1:1", "t", "s");
+    let err = Source::start(&config, o.clone()).unwrap_err().to_string();
+    assert!(err.contains("queues"), "{err}");
+    o.queues = 1;
+    o.resume_below = 8;
+    let err = Source::start(&config, o.clone()).unwrap_err().to_string();
+    assert!(err.contains("resume_below"), "{err}");
+    o.resume_below = 4;
+    o.drain_timeout = Duration::from_secs(60);
+    let err = Source::start(&config, o.clone()).unwrap_err().to_string();
+    assert!(err.contains("drain_timeout"), "{err}");
+    o.drain_timeout = Duration::from_secs(1);
+    o.stash_budget = 0;
+    let err = Source::start(&config, o.clone()).unwrap_err().to_string();
+    assert!(err.contains("stash_budget"), "{err}");
+    o.stash_budget = 1 << 20;
+    let sasl = KafkaConsumerConfig::from_env_with("s", |k| {
+        (k == "XZEPR_KAFKA_SECURITY_PROTOCOL").then(|| "SASL_PLAINTEXT".to_owned())
+    })
+    .unwrap();
+    let err = Source::start(&sasl, o).unwrap_err().to_string();
+    assert!(err.contains("XZEPR_KAFKA_SASL_USERNAME"), "{err}");
+}
