@@ -1,0 +1,183 @@
+//! The reporter against a real HTTP server on loopback: connection reuse, and a
+//! chaos server (failures, delays, dropped connections) losing nothing.
+
+mod http_support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
+use xzepr_consumer::report::{
+    Ack, OwnedWork, Record, ReportError, Reporter, ReporterConfig, Status,
+};
+
+type Acks = Arc<Mutex<Vec<(String, Status, Result<String, ReportError>)>>>;
+
+fn record(i: usize, status: Status, acks: &Acks) -> Record {
+    let work_id = format!("w-{i}");
+    let acks = Arc::clone(acks);
+    let id = work_id.clone();
+    Record {
+        work: OwnedWork::new("R1", work_id, "deploy", "1.0.0", "linux", "svc"),
+        status,
+        details: json!({"i": i}),
+        error: (status == Status::Failed).then(|| ("boom".to_owned(), "E1".to_owned())),
+        ack: Ack::new(move |r| acks.lock().unwrap().push((id, status, r))),
+    }
+}
+
+async fn run(server: &http_support::Server, n: usize, config: ReporterConfig, pool: usize) -> Acks {
+    let mut cc = XzeprClientConfig::new(server.url.clone(), "tok");
+    cc.pool_max_idle_per_host = pool;
+    let client = XzeprClient::new(cc).unwrap();
+    let (reporter, task) = Reporter::start(client, config);
+    let acks: Acks = Arc::default();
+    for i in 0..n {
+        reporter
+            .send(record(i, Status::Started, &acks))
+            .await
+            .unwrap();
+        let terminal = if i % 5 == 0 {
+            Status::Failed
+        } else {
+            Status::Completed
+        };
+        reporter.send(record(i, terminal, &acks)).await.unwrap();
+    }
+    drop(reporter);
+    assert!(
+        task.drain(Duration::from_secs(120)).await,
+        "reporter did not drain"
+    );
+    acks
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_posts_reuse_the_pooled_connections() {
+    let server = http_support::start(http_support::Chaos::default()).await;
+    let mut config = ReporterConfig::default();
+    config.max_in_flight = 16;
+    // hyper's pool may open a connection before a finished one is back in it, so
+    // the pool is sized at twice the in-flight limit; reuse is what is asserted.
+    let acks = run(&server, 2_000, config, 32).await;
+    let acks = acks.lock().unwrap();
+    assert_eq!(acks.len(), 4_000);
+    assert!(acks.iter().all(|(_, _, r)| r.is_ok()));
+    let conns = server
+        .seen
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("4000 posts over {conns} connections");
+    assert!(conns <= 32, "{conns} connections for 4000 posts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chaos_server_loses_nothing_and_started_precedes_terminal() {
+    let chaos = http_support::Chaos {
+        fail: 0.3,
+        slow: 0.05,
+        delay: Duration::from_millis(20),
+        drop: 0.05,
+    };
+    let server = http_support::start(chaos).await;
+    let mut config = ReporterConfig::default();
+    config.max_attempts = 40;
+    config.backoff_base = Duration::from_millis(1);
+    config.backoff_max = Duration::from_millis(20);
+    config.breaker_threshold = 1_000;
+    let n = 500;
+    let acks = run(&server, n, config, 32).await;
+    let acks = acks.lock().unwrap();
+    assert_eq!(acks.len(), 2 * n, "every record acknowledged");
+    for (id, status, r) in acks.iter() {
+        assert!(r.is_ok(), "{id} {status:?}: {r:?}");
+    }
+    // What the server accepted: every work id once started, once terminal, started first.
+    let accepted = server.seen.accepted.lock().unwrap();
+    let mut order: HashMap<String, Vec<String>> = HashMap::new();
+    for body in accepted.iter() {
+        let id = body["payload"]["work_id"].as_str().unwrap().to_owned();
+        order
+            .entry(id)
+            .or_default()
+            .push(body["name"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(order.len(), n);
+    for (id, names) in &order {
+        assert_eq!(names[0], "deploy.started", "{id}: {names:?}");
+        assert!(
+            names
+                .iter()
+                .any(|n| n == "deploy.completed" || n == "deploy.failed"),
+            "{id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_records_are_coalesced_and_final_errors_come_back() {
+    let server = http_support::start(http_support::Chaos::default()).await;
+    let client = XzeprClient::new(XzeprClientConfig::new(server.url.clone(), "tok")).unwrap();
+    let (reporter, task) = Reporter::start(client, ReporterConfig::default());
+    let acks: Acks = Arc::default();
+    for _ in 0..3 {
+        reporter
+            .send(record(1, Status::Started, &acks))
+            .await
+            .unwrap();
+        reporter
+            .send(record(1, Status::Completed, &acks))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        reporter
+            .stats()
+            .coalesced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4
+    );
+    drop(reporter);
+    assert!(task.drain(Duration::from_secs(30)).await);
+    assert_eq!(acks.lock().unwrap().len(), 6);
+    assert_eq!(
+        server.seen.accepted.lock().unwrap().len(),
+        2,
+        "sent once each"
+    );
+
+    // A server that always fails: the record comes back failed, never dropped.
+    let dead = http_support::start(http_support::Chaos {
+        fail: 1.0,
+        ..Default::default()
+    })
+    .await;
+    let client = XzeprClient::new(XzeprClientConfig::new(dead.url.clone(), "tok")).unwrap();
+    let mut config = ReporterConfig::default();
+    config.max_attempts = 3;
+    config.backoff_base = Duration::from_millis(1);
+    let (reporter, task) = Reporter::start(client, config);
+    let acks: Acks = Arc::default();
+    reporter
+        .send(record(9, Status::Started, &acks))
+        .await
+        .unwrap();
+    drop(reporter);
+    assert!(task.drain(Duration::from_secs(30)).await);
+    let acks = acks.lock().unwrap();
+    assert!(
+        matches!(
+            &acks[0].2,
+            Err(ReportError::Failed {
+                attempts: 3,
+                retryable: true,
+                ..
+            })
+        ),
+        "{:?}",
+        acks[0].2
+    );
+}
