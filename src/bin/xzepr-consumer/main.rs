@@ -1,0 +1,181 @@
+//! `xzepr-consumer`: the quickstart demo, the embedded dev stack, a producer of
+//! realistic XZepr events, and the end-to-end benchmark.
+
+mod baseline;
+mod bench;
+mod demo;
+mod produce;
+mod standin;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xzepr-consumer", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the embedded stack (Kafka-protocol broker + XZepr stand-in), print
+    /// their addresses and a token, and run until Ctrl-C.
+    Dev {
+        /// Partitions of `xzepr.dev.events`.
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Stand-in latency per event POST, in ms.
+        #[arg(long, default_value_t = 5)]
+        api_latency_ms: u64,
+    },
+    /// Producer → in-process broker → pipeline with automatic lifecycle → XZepr
+    /// stand-in, end to end; exits non-zero if anything was lost.
+    Demo {
+        /// Events to produce.
+        #[arg(long, default_value_t = 20_000)]
+        events: u64,
+        /// Partitions of the topic (the in-process broker keeps ~5 MB per
+        /// partition, and XZepr republishes two lifecycle events per event).
+        #[arg(long, default_value_t = 256)]
+        partitions: i32,
+        /// Stand-in latency per event POST, in ms (5: the real server's).
+        #[arg(long, default_value_t = 5)]
+        api_latency_ms: u64,
+        /// Print one JSON object instead of the progress bar and summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Measure, in one process on the same messages: a bare poll loop and the
+    /// pipeline with a no-op handler.
+    Bench {
+        /// Events per measured path (the mock broker keeps ~5 MB per partition:
+        /// at most ~4,000 of these ~1 KB events per partition).
+        #[arg(long, default_value_t = 32_000)]
+        events: u64,
+        /// Partitions of each topic.
+        #[arg(long, default_value_t = 8)]
+        partitions: i32,
+        /// Latency of the local XZepr events endpoint, in ms (5: what the real
+        /// server takes per event POST).
+        #[arg(long, default_value_t = 5)]
+        api_latency_ms: u64,
+        /// Events for the reporting pipeline path.
+        #[arg(long, default_value_t = 16_000)]
+        report_events: u64,
+        /// Events for the plan's design (two sequential posts each: slow).
+        #[arg(long, default_value_t = 300)]
+        seed_events: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Produce realistic XZepr CloudEvents into any Kafka broker.
+    Produce {
+        /// Bootstrap servers, e.g. 127.0.0.1:9092.
+        #[arg(long)]
+        brokers: String,
+        /// Topic to write to.
+        #[arg(long, default_value = "xzepr.dev.events")]
+        topic: String,
+        /// How many events.
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// At most this many events per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// The receiver id the events claim to come from.
+        #[arg(long, default_value = "01M82X4ET7AYGAEYSHF5AKVAVW")]
+        receiver_id: String,
+    },
+}
+
+fn main() -> baseline::anyhow_like::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Dev {
+            partitions,
+            api_latency_ms,
+        } => demo::dev(partitions, api_latency_ms)?,
+        Command::Demo {
+            events,
+            partitions,
+            api_latency_ms,
+            json,
+        } => {
+            let s = demo::run(events, partitions, api_latency_ms, !json)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("{s}");
+            }
+            if s.lost > 0 || s.committed != s.end_offsets {
+                return Err(format!(
+                    "lost {} events; committed {} of {}",
+                    s.lost, s.committed, s.end_offsets
+                )
+                .into());
+            }
+        }
+        Command::Bench {
+            events,
+            partitions,
+            api_latency_ms,
+            report_events,
+            seed_events,
+            json,
+        } => {
+            let f = bench::run(
+                events,
+                partitions,
+                api_latency_ms,
+                report_events,
+                seed_events,
+            )?;
+            if json {
+                println!("{}", serde_json::to_string(&f)?);
+            } else {
+                println!(
+                    "events per path: {} over {} partitions",
+                    f.events, f.partitions
+                );
+                println!("raw_poll_eps:      {:>10.0}", f.raw_poll_eps);
+                println!(
+                    "pipeline_noop_eps: {:>10.0}  ({:.2} of raw)",
+                    f.pipeline_noop_eps, f.noop_over_raw
+                );
+                println!("with XZepr answering in {} ms:", f.api_latency_ms);
+                println!(
+                    "pipeline_report_eps: {:>8.0}  ({} events, lifecycle posts acknowledged)",
+                    f.pipeline_report_eps, f.report_events
+                );
+                println!(
+                    "seed_design_eps:     {:>8.0}  ({} events, the plan's sequential design)",
+                    f.seed_design_eps, f.seed_events
+                );
+                println!("report / seed:       {:>8.1}x", f.report_over_seed);
+            }
+        }
+        Command::Produce {
+            brokers,
+            topic,
+            events,
+            rate,
+            receiver_id,
+        } => {
+            let start = std::time::Instant::now();
+            let n = produce::produce(&brokers, &topic, 0, events, rate, &receiver_id)?;
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "produced {n} events to {topic} in {secs:.2} s ({:.0}/s)",
+                n as f64 / secs
+            );
+        }
+    }
+    Ok(())
+}

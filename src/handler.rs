@@ -1,0 +1,255 @@
+//! The handler stage: the user's work, run on each event that passes the filter.
+//!
+//! Three ways to plug work in, all on the same pipeline:
+//! - [`Handler`]: a trait with a blanket impl for sync closures
+//!   `|event: &CloudEvent<'_>, work: &mut Work| -> Result<(), E>`, run on worker
+//!   threads against the borrowed event (no owned decode);
+//! - [`AsyncHandler`]: async closures `|message, info| async { ... }` for I/O-bound
+//!   work, given the owned [`CloudEventMessage`];
+//! - [`MessageHandler`]: the downstream-consumer plan's `async_trait` trait, run by
+//!   [`XzeprConsumer`](crate::pipeline::XzeprConsumer).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use crate::decode::{CloudEvent, CloudEventMessage};
+
+/// What the handler's work is called and where its event came from; also collects
+/// the `details` posted with the work's terminal lifecycle event.
+#[derive(Debug, Clone)]
+pub struct Work {
+    pub(crate) id: String,
+    pub(crate) details: Map<String, Value>,
+    pub(crate) error_code: Option<String>,
+    topic: Arc<str>,
+    partition: i32,
+    offset: i64,
+}
+
+/// Where an event came from (read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkInfo {
+    /// The work id (`work-<event id>` by default).
+    pub work_id: String,
+    /// The Kafka topic.
+    pub topic: String,
+    /// The Kafka partition.
+    pub partition: i32,
+    /// The Kafka offset.
+    pub offset: i64,
+}
+
+impl Work {
+    /// A work record for an event at `topic`/`partition`/`offset` (the pipeline makes
+    /// these; also handy for unit-testing a handler).
+    pub fn new(work_id: String, topic: Arc<str>, partition: i32, offset: i64) -> Self {
+        Work {
+            id: work_id,
+            details: Map::new(),
+            error_code: None,
+            topic,
+            partition,
+            offset,
+        }
+    }
+
+    /// The work id used in the lifecycle posts.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The event's topic, partition and offset (built on demand: the hot path
+    /// does not pay for it).
+    pub fn info(&self) -> WorkInfo {
+        WorkInfo {
+            work_id: self.id.clone(),
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+
+    /// The event's topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The event's partition.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    /// The event's offset.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// Adds a field to the `details` of the terminal lifecycle post.
+    pub fn detail(&mut self, key: impl Into<String>, value: impl Into<Value>) -> &mut Self {
+        self.details.insert(key.into(), value.into());
+        self
+    }
+
+    /// Sets the `error_code` posted with `failed` when the handler returns an error
+    /// (default `handler_error`).
+    pub fn error_code(&mut self, code: impl Into<String>) -> &mut Self {
+        self.error_code = Some(code.into());
+        self
+    }
+}
+
+/// A handler's failure: its message (and code) go into the `failed` post's details.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    message: String,
+    code: Option<String>,
+}
+
+impl HandlerError {
+    /// A failure with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            code: None,
+        }
+    }
+
+    /// A failure with a message and an error code.
+    pub fn with_code(message: impl Into<String>, code: impl Into<String>) -> Self {
+        HandlerError {
+            message: message.into(),
+            code: Some(code.into()),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The code, if one was given.
+    pub fn code(&self) -> Option<&str> {
+        self.code.as_deref()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "{} ({code})", self.message),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for HandlerError {}
+
+/// Work run on worker threads against the borrowed event.
+///
+/// A sync closure `Fn(&CloudEvent<'_>, &mut Work) -> Result<(), E>` with
+/// `E: Display` is a `Handler`. Returning an error reports `failed` (when the
+/// pipeline has a lifecycle) and still finishes the offset: retrying is the
+/// handler's business, a poison message must not stall its partition.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one event.
+    ///
+    /// # Errors
+    /// A [`HandlerError`] whose message and code are posted with `failed`.
+    fn handle(&self, event: &CloudEvent<'_>, work: &mut Work) -> Result<(), HandlerError>;
+
+    /// Called on the poll thread after partitions are assigned. Keep it short.
+    fn on_assign(&self, _partitions: &[(String, i32)]) {}
+
+    /// Called on the poll thread before partitions are revoked, after their
+    /// in-flight work drained or the drain deadline passed. Keep it short.
+    fn on_revoke(&self, _partitions: &[(String, i32)]) {}
+}
+
+impl<F, E> Handler for F
+where
+    F: Fn(&CloudEvent<'_>, &mut Work) -> Result<(), E> + Send + Sync + 'static,
+    E: fmt::Display,
+{
+    fn handle(&self, event: &CloudEvent<'_>, work: &mut Work) -> Result<(), HandlerError> {
+        self(event, work).map_err(|e| HandlerError {
+            message: e.to_string(),
+            code: work.error_code.clone(),
+        })
+    }
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Async, I/O-bound work: given the owned message, returns the `details` for the
+/// terminal lifecycle post (or an error, posted with `failed`).
+///
+/// An async closure `Fn(CloudEventMessage, WorkInfo) -> impl Future<Output =
+/// Result<Value, E>>` with `E: Display` is an `AsyncHandler`.
+pub trait AsyncHandler: Send + Sync + 'static {
+    /// Handles one event.
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<Result<Value, HandlerError>>;
+}
+
+impl<F, Fut, E> AsyncHandler for F
+where
+    F: Fn(CloudEventMessage, WorkInfo) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, E>> + Send + 'static,
+    E: fmt::Display + 'static,
+{
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<Result<Value, HandlerError>> {
+        let fut = self(message, info);
+        Box::pin(async move { fut.await.map_err(|e| HandlerError::new(e.to_string())) })
+    }
+}
+
+/// The downstream-consumer plan's handler trait, kept so code written against the
+/// plan's how-to compiles unchanged (`#[async_trait::async_trait] impl MessageHandler`).
+#[async_trait::async_trait]
+pub trait MessageHandler: Send + Sync {
+    /// Handles one message. Returning `Err` is logged and the offset still finishes
+    /// (the plan's semantics: retry inside `handle` if the failure is transient).
+    async fn handle(
+        &self,
+        message: CloudEventMessage,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::{Decoder, DecoderConfig};
+
+    #[test]
+    fn closures_are_handlers_and_errors_carry_the_code() {
+        let h = |ev: &CloudEvent<'_>, work: &mut Work| -> Result<(), String> {
+            work.detail("type", ev.event_type());
+            if ev.event_type() == "bad" {
+                work.error_code("E42");
+                return Err("boom".into());
+            }
+            Ok(())
+        };
+        let mut dec = Decoder::new(DecoderConfig::default()).unwrap();
+        let good = br#"{"id":"1","source":"s","specversion":"1.0","type":"good"}"#;
+        let bad = br#"{"id":"1","source":"s","specversion":"1.0","type":"bad"}"#;
+        let mut work = Work::new("w".into(), "t".into(), 0, 1);
+        assert!(Handler::handle(&h, &dec.decode(good).unwrap(), &mut work).is_ok());
+        assert_eq!(work.details["type"], "good");
+        let err = Handler::handle(&h, &dec.decode(bad).unwrap(), &mut work).unwrap_err();
+        assert_eq!(err, HandlerError::with_code("boom", "E42"));
+    }
+}

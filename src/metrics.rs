@@ -1,0 +1,69 @@
+//! Pipeline counters: relaxed atomics bumped once per message per stage, read as a
+//! [`MetricsSnapshot`]. Each worker has its own set (summed on read), so workers
+//! never contend on a cache line. Nothing here logs; callers aggregate.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Live counters of one pipeline (shared by its stages).
+        #[derive(Debug, Default)]
+        pub struct Metrics {
+            $($(#[$doc])* pub(crate) $name: AtomicU64,)*
+        }
+
+        /// A copy of the counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+        #[non_exhaustive]
+        pub struct MetricsSnapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Metrics {
+            /// Reads every counter (each atomically; not all at one instant).
+            pub fn snapshot(&self) -> MetricsSnapshot {
+                MetricsSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl std::ops::AddAssign for MetricsSnapshot {
+            fn add_assign(&mut self, other: MetricsSnapshot) {
+                $(self.$name += other.$name;)*
+            }
+        }
+    };
+}
+
+counters! {
+    /// Messages taken from the source queues by workers.
+    consumed,
+    /// Messages that failed to decode (counted, logged, handled per policy).
+    malformed,
+    /// Events skipped by the type filter.
+    filtered,
+    /// Events skipped because their source is this service's own receiver.
+    own_skipped,
+    /// Events given to the handler.
+    handled,
+    /// Handler calls that returned an error (or panicked).
+    handler_failed,
+    /// `started` posts acknowledged by XZepr.
+    posted_started,
+    /// `completed` posts acknowledged by XZepr.
+    posted_completed,
+    /// `failed` posts acknowledged by XZepr.
+    posted_failed,
+    /// Lifecycle posts that exhausted their retries (their offsets stay uncommitted).
+    report_failed,
+    /// Queued messages dropped unhandled because their partition was revoked.
+    stale_dropped,
+    /// Offsets finished (handled and reported, or skipped).
+    finished,
+}
+
+impl Metrics {
+    #[inline]
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
+    }
+}
