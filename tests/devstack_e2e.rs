@@ -77,7 +77,7 @@ fn lifecycle_on_the_dev_stack_survives_a_restart() {
     };
     let first = start(true);
     let t = Instant::now();
-    while first.metrics().finished < 500 {
+    while first.metrics().handled < 500 {
         assert!(t.elapsed() < Duration::from_secs(120));
         std::thread::sleep(Duration::from_millis(20));
     }
