@@ -181,3 +181,146 @@ async fn replayed_records_are_coalesced_and_final_errors_come_back() {
         acks[0].2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_in_flight_are_sent_once_and_a_failed_started_holds_its_terminal() {
+    // Every post takes 50 ms: the duplicates arrive while the first is in flight.
+    let slow = http_support::start(http_support::Chaos {
+        slow: 1.0,
+        delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let client = XzeprClient::new(XzeprClientConfig::new(slow.url.clone(), "tok")).unwrap();
+    let (reporter, task) = Reporter::start(client, ReporterConfig::default());
+    let acks: Acks = Arc::default();
+    for status in [
+        Status::Started,
+        Status::Started,
+        Status::Completed,
+        Status::Completed,
+    ] {
+        reporter.send(record(1, status, &acks)).await.unwrap();
+    }
+    drop(reporter);
+    assert!(task.drain(Duration::from_secs(30)).await);
+    let acks = acks.lock().unwrap();
+    assert_eq!(acks.len(), 4);
+    assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    let names: Vec<String> = slow
+        .seen
+        .accepted
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["deploy.started", "deploy.completed"]);
+
+    // A server that fails everything, slowly: the `started` fails for good, and
+    // its waiting terminal fails with it without ever being sent.
+    let dead = http_support::start(http_support::Chaos {
+        fail: 1.0,
+        slow: 1.0,
+        delay: Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let client = XzeprClient::new(XzeprClientConfig::new(dead.url.clone(), "tok")).unwrap();
+    let mut config = ReporterConfig::default();
+    config.max_attempts = 2;
+    config.backoff_base = Duration::from_millis(1);
+    let (reporter, task) = Reporter::start(client, config);
+    let acks: Acks = Arc::default();
+    reporter
+        .send(record(2, Status::Started, &acks))
+        .await
+        .unwrap();
+    reporter
+        .send(record(2, Status::Completed, &acks))
+        .await
+        .unwrap();
+    drop(reporter);
+    assert!(task.drain(Duration::from_secs(30)).await);
+    let acks = acks.lock().unwrap();
+    assert_eq!(acks.len(), 2);
+    assert!(acks.iter().all(|(_, _, r)| r.is_err()), "{acks:?}");
+    assert_eq!(
+        dead.seen.requests.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "two attempts at `started`, none at the terminal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_lost_by_a_server_restart_is_discovered_again() {
+    use wiremock::matchers::{body_partial_json, method, path};
+    use wiremock::{Mock, MockServer, ResponseTemplate};
+    let server = MockServer::start().await;
+    let listed = |id: &str| {
+        json!({"data": [{"id": id, "name": "svc", "type": "worker", "version": "1.0.0",
+            "description": "", "schema": {}, "fingerprint": "f",
+            "created_at": "2026-11-23T00:00:00Z"}],
+            "pagination": {"limit": 50, "offset": 0, "total": 1, "has_more": false}})
+    };
+    // Before the "restart" the list holds R-OLD; after it, nothing (once asked).
+    Mock::given(method("GET"))
+        .and(path("/api/v1/receivers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(listed("R-OLD")))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/receivers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(
+            json!({"data": [], "pagination": {"limit": 50, "offset": 0, "total": 0, "has_more": false}}),
+        ))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/receivers"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": "R-NEW"})))
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/events"))
+        .and(body_partial_json(json!({"event_receiver_id": "R-OLD"})))
+        .respond_with(ResponseTemplate::new(404).set_body_json(json!({"error": "not_found"})))
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/api/v1/events"))
+        .and(body_partial_json(json!({"event_receiver_id": "R-NEW"})))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": "E1"})))
+        .mount(&server)
+        .await;
+    let client = XzeprClient::new(XzeprClientConfig::new(server.uri(), "tok")).unwrap();
+    let receiver = client
+        .discover_or_create_event_receiver("svc", "worker", "1.0.0", "d", json!({}))
+        .await
+        .unwrap();
+    assert_eq!(receiver, "R-OLD");
+    let (reporter, task) = Reporter::start(client, ReporterConfig::default());
+    let acks: Acks = Arc::default();
+    for i in 0..20 {
+        let mut r = record(i, Status::Started, &acks);
+        r.work = OwnedWork::new("R-OLD", format!("w-{i}"), "deploy", "1.0.0", "linux", "svc");
+        reporter.send(r).await.unwrap();
+    }
+    drop(reporter);
+    assert!(task.drain(Duration::from_secs(30)).await);
+    let acks = acks.lock().unwrap();
+    assert_eq!(acks.len(), 20);
+    assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    // Every post after the rediscovery went straight to the new receiver.
+    let requests = server.received_requests().await.unwrap();
+    let to_new = requests
+        .iter()
+        .filter(|r| r.url.path() == "/api/v1/events")
+        .filter(|r| String::from_utf8_lossy(&r.body).contains("R-NEW"))
+        .count();
+    assert_eq!(to_new, 20);
+}
