@@ -418,3 +418,69 @@ fn configuration_errors_name_the_field() {
     let err = Source::start(&sasl, o).unwrap_err().to_string();
     assert!(err.contains("XZEPR_KAFKA_SASL_USERNAME"), "{err}");
 }
+
+#[test]
+fn a_held_offset_stops_its_partition_at_the_tracking_limit() {
+    let cluster = cluster("held", 2);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "held", 2, 20_000, |i| format!("{i}").into_bytes());
+    let config = KafkaConsumerConfig::new(&brokers, "held", "held-test");
+    const MAX_TRACKED: usize = 1_000;
+    let mut opts = options(2, 64);
+    opts.max_tracked = MAX_TRACKED;
+    let mut source = Source::start(&config, opts).unwrap();
+    let seen: Seen = Arc::default();
+    let workers: Vec<_> = source
+        .take_receivers()
+        .into_iter()
+        .map(|rx| {
+            let seen = Arc::clone(&seen);
+            std::thread::spawn(move || {
+                for m in rx {
+                    seen.lock()
+                        .unwrap()
+                        .entry(m.partition)
+                        .or_default()
+                        .insert(m.offset);
+                    if (m.partition, m.offset) == (0, 0) {
+                        m.hold();
+                    } else {
+                        m.finish();
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for("partition 1 to the end", || {
+        seen.lock().unwrap().get(&1).map_or(0, BTreeSet::len) == 10_000
+    });
+    // Long enough for partition 0 to run into its limit had it not paused.
+    std::thread::sleep(Duration::from_millis(500));
+    let handle = source.handle();
+    handle.shutdown();
+    handle.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let dispatched0 = seen[&0].len();
+    eprintln!(
+        "held: partition 0 dispatched {dispatched0}, pauses {}",
+        handle
+            .stats()
+            .pauses
+            .load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(
+        dispatched0 <= MAX_TRACKED,
+        "{dispatched0} offsets tracked behind the held one"
+    );
+    // What it could not dispatch waited in its stash (or, over the stash budget,
+    // in the broker behind a pause): memory bounded either way.
+    let committed = committed(&brokers, "xzepr-consumer-held-test", "held", 2);
+    assert!(
+        committed[&0] <= 0,
+        "nothing committed past the held offset 0: {committed:?}"
+    );
+    assert_eq!(committed[&1], 10_000);
+}
