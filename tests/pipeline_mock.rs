@@ -216,3 +216,62 @@ async fn the_plans_message_handler_runs_on_the_pipeline() {
     .unwrap();
     assert_eq!(ends.0, ends.1);
 }
+
+/// A handler with rebalance hooks, counting what it was told.
+#[derive(Default)]
+struct Hooked {
+    assigned: Mutex<Vec<(String, i32)>>,
+    handled: std::sync::atomic::AtomicU64,
+}
+
+impl xzepr_consumer::handler::Handler for Hooked {
+    fn handle(
+        &self,
+        _event: &CloudEvent<'_>,
+        _work: &mut Work,
+    ) -> Result<(), xzepr_consumer::handler::HandlerError> {
+        self.handled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn on_assign(&self, partitions: &[(String, i32)]) {
+        self.assigned.lock().unwrap().extend_from_slice(partitions);
+    }
+}
+
+#[test]
+fn the_handler_hears_of_its_assignment() {
+    let cluster = cluster("hooks", 3);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "hooks", 3, 30, |i| xzepr_event(i, RECEIVER).1);
+    let hooked = Arc::new(Hooked::default());
+    struct Shared(Arc<Hooked>);
+    impl xzepr_consumer::handler::Handler for Shared {
+        fn handle(
+            &self,
+            event: &CloudEvent<'_>,
+            work: &mut Work,
+        ) -> Result<(), xzepr_consumer::handler::HandlerError> {
+            self.0.handle(event, work)
+        }
+        fn on_assign(&self, partitions: &[(String, i32)]) {
+            self.0.on_assign(partitions);
+        }
+    }
+    let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "hooks", "hooks"))
+        .workers(1)
+        .start(Shared(Arc::clone(&hooked)))
+        .unwrap();
+    wait_for("every event", || {
+        hooked.handled.load(std::sync::atomic::Ordering::Relaxed) >= 30
+    });
+    running.shutdown();
+    running.join().unwrap();
+    let mut assigned = hooked.assigned.lock().unwrap().clone();
+    assigned.sort();
+    assert_eq!(
+        assigned,
+        (0..3).map(|p| ("hooks".to_owned(), p)).collect::<Vec<_>>()
+    );
+}

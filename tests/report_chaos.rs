@@ -246,7 +246,9 @@ async fn duplicates_in_flight_are_sent_once_and_a_failed_started_holds_its_termi
     assert_eq!(acks.len(), 2);
     assert!(acks.iter().all(|(_, _, r)| r.is_err()), "{acks:?}");
     assert_eq!(
-        dead.seen.requests.load(std::sync::atomic::Ordering::Relaxed),
+        dead.seen
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
         2,
         "two attempts at `started`, none at the terminal"
     );
