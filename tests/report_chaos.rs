@@ -204,9 +204,11 @@ async fn duplicates_in_flight_are_sent_once_and_a_failed_started_holds_its_termi
     }
     drop(reporter);
     assert!(task.drain(Duration::from_secs(30)).await);
-    let acks = acks.lock().unwrap();
-    assert_eq!(acks.len(), 4);
-    assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    {
+        let acks = acks.lock().unwrap();
+        assert_eq!(acks.len(), 4);
+        assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    }
     let names: Vec<String> = slow
         .seen
         .accepted
@@ -314,9 +316,11 @@ async fn a_receiver_lost_by_a_server_restart_is_discovered_again() {
     }
     drop(reporter);
     assert!(task.drain(Duration::from_secs(30)).await);
-    let acks = acks.lock().unwrap();
-    assert_eq!(acks.len(), 20);
-    assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    {
+        let acks = acks.lock().unwrap();
+        assert_eq!(acks.len(), 20);
+        assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    }
     // Every post after the rediscovery went straight to the new receiver.
     let requests = server.received_requests().await.unwrap();
     let to_new = requests
