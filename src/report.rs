@@ -37,7 +37,10 @@
 //! hold parked records.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -665,8 +668,9 @@ fn backoff(cfg: &ReporterConfig, attempt: u32, err: &ClientError) -> Duration {
 
 /// The circuit breaker: closed, open until a deadline, or half-open with one
 /// probe out.
-#[derive(Default)]
 struct Breaker {
+    /// Mirrors `state == Closed`: the per-post fast path reads only this.
+    closed: AtomicBool,
     state: Mutex<BreakerState>,
     /// Consecutive retryable failures.
     failures: AtomicU32,
@@ -684,6 +688,17 @@ enum BreakerState {
     HalfOpen,
 }
 
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            closed: AtomicBool::new(true),
+            state: Mutex::new(BreakerState::Closed),
+            failures: AtomicU32::new(0),
+            probe_done: tokio::sync::Notify::new(),
+        }
+    }
+}
+
 /// Whether a post is the half-open breaker's probe.
 #[derive(Clone, Copy)]
 struct Permit {
@@ -694,6 +709,9 @@ impl Breaker {
     /// Waits until a post may go out.
     async fn admit(&self, cfg: &ReporterConfig) -> Permit {
         loop {
+            if self.closed.load(Acquire) {
+                return Permit { probe: false };
+            }
             let probe_done = self.probe_done.notified();
             tokio::pin!(probe_done);
             // Registered before the state is read, so a wake-up in between is kept.
@@ -729,11 +747,19 @@ impl Breaker {
     /// reopens a half-open breaker); anything else means the server answered, so
     /// the breaker closes.
     fn record(&self, permit: Permit, failed: bool, cfg: &ReporterConfig, stats: &ReporterStats) {
+        if !failed && self.closed.load(Acquire) {
+            // The common case, without the lock.
+            if self.failures.load(Relaxed) != 0 {
+                self.failures.store(0, Relaxed);
+            }
+            return;
+        }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if !failed {
             self.failures.store(0, Relaxed);
             if *st != BreakerState::Closed {
                 *st = BreakerState::Closed;
+                self.closed.store(true, Release);
                 tracing::info!("XZepr breaker closed.");
                 self.probe_done.notify_waiters();
             }
@@ -748,6 +774,7 @@ impl Breaker {
                 tracing::warn!(failures = run, "XZepr breaker open.");
             }
             *st = BreakerState::Open { until: open };
+            self.closed.store(false, Release);
             self.probe_done.notify_waiters();
         }
     }
