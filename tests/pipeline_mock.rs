@@ -217,26 +217,34 @@ async fn the_plans_message_handler_runs_on_the_pipeline() {
     assert_eq!(ends.0, ends.1);
 }
 
-/// A handler with rebalance hooks, counting what it was told.
+/// What a handler with rebalance hooks was told.
 #[derive(Default)]
 struct Hooked {
     assigned: Mutex<Vec<(String, i32)>>,
     handled: std::sync::atomic::AtomicU64,
 }
 
-impl xzepr_consumer::handler::Handler for Hooked {
+/// The handler, sharing [`Hooked`] with the test.
+struct HookedHandler(Arc<Hooked>);
+
+impl xzepr_consumer::handler::Handler for HookedHandler {
     fn handle(
         &self,
         _event: &CloudEvent<'_>,
         _work: &mut Work,
     ) -> Result<(), xzepr_consumer::handler::HandlerError> {
-        self.handled
+        self.0
+            .handled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     fn on_assign(&self, partitions: &[(String, i32)]) {
-        self.assigned.lock().unwrap().extend_from_slice(partitions);
+        self.0
+            .assigned
+            .lock()
+            .unwrap()
+            .extend_from_slice(partitions);
     }
 }
 
@@ -246,22 +254,9 @@ fn the_handler_hears_of_its_assignment() {
     let brokers = cluster.bootstrap_servers();
     produce(&brokers, "hooks", 3, 30, |i| xzepr_event(i, RECEIVER).1);
     let hooked = Arc::new(Hooked::default());
-    struct Shared(Arc<Hooked>);
-    impl xzepr_consumer::handler::Handler for Shared {
-        fn handle(
-            &self,
-            event: &CloudEvent<'_>,
-            work: &mut Work,
-        ) -> Result<(), xzepr_consumer::handler::HandlerError> {
-            self.0.handle(event, work)
-        }
-        fn on_assign(&self, partitions: &[(String, i32)]) {
-            self.0.on_assign(partitions);
-        }
-    }
     let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "hooks", "hooks"))
         .workers(1)
-        .start(Shared(Arc::clone(&hooked)))
+        .start(HookedHandler(Arc::clone(&hooked)))
         .unwrap();
     wait_for("every event", || {
         hooked.handled.load(std::sync::atomic::Ordering::Relaxed) >= 30

@@ -93,6 +93,20 @@ fn paced_shuffling_workers(
         .collect()
 }
 
+/// Shuts the source down and joins its poll thread, then its workers.
+fn stop(
+    source: &Source,
+    workers: Vec<std::thread::JoinHandle<()>>,
+) -> xzepr_consumer::source::SourceHandle {
+    let handle = source.handle();
+    handle.shutdown();
+    handle.join().unwrap();
+    for w in workers {
+        w.join().unwrap();
+    }
+    handle
+}
+
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
@@ -120,12 +134,7 @@ fn random_completion_order_commits_to_the_end() {
     let seen: Seen = Arc::default();
     let workers = shuffling_workers(&mut source, Arc::clone(&seen), None);
     wait_for("every message", || total(&seen) as u64 >= N);
-    let handle = source.handle();
-    handle.shutdown();
-    handle.join().unwrap();
-    for w in workers {
-        w.join().unwrap();
-    }
+    stop(&source, workers);
     let seen = seen.lock().unwrap();
     for p in 0..4 {
         let offsets = &seen[&p];
@@ -158,12 +167,7 @@ fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
     wait_for("every message", || total(&seen) >= 2_000);
     // Later offsets finished; the commit point must still be the poison offset.
     std::thread::sleep(Duration::from_millis(300));
-    let handle = source.handle();
-    handle.shutdown();
-    handle.join().unwrap();
-    for w in workers {
-        w.join().unwrap();
-    }
+    stop(&source, workers);
     let committed_now = committed(&brokers, "xzepr-consumer-poison-test", "poison", 2);
     assert_eq!(committed_now[&0], 1_000);
     assert_eq!(committed_now[&1], poison.1);
@@ -173,12 +177,7 @@ fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
     let seen2: Seen = Arc::default();
     let workers = shuffling_workers(&mut again, Arc::clone(&seen2), None);
     wait_for("the replay", || total(&seen2) >= 700);
-    let handle = again.handle();
-    handle.shutdown();
-    handle.join().unwrap();
-    for w in workers {
-        w.join().unwrap();
-    }
+    stop(&again, workers);
     let seen2 = seen2.lock().unwrap();
     let replayed: Vec<i64> = seen2[&1].iter().copied().collect();
     assert_eq!(replayed, (300..1_000).collect::<Vec<_>>());
@@ -456,12 +455,7 @@ fn a_held_offset_stops_its_partition_at_the_tracking_limit() {
     });
     // Long enough for partition 0 to run into its limit had it not paused.
     std::thread::sleep(Duration::from_millis(500));
-    let handle = source.handle();
-    handle.shutdown();
-    handle.join().unwrap();
-    for w in workers {
-        w.join().unwrap();
-    }
+    let handle = stop(&source, workers);
     let seen = seen.lock().unwrap();
     let dispatched0 = seen[&0].len();
     eprintln!(
