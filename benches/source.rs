@@ -68,26 +68,27 @@ fn bare(brokers: &str, topic: &str, group: &str) -> f64 {
 /// Messages per second through the source stage with no-op workers.
 fn staged(brokers: &str, topic: &str, group: &str) -> f64 {
     let config = KafkaConsumerConfig::new(brokers, topic, "bench").with_group_id(group);
-    let mut options = SourceOptions::default();
-    options.queues = 2;
-    let mut source = Source::start(&config, options).expect("source");
+    let mut source = Source::start(&config, SourceOptions::default()).expect("source");
     let first = std::sync::Arc::new(std::sync::OnceLock::<Instant>::new());
-    let workers: Vec<_> = source
-        .take_receivers()
-        .into_iter()
-        .map(|rx| {
-            let first = std::sync::Arc::clone(&first);
+    let rx = source.take_receiver().expect("receiver");
+    // Two workers reading one job channel, as the pipeline's sync executor does.
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (rx, first) = (rx.clone(), std::sync::Arc::clone(&first));
             std::thread::spawn(move || {
                 let mut n = 0u64;
-                for m in rx {
+                for batch in rx {
                     first.get_or_init(Instant::now);
-                    n += 1;
-                    m.finish();
+                    for m in batch {
+                        n += 1;
+                        m.finish();
+                    }
                 }
                 n
             })
         })
         .collect();
+    drop(rx);
     let handle = source.handle();
     while handle
         .stats()

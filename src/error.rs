@@ -22,6 +22,9 @@ pub enum Error {
     /// A lifecycle post failed for good.
     #[error(transparent)]
     Report(#[from] crate::report::ReportError),
+    /// The pipeline's threads failed.
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
     /// The offset tracker refused an operation.
     #[error(transparent)]
     Offsets(#[from] crate::offsets::Error),

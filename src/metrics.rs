@@ -45,8 +45,11 @@ counters! {
     own_skipped,
     /// Events given to the handler.
     handled,
-    /// Handler calls that returned an error (or panicked).
+    /// Handler calls that returned an error (or panicked, or timed out).
     handler_failed,
+    /// Handler calls that ran past `handler_timeout` (async: cancelled; sync:
+    /// ran to their end, reported as a timeout).
+    handler_timeouts,
     /// `started` posts acknowledged by XZepr.
     posted_started,
     /// `completed` posts acknowledged by XZepr.
@@ -55,7 +58,7 @@ counters! {
     posted_failed,
     /// Lifecycle posts that exhausted their retries (their offsets stay uncommitted).
     report_failed,
-    /// Queued messages dropped unhandled because their partition was revoked.
+    /// Handed-over messages dropped unhandled because their partition was revoked.
     stale_dropped,
     /// Offsets finished (handled and reported, or skipped).
     finished,

@@ -56,7 +56,7 @@ fn lifecycle_on_the_dev_stack_survives_a_restart() {
             rt.block_on(async { Reporter::start(client.clone(), ReporterConfig::default()) });
         Pipeline::builder(KafkaConsumerConfig::new(&brokers, TOPIC, "e2e"))
             .workers(2)
-            .queue_capacity(if slow { 64 } else { 1024 })
+            .max_in_flight(if slow { 64 } else { 1024 })
             .commit_interval(Duration::from_millis(100))
             .lifecycle(
                 reporter,

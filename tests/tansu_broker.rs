@@ -146,9 +146,7 @@ impl Drop for Broker {
 
 fn options() -> SourceOptions {
     let mut o = SourceOptions::default();
-    o.queues = 2;
-    o.queue_capacity = 256;
-    o.resume_below = 128;
+    o.max_in_flight = 256;
     o.commit_interval = Duration::from_millis(200);
     o.drain_timeout = Duration::from_secs(5);
     o
@@ -164,13 +162,12 @@ fn consume(
     let mut source = Source::start(config, options()).unwrap();
     let seen: Arc<Mutex<HashMap<i32, BTreeSet<i64>>>> = Arc::default();
     let keep = Arc::new(keep);
-    let workers: Vec<_> = source
-        .take_receivers()
-        .into_iter()
-        .map(|rx| {
-            let (seen, keep) = (Arc::clone(&seen), Arc::clone(&keep));
+    let rx = source.take_receiver().unwrap();
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (seen, keep, rx) = (Arc::clone(&seen), Arc::clone(&keep), rx.clone());
             std::thread::spawn(move || {
-                for m in rx {
+                for m in rx.iter().flatten() {
                     seen.lock()
                         .unwrap()
                         .entry(m.partition)

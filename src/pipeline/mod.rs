@@ -21,21 +21,23 @@
 //! # Ok::<(), xzepr_consumer::Error>(())
 //! ```
 
-mod worker;
+mod complete;
+mod execute;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::KafkaConsumerConfig;
 use crate::decode::{Decoder, DecoderConfig};
 use crate::dispatch::{Ordering, TypeFilter};
-use crate::handler::{AsyncHandler, Handler};
+use crate::handler::{AsyncHandler, BoxFuture, Handler};
 use crate::metrics::{Metrics, MetricsSnapshot};
-use crate::source::{Message, Source, SourceError, SourceHandle, SourceOptions};
+use crate::source::{Executor, Message, Source, SourceError, SourceHandle, SourceOptions};
 
-use worker::{Delivery, WorkerShared};
-pub(crate) use worker::{Lifecycle, LifecycleSink};
+pub use complete::MalformedPolicy;
+use complete::{AckFn, Delivery, Lifecycle, LifecycleSink, SharedSink};
+use execute::{AsyncExecutor, DecoderPool, Shared, SyncExecutor};
 
 impl Delivery for Message {
     fn topic(&self) -> &str {
@@ -67,13 +69,27 @@ impl Delivery for Message {
     }
 }
 
-/// A lifecycle sink shared by all workers.
-pub(crate) type SharedSink = Arc<dyn LifecycleSink>;
-
-impl LifecycleSink for SharedSink {
-    fn submit(&self, record: Lifecycle, ack: Box<dyn FnOnce(bool) + Send>) {
-        (**self).submit(record, ack);
-    }
+/// Pipeline errors (besides the stages' own, wrapped in [`crate::Error`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// A worker thread panicked outside the handler (handler panics fail their
+    /// event instead).
+    #[error("worker thread {worker} panicked: {message}")]
+    WorkerPanicked {
+        /// The worker's index.
+        worker: usize,
+        /// The panic's message.
+        message: String,
+    },
+    /// Worker threads still ran a handler when `join` gave up waiting (the
+    /// drain timeout after the poll thread stopped); they are detached, and
+    /// their offsets were not committed.
+    #[error("{workers} worker thread(s) still running a handler after the drain timeout")]
+    Stuck {
+        /// How many.
+        workers: usize,
+    },
 }
 
 /// Configures a [`Pipeline`]; setters never fail, [`PipelineBuilder::start`] checks.
@@ -89,6 +105,8 @@ pub struct PipelineBuilder {
     runtime: Option<tokio::runtime::Handle>,
     sink: Option<SinkDebug>,
     malformed: MalformedPolicy,
+    workers: usize,
+    handler_timeout: Option<Duration>,
 }
 
 /// `Debug` placeholder for the type-erased sink.
@@ -138,11 +156,11 @@ struct ReporterSink {
     work: WorkTemplate,
 }
 
-impl LifecycleSink for ReporterSink {
-    fn submit(&self, record: Lifecycle, ack: Box<dyn FnOnce(bool) + Send>) {
+impl ReporterSink {
+    fn record(&self, record: Lifecycle, ack: AckFn) -> crate::report::Record {
         use crate::report::{OwnedWork, Record, Status as S};
         let w = &self.work;
-        let record = Record {
+        Record {
             work: OwnedWork::new(
                 w.receiver_id.clone(),
                 record.work_id,
@@ -152,33 +170,32 @@ impl LifecycleSink for ReporterSink {
                 w.package.clone(),
             ),
             status: match record.status {
-                worker::Status::Started => S::Started,
-                worker::Status::Completed => S::Completed,
-                worker::Status::Failed => S::Failed,
+                complete::Status::Started => S::Started,
+                complete::Status::Completed => S::Completed,
+                complete::Status::Failed => S::Failed,
             },
             details: record.details,
             error: record.error,
             ack: crate::report::Ack::new(move |r| ack(r.is_ok())),
-        };
-        // Blocks while the reporter's queue is full: backpressure onto the worker.
-        // A closed reporter hands the record back; dropping it acknowledges
-        // `Closed`, so the offset stays unfinished.
-        let _ = self.reporter.send_blocking(record);
+        }
     }
 }
 
-/// What the pipeline does with a message that does not decode as a CloudEvent.
-/// Either way it is counted and logged with topic, partition, offset and error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum MalformedPolicy {
-    /// Finish its offset (committed, never read again). The default: one bad
-    /// message must not stall its partition.
-    #[default]
-    Skip,
-    /// Leave its offset unfinished: nothing after it in its partition is
-    /// committed, and a restart reads it again.
-    Hold,
+impl LifecycleSink for ReporterSink {
+    fn submit_blocking(&self, record: Lifecycle, ack: AckFn) {
+        // Blocks while the reporter's queue is full: backpressure onto the worker.
+        // A closed reporter hands the record back; dropping it acknowledges
+        // `Closed`, so the offset is held.
+        let _ = self.reporter.send_blocking(self.record(record, ack));
+    }
+
+    fn submit(&self, record: Lifecycle, ack: AckFn) -> BoxFuture<()> {
+        let record = self.record(record, ack);
+        let reporter = self.reporter.clone();
+        Box::pin(async move {
+            let _ = reporter.send(record).await;
+        })
+    }
 }
 
 /// Entry point: `Pipeline::builder(kafka_config)`.
@@ -198,44 +215,77 @@ impl Pipeline {
             runtime: None,
             sink: None,
             malformed: MalformedPolicy::Skip,
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
+            handler_timeout: None,
         }
     }
 }
 
 impl PipelineBuilder {
-    /// Handler workers, one queue each. Default: the number of CPUs.
+    /// Worker threads for a sync handler ([`PipelineBuilder::start`]). Default:
+    /// the number of CPUs, since sync handlers are for CPU-bound work. Async
+    /// handlers run on the tokio runtime and ignore it.
     pub fn workers(mut self, n: usize) -> Self {
-        self.source.queues = n;
+        self.workers = n;
         self
     }
 
-    /// Messages per worker queue (default 1024); a message whose queue is full
-    /// waits in its partition's stash. Also sets the resume watermark to half of it.
-    pub fn queue_capacity(mut self, n: usize) -> Self {
-        self.source.queue_capacity = n;
-        self.source.resume_below = n / 2;
+    /// Most handler calls in progress at once (default 1,024; see
+    /// [`SourceOptions::max_in_flight`]). Async handlers run that many futures
+    /// concurrently; for a sync handler it bounds the jobs queued for the
+    /// worker threads. Past it, events wait in their lanes.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.source.max_in_flight = n;
         self
     }
 
-    /// Bytes of messages held back for full queues, across partitions (default
-    /// 16 MiB); over it, their partitions are paused until the queues drain. See
-    /// [`SourceOptions::stash_budget`](crate::source::SourceOptions::stash_budget).
-    pub fn stash_budget(mut self, bytes: usize) -> Self {
-        self.source.stash_budget = bytes;
+    /// Most waiting events of one lane handed to a handler task or worker as
+    /// one job (default 64; see [`SourceOptions::batch`]).
+    pub fn batch(mut self, n: usize) -> Self {
+        self.source.batch = n;
+        self
+    }
+
+    /// Bytes of events between arrival and the end of their handler call
+    /// (default 16 MiB); over it, arriving partitions are paused until the
+    /// buffers are half empty. See [`SourceOptions::buffer_budget`].
+    pub fn buffer_budget(mut self, bytes: usize) -> Self {
+        self.source.buffer_budget = bytes;
+        self
+    }
+
+    /// Events between arrival and the end of their handler call (default
+    /// 50,000); over it, arriving partitions are paused like over the byte
+    /// budget. See [`SourceOptions::max_buffered`].
+    pub fn max_buffered(mut self, n: usize) -> Self {
+        self.source.max_buffered = n;
         self
     }
 
     /// Offsets tracked per partition from its commit point on (default 100,000);
     /// at the limit the partition pauses until its commit point moves. See
-    /// [`SourceOptions::max_tracked`](crate::source::SourceOptions::max_tracked).
+    /// [`SourceOptions::max_tracked`].
     pub fn max_tracked(mut self, n: usize) -> Self {
         self.source.max_tracked = n;
         self
     }
 
-    /// Ordering mode (default per partition).
+    /// Ordering mode (default per partition): what may run concurrently. See
+    /// [`Ordering`]; a message without a key keeps its partition's order.
     pub fn ordering(mut self, ordering: Ordering) -> Self {
         self.source.ordering = ordering;
+        self
+    }
+
+    /// How long a handler call may take (default: no limit, since how long a
+    /// service's work takes is the service's knowledge). An async handler past
+    /// it is **cancelled** (its future dropped) and its event reported `failed`
+    /// with error code `timeout`; its offset finishes like any failure. A sync
+    /// closure cannot be cancelled: it runs to its end, its overrun is counted
+    /// (`handler_timeouts`) and logged, and a success past the limit is reported
+    /// as `failed` with code `timeout` all the same.
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.handler_timeout = Some(timeout);
         self
     }
 
@@ -278,7 +328,10 @@ impl PipelineBuilder {
         self
     }
 
-    /// How long revoke and shutdown wait for in-flight work (default 10 s).
+    /// How long revoke and shutdown wait for running handlers (default 10 s);
+    /// async handlers still running then are cancelled and their offsets
+    /// replayed by the next owner, and [`RunningPipeline::join`] waits at most
+    /// this long for sync workers after the poll thread stopped.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
         self.source.drain_timeout = timeout;
         self
@@ -300,40 +353,69 @@ impl PipelineBuilder {
         self
     }
 
-    fn prepare(
-        self,
-        hooks: Option<Arc<dyn crate::source::RebalanceHooks>>,
-    ) -> Result<Prepared, crate::Error> {
-        // Checked up front so a bad setting fails before any thread starts.
-        Decoder::new(self.decoder.clone())?;
-        let mut source = Source::start_with_hooks(&self.kafka, self.source, hooks)?;
-        Ok(Prepared {
-            receivers: source.take_receivers(),
-            handle: source.handle(),
-            decoder: self.decoder,
-            filter: self.filter,
-            own_receiver: self.own_receiver.filter(|_| self.skip_own_events),
-            sink: self.sink.map(|s| s.0),
+    /// What an executor (or one sync worker, so hot counters never share a
+    /// cache line) needs, counting into `metrics`.
+    fn shared(&self, metrics: &Arc<Metrics>) -> Arc<Shared> {
+        Arc::new(Shared {
+            filter: self.filter.clone(),
+            own_receiver: self.own_receiver.clone().filter(|_| self.skip_own_events),
+            lifecycle: self.sink.as_ref().map(|s| Arc::clone(&s.0)),
+            metrics: Arc::clone(metrics),
             malformed: self.malformed,
+            handler_timeout: self.handler_timeout,
         })
     }
 
-    /// Starts the pipeline with a sync handler, run on worker threads.
+    /// Starts the pipeline with a sync handler, run on [`PipelineBuilder::workers`]
+    /// threads that share one job channel; the lanes keep the ordering mode.
     ///
     /// # Errors
     /// [`crate::Error::Config`] / [`crate::Error::Source`] for bad settings or a
     /// consumer librdkafka refuses; [`crate::Error::Decode`] for bad decoder limits.
     pub fn start<H: Handler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
+        if self.workers == 0 {
+            return Err(SourceError::InvalidOption {
+                field: "workers",
+                reason: "must be at least 1",
+            }
+            .into());
+        }
+        // Checked up front so bad limits fail before any thread starts.
+        Decoder::new(self.decoder.clone())?;
         let handler = Arc::new(handler);
-        let p = self.prepare(Some(Arc::new(HandlerHooks(Arc::clone(&handler)))))?;
-        p.spawn(|rx, decoder, shared| {
-            let handler = Arc::clone(&handler);
-            move || worker::run_sync(rx, decoder, handler, shared)
-        })
+        let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
+        let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
+        let source = Source::start_with(
+            &self.kafka,
+            self.source.clone(),
+            Some(hooks),
+            Box::new(SyncExecutor(tx)),
+        )?;
+        let mut workers = Vec::with_capacity(self.workers);
+        let mut metrics = Vec::with_capacity(self.workers);
+        for i in 0..self.workers {
+            let m = Arc::new(Metrics::default());
+            let shared = self.shared(&m);
+            metrics.push(m);
+            let (rx, handler) = (rx.clone(), Arc::clone(&handler));
+            let decoder = Decoder::new(self.decoder.clone())?;
+            let spawned = std::thread::Builder::new()
+                .name(format!("xzepr-worker-{i}"))
+                .spawn(move || execute::run_sync_worker(rx, decoder, handler, shared));
+            match spawned {
+                Ok(w) => workers.push(w),
+                Err(e) => {
+                    source.shutdown();
+                    return Err(SourceError::Spawn(e).into());
+                }
+            }
+        }
+        Ok(RunningPipeline::new(source, workers, metrics, &self.source))
     }
 
-    /// Starts the pipeline with an async handler, each worker driving one event's
-    /// future at a time on the runtime (so queue order holds).
+    /// Starts the pipeline with an async handler: each job runs as a task on the
+    /// runtime, up to [`PipelineBuilder::max_in_flight`] at once, in the
+    /// ordering mode's lanes.
     ///
     /// # Errors
     /// As [`PipelineBuilder::start`]; also [`SourceError::InvalidOption`] when there
@@ -348,13 +430,21 @@ impl PipelineBuilder {
                 })?
             }
         };
-        let p = self.prepare(None)?;
-        let handler = Arc::new(handler);
-        p.spawn(|rx, decoder, shared| {
-            let handler = Arc::clone(&handler);
-            let runtime = runtime.clone();
-            move || worker::run_async(rx, decoder, handler, shared, runtime)
-        })
+        Decoder::new(self.decoder.clone())?;
+        let metrics = Arc::new(Metrics::default());
+        let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
+            runtime,
+            handler: Arc::new(handler),
+            shared: self.shared(&metrics),
+            decoders: Arc::new(DecoderPool::new(self.decoder.clone())),
+        });
+        let source = Source::start_with(&self.kafka, self.source.clone(), None, executor)?;
+        Ok(RunningPipeline::new(
+            source,
+            Vec::new(),
+            vec![metrics],
+            &self.source,
+        ))
     }
 }
 
@@ -370,75 +460,46 @@ impl<H: Handler> crate::source::RebalanceHooks for HandlerHooks<H> {
     }
 }
 
-struct Prepared {
-    receivers: Vec<crossbeam_channel::Receiver<Message>>,
-    handle: SourceHandle,
-    decoder: DecoderConfig,
-    filter: TypeFilter,
-    own_receiver: Option<String>,
-    sink: Option<SharedSink>,
-    malformed: MalformedPolicy,
-}
-
-impl Prepared {
-    fn spawn<F, W>(self, mut make: F) -> Result<RunningPipeline, crate::Error>
-    where
-        F: FnMut(crossbeam_channel::Receiver<Message>, Decoder, Arc<WorkerShared<SharedSink>>) -> W,
-        W: FnOnce() + Send + 'static,
-    {
-        let mut workers = Vec::with_capacity(self.receivers.len());
-        let mut metrics = Vec::with_capacity(self.receivers.len());
-        for (i, rx) in self.receivers.into_iter().enumerate() {
-            let decoder = Decoder::new(self.decoder.clone())?;
-            // Per worker, so the hot counters never share a cache line.
-            let shared = Arc::new(WorkerShared {
-                filter: self.filter.clone(),
-                own_receiver: self.own_receiver.clone(),
-                lifecycle: self.sink.clone(),
-                metrics: Arc::new(Metrics::default()),
-                malformed: self.malformed,
-            });
-            metrics.push(Arc::clone(&shared.metrics));
-            let job = make(rx, decoder, shared);
-            let spawned = std::thread::Builder::new()
-                .name(format!("xzepr-worker-{i}"))
-                .spawn(job)
-                .map_err(SourceError::Spawn);
-            match spawned {
-                Ok(w) => workers.push(w),
-                Err(e) => {
-                    self.handle.shutdown();
-                    return Err(e.into());
-                }
-            }
-        }
-        Ok(RunningPipeline {
-            source: self.handle,
-            workers: std::sync::Mutex::new(workers),
-            metrics,
-        })
-    }
-}
-
 /// A started pipeline: its poll thread and workers run until [`RunningPipeline::shutdown`].
 #[derive(Debug)]
 pub struct RunningPipeline {
     source: SourceHandle,
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Vec<Arc<Metrics>>,
+    drain_timeout: Duration,
 }
 
 impl RunningPipeline {
-    /// Stops fetching; in-flight work drains (up to the drain timeout), the last
-    /// commit is synchronous, the workers end when their queues are empty.
+    fn new(
+        source: SourceHandle,
+        workers: Vec<JoinHandle<()>>,
+        metrics: Vec<Arc<Metrics>>,
+        options: &SourceOptions,
+    ) -> Self {
+        RunningPipeline {
+            source,
+            workers: std::sync::Mutex::new(workers),
+            metrics,
+            drain_timeout: options.drain_timeout,
+        }
+    }
+
+    /// Stops fetching; running handlers drain (up to the drain timeout, then
+    /// async ones are cancelled), the last commit is synchronous, the workers end
+    /// when their jobs are done.
     pub fn shutdown(&self) {
         self.source.shutdown();
     }
 
-    /// Waits for the poll thread and every worker.
+    /// Waits for the poll thread (which stops within the drain timeout of
+    /// [`RunningPipeline::shutdown`]) and then, at most the drain timeout more,
+    /// for the sync workers.
     ///
     /// # Errors
-    /// The error the poll thread stopped on (an authentication failure, say).
+    /// The error the poll thread stopped on (an authentication failure, say);
+    /// else [`PipelineError::WorkerPanicked`] for a worker that panicked outside
+    /// the handler, or [`PipelineError::Stuck`] for workers still inside a
+    /// handler at the deadline (they are detached).
     pub fn join(&self) -> Result<(), crate::Error> {
         let source = self.source.join();
         let workers = self
@@ -446,10 +507,33 @@ impl RunningPipeline {
             .lock()
             .map(|mut w| std::mem::take(&mut *w))
             .unwrap_or_default();
-        for w in workers {
-            let _ = w.join();
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut first_error: Option<PipelineError> = None;
+        let mut stuck = 0;
+        for (i, w) in workers.into_iter().enumerate() {
+            while !w.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !w.is_finished() {
+                stuck += 1;
+                continue;
+            }
+            if let Err(panic) = w.join() {
+                first_error.get_or_insert(PipelineError::WorkerPanicked {
+                    worker: i,
+                    message: crate::source::panic_message(&*panic),
+                });
+            }
         }
-        source.map_err(Into::into)
+        source?;
+        if stuck > 0 {
+            tracing::error!(
+                workers = stuck,
+                "Worker threads stuck in a handler; detached."
+            );
+            return Err(PipelineError::Stuck { workers: stuck }.into());
+        }
+        first_error.map_or(Ok(()), |e| Err(e.into()))
     }
 
     /// The pipeline's counters.
@@ -461,7 +545,7 @@ impl RunningPipeline {
         total
     }
 
-    /// The source stage's handle (stats, stop).
+    /// The source stage's handle (stats: in flight, buffered bytes, pauses).
     pub fn source(&self) -> &SourceHandle {
         &self.source
     }

@@ -1,45 +1,56 @@
 //! The source stage: one OS thread owns the Kafka consumer, copies each payload
-//! once, and hands messages to bounded worker queues; finished offsets come back
-//! over a channel and are committed as a contiguous run per partition.
+//! once, puts every message in its lane, and hands the lanes' jobs to an
+//! executor; finished offsets and released lanes come back over one channel, and
+//! finished offsets are committed as a contiguous run per partition.
 //!
 //! ```text
-//!             ┌──────────── poll thread ────────────┐
-//!  Kafka ───> │ BaseConsumer::poll ─> copy ─> route │ ──try_send──> queue 0..n ──> workers
-//!             │      ^ pause/resume     trackers <───┼─── completions <─── Message::finish
-//!             │      └──── commit (async / sync) ────┤
-//!             └──────────────────────────────────────┘
+//!             ┌───────────────────── poll thread ─────────────────────┐
+//!  Kafka ───> │ poll burst ─> copy ─> track ─> lanes (dispatch::lanes) │ ──Batch──> executor
+//!             │    ^ pause/resume        trackers <──┬── completions <─┼── Message::finish / drop
+//!             │    └── commit (async / sync)    lanes <──┘   releases <─┼── Batch dropped
+//!             └────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! The thread never blocks on a worker: when a message's queue is full it keeps
-//! the message aside in its partition's stash (in order); once the stashes hold
-//! more than [`SourceOptions::stash_budget`] it **pauses the partitions** that
-//! keep arriving, and resumes each once its queue has drained below the low
-//! watermark, polling all the while so heartbeats and rebalances are served and
-//! memory stays bounded: queues × capacity messages plus the stash budget.
+//! The thread never blocks on the executor: a job is handed over only when there
+//! is room under [`SourceOptions::max_in_flight`], and everything else waits in
+//! its lane. Every message counts against [`SourceOptions::buffer_budget`] and
+//! [`SourceOptions::max_buffered`] from its arrival until its job's lane is
+//! released; over either, the partitions that keep arriving are **paused**, and
+//! each resumes once the buffers are down to half, polling all the while so
+//! heartbeats and rebalances are served. Memory is therefore bounded by the
+//! budget plus what librdkafka had already handed over for a partition when it
+//! was paused.
 //!
-//! On revoke it waits (up to [`SourceOptions::drain_timeout`]) for the revoked
-//! partitions' in-flight work, commits their contiguous point synchronously, and
-//! marks what is still queued as stale: workers drop stale messages unhandled (the
-//! new owner receives them again). Shutdown does the same for every partition.
+//! On revoke, the revoked partitions' waiting messages are dropped (never
+//! started; the new owner reads them), their running work is given up to
+//! [`SourceOptions::drain_timeout`], their contiguous point is committed
+//! synchronously, and what still runs is cancelled (async handlers) or marked
+//! stale (queued sync batches are dropped unhandled). Shutdown does the same for
+//! every partition.
+//!
+//! A [`Message`] finishes its offset with [`Message::finish`], holds it with
+//! [`Message::hold`], and **holds it when dropped** unfinished (a panic, a
+//! cancelled future): the commit point stays before it, but revoke and shutdown
+//! do not wait for it.
 
-use std::collections::{HashMap, VecDeque};
+mod poll;
+
 use std::sync::atomic::{
     AtomicBool, AtomicU64,
-    Ordering::{Acquire, Relaxed, Release},
+    Ordering::{Acquire, Release},
 };
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use crossbeam_channel::{Receiver, Sender};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message as _};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::config::{ConfigError, KafkaConsumerConfig};
-use crate::dispatch::{fnv1a, queue_index, Ordering};
-use crate::offsets::PartitionTracker;
+use crate::dispatch::lanes::{Item, LaneId};
+use crate::dispatch::Ordering;
+
+pub(crate) use poll::RebalanceHooks;
 
 /// Source-stage errors.
 #[derive(Debug, thiserror::Error)]
@@ -65,14 +76,14 @@ pub enum SourceError {
         /// What is allowed.
         reason: &'static str,
     },
-    /// A worker queue lost its receiver (its worker stopped) while messages
-    /// still came for it. The message that found it closed is left unfinished,
-    /// so nothing at or after it in its partition is committed.
-    #[error("worker queue {queue} closed: its worker stopped")]
-    WorkerStopped {
-        /// The queue's index.
-        queue: usize,
-    },
+    /// The executor stopped taking jobs (its workers are gone) while messages
+    /// still came. The job that found it closed is dropped unfinished, so nothing
+    /// at or after it in its partition is committed.
+    #[error("the executor stopped: its workers are gone")]
+    WorkerStopped,
+    /// The poll thread panicked.
+    #[error("the poll thread panicked: {0}")]
+    Panicked(String),
     /// The poll thread could not be started.
     #[error("cannot start the poll thread: {0}")]
     Spawn(#[from] std::io::Error),
@@ -82,57 +93,60 @@ pub enum SourceError {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SourceOptions {
-    /// Number of worker queues (one per worker). Default: the number of CPUs.
-    pub queues: usize,
-    /// Messages each queue holds. Default 1024: about 1 MB of ~1 KB events per
-    /// queue, enough to ride out a slow handler call without pausing. A message
-    /// whose queue is full waits in its partition's stash (see `stash_budget`).
-    pub queue_capacity: usize,
-    /// A paused partition resumes when its queue is at most this full. Default:
-    /// half the capacity, so pause/resume does not flap on every message.
-    pub resume_below: usize,
-    /// How events are spread over queues. Default: per partition (in order).
+    /// How events are put in lanes, and so what order is kept. Default: per
+    /// partition.
     pub ordering: Ordering,
+    /// Jobs handed to the executor and not yet finished: at most this many
+    /// handler calls run at once. Default 1,024: the services this crate serves
+    /// mostly wait on other services, and by Little's law 1,024 calls of ~20 ms
+    /// keep ~50,000 events/s moving, more than one consumer's partitions usually
+    /// carry; a few KB of task state each. Past it, lanes with waiting events
+    /// queue for room, oldest first.
+    pub max_in_flight: usize,
+    /// Most waiting events of one lane handed over as one job (run in order by
+    /// one executor). Default 64: a busy partition costs one hand-off and one
+    /// release per 64 events instead of per event.
+    pub batch: usize,
+    /// Bytes of messages between their arrival and their job's release (payload,
+    /// key and ~128 bytes of bookkeeping each). Default 16 MiB: a quarter of
+    /// librdkafka's own prefetch limit, about 13,000 ~1 KB events. Over it, the
+    /// partition of each arriving message is **paused**, and resumes once the
+    /// buffers are at most half full. A pause is not free: librdkafka drops the
+    /// partition's prefetched messages and fetches them again after the resume.
+    pub buffer_budget: usize,
+    /// Messages between their arrival and their job's release, counted as for
+    /// `buffer_budget` (which tiny messages would not reach). Default 50,000.
+    pub max_buffered: usize,
     /// How often the contiguous commit points are committed (asynchronously).
     /// Default 1 s: a crash replays at most about a second of finished work.
     pub commit_interval: Duration,
-    /// How long revoke and shutdown wait for in-flight work before committing what
-    /// finished. Default 10 s, well inside the 30 s session timeout.
+    /// How long revoke and shutdown wait for running work before committing what
+    /// finished and cancelling the rest. Default 10 s, well inside the 30 s
+    /// session timeout.
     pub drain_timeout: Duration,
-    /// Longest single wait in `poll`. Default 50 ms: completions and resumes are
-    /// handled at least this often when no message arrives.
+    /// Longest single wait in `poll` while nothing runs. Default 50 ms: commits
+    /// and resumes are handled at least this often when no message arrives.
     pub poll_interval: Duration,
-    /// Bytes of messages held back, across all partitions, because their queue
-    /// was full (payload, key and ~128 bytes of bookkeeping each). Default 16 MiB:
-    /// a quarter of librdkafka's own prefetch limit, and about 13,000 ~1 KB events,
-    /// enough to ride out a worker descheduled for tens of milliseconds. Over the
-    /// budget, the partition of each message that has to wait is **paused**, and
-    /// resumes once its own held-back messages are at most `resume_below` and the
-    /// total is at most half the budget. A pause is not free: librdkafka drops the
-    /// partition's prefetched messages and fetches them again after the resume.
-    pub stash_budget: usize,
-    /// Offsets tracked per partition from its commit point on: in flight, held,
-    /// or finished behind an unfinished one. Default 100,000 (16 bytes each, so
-    /// 1.6 MB a partition; about what a replay after a crash may cost). At the
-    /// limit the partition's new messages wait in its stash and it is **paused**
-    /// until its commit point moves, so one offset that never finishes (a held
-    /// message, a report that failed for good) bounds memory and the replay
-    /// instead of growing both without end.
+    /// Offsets tracked per partition from its commit point on: waiting, running,
+    /// held, or finished behind an unfinished one. Default 100,000 (16 bytes
+    /// each, so 1.6 MB a partition; about what a replay after a crash may cost).
+    /// At the limit the partition is **paused** until its commit point moves, so
+    /// one offset that never finishes (a held message, a report that failed for
+    /// good) bounds memory and the replay instead of growing both without end.
     pub max_tracked: usize,
 }
 
 impl Default for SourceOptions {
     fn default() -> Self {
-        let cpus = std::thread::available_parallelism().map_or(2, usize::from);
         SourceOptions {
-            queues: cpus,
-            queue_capacity: 1024,
-            resume_below: 512,
             ordering: Ordering::PerPartition,
+            max_in_flight: 1024,
+            batch: 64,
+            buffer_budget: 16 << 20,
+            max_buffered: 50_000,
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),
-            stash_budget: 16 << 20,
             max_tracked: 100_000,
         }
     }
@@ -141,17 +155,17 @@ impl Default for SourceOptions {
 impl SourceOptions {
     fn validate(&self, session_timeout: Duration) -> Result<(), SourceError> {
         let bad = |field, reason| Err(SourceError::InvalidOption { field, reason });
-        if self.queues == 0 {
-            return bad("queues", "must be at least 1");
+        if self.max_in_flight == 0 {
+            return bad("max_in_flight", "must be at least 1");
         }
-        if self.queue_capacity == 0 {
-            return bad("queue_capacity", "must be at least 1");
+        if self.batch == 0 {
+            return bad("batch", "must be at least 1");
         }
-        if self.resume_below >= self.queue_capacity {
-            return bad("resume_below", "must be below queue_capacity");
+        if self.buffer_budget == 0 {
+            return bad("buffer_budget", "must be at least 1 byte");
         }
-        if self.stash_budget == 0 {
-            return bad("stash_budget", "must be at least 1 byte");
+        if self.max_buffered == 0 {
+            return bad("max_buffered", "must be at least 1");
         }
         if self.max_tracked == 0 {
             return bad("max_tracked", "must be at least 1");
@@ -163,7 +177,9 @@ impl SourceOptions {
     }
 }
 
-/// A message copied out of librdkafka, with what a worker needs to finish it.
+/// A message copied out of librdkafka, with what it needs to finish itself.
+///
+/// Dropping it unfinished **holds** its offset (see [`Message::hold`]).
 #[derive(Debug)]
 pub struct Message {
     /// The payload (the one copy; decoders borrow from it).
@@ -182,14 +198,18 @@ pub struct Message {
     pub timestamp: Option<i64>,
     epoch: u64,
     shared: Arc<PartShared>,
+    completed: bool,
 }
 
 /// Per-partition state a message needs to finish itself: one `Arc` per message.
 #[derive(Debug)]
-struct PartShared {
+pub(crate) struct PartShared {
     /// The partition's current epoch; bumped on revoke.
     current: AtomicU64,
     done: Sender<Completion>,
+    /// Cancelled when the partition's drain deadline passes: running async
+    /// handlers stop, and their offsets stay unfinished.
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 impl Message {
@@ -199,31 +219,30 @@ impl Message {
     }
 
     /// False once this message's partition was revoked (or reassigned) after it
-    /// was queued: its work must not run, the new owner has it.
+    /// was handed over: its work must not run, the new owner has it.
     pub fn is_current(&self) -> bool {
         self.shared.current.load(Acquire) == self.epoch
     }
 
     /// Marks the offset finished. Its partition's commit point passes it once every
-    /// earlier offset has finished too. Dropping a message without finishing it
-    /// holds the commit point before it.
-    pub fn finish(self) {
+    /// earlier offset has finished too.
+    pub fn finish(mut self) {
         self.complete(false);
     }
 
     /// Marks the offset held: it will not finish in this assignment, so the
     /// commit point stays at or before it (a restart or the next owner reads it
-    /// again), but revoke and shutdown no longer wait for it. Dropping a message
-    /// holds the commit point too, but is waited for up to the drain timeout.
-    pub fn hold(self) {
+    /// again), but revoke and shutdown no longer wait for it.
+    pub fn hold(mut self) {
         self.complete(true);
     }
 
-    fn complete(self, held: bool) {
+    fn complete(&mut self, held: bool) {
+        self.completed = true;
         // The poll thread may be gone (shutdown): then nothing is committed, and
         // the offset is replayed, which is the safe side.
-        let _ = self.shared.done.send(Completion {
-            topic: self.topic,
+        let _ = self.shared.done.send(Completion::Offset {
+            topic: Arc::clone(&self.topic),
             partition: self.partition,
             offset: self.offset,
             epoch: self.epoch,
@@ -232,285 +251,111 @@ impl Message {
     }
 }
 
+impl Drop for Message {
+    /// Holds the offset at once, so a panicking path or a cancelled future never
+    /// makes a drain wait for a message nobody will finish.
+    fn drop(&mut self) {
+        if !self.completed {
+            self.complete(true);
+        }
+    }
+}
+
+impl Item for Message {
+    fn key(&self) -> Option<&[u8]> {
+        self.key.as_deref()
+    }
+    fn cost(&self) -> usize {
+        const BOOKKEEPING: usize = 128;
+        self.payload.as_ref().map_or(0, Vec::len)
+            + self.key.as_ref().map_or(0, Vec::len)
+            + BOOKKEEPING
+    }
+}
+
+/// What comes back to the poll thread.
 #[derive(Debug)]
-struct Completion {
-    topic: Arc<str>,
-    partition: i32,
-    offset: i64,
-    epoch: u64,
-    held: bool,
+pub(crate) enum Completion {
+    Offset {
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+        held: bool,
+    },
+    Release(LaneId),
 }
 
-/// One assigned partition, as the poll thread sees it.
-struct Part {
-    tracker: PartitionTracker,
-    epoch: u64,
-    shared: Arc<PartShared>,
-    /// Messages polled but not yet queued (their queue was full), in order.
-    stash: VecDeque<Message>,
-    paused: bool,
-    committed: Option<i64>,
-}
-
-/// A fast hasher for the `(topic, partition)` keys looked up once per message;
-/// the keys come from the broker's assignment, not from an attacker.
-#[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_i32(&mut self, i: i32) {
-        self.0 =
-            (self.0.rotate_left(5) ^ u64::from(i as u32)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type PartMap = HashMap<(Arc<str>, i32), Part, std::hash::BuildHasherDefault<KeyHasher>>;
-
-/// What the poll thread and the rebalance callbacks share.
-struct State {
-    parts: PartMap,
-    /// What the stashes of all partitions hold, by [`stash_cost`].
-    stashed_bytes: usize,
-    completions: Receiver<Completion>,
-    epochs: u64,
-}
-
-impl State {
-    fn apply(&mut self, c: Completion) {
-        if let Some(p) = self.parts.get_mut(&(c.topic, c.partition)) {
-            if p.epoch == c.epoch {
-                if c.held {
-                    p.tracker.hold(c.offset);
-                } else {
-                    p.tracker.finished(c.offset);
-                }
-            }
-        }
-    }
-
-    fn drain_completions(&mut self) {
-        while let Ok(c) = self.completions.try_recv() {
-            self.apply(c);
-        }
-    }
-
-    /// Applies completions until no partition picked by `relevant` has work in
-    /// flight, or `deadline` passes (waiting on the channel, not sleeping).
-    fn drain_in_flight(&mut self, deadline: Instant, relevant: impl Fn(&(Arc<str>, i32)) -> bool) {
-        loop {
-            self.drain_completions();
-            let busy = self
-                .parts
-                .iter()
-                .any(|(key, p)| relevant(key) && p.tracker.in_flight() > 0);
-            if !busy || Instant::now() >= deadline {
-                return;
-            }
-            if let Ok(c) = self.completions.recv_timeout(Duration::from_millis(5)) {
-                self.apply(c);
-            }
-        }
-    }
-
-    /// Commit points as a TPL: those that moved since the last commit, or with
-    /// `force` every one (revoke and shutdown must not trust an async commit that
-    /// may still be in flight or may have failed).
-    fn commit_list(
-        &mut self,
-        only: Option<&[(Arc<str>, i32)]>,
-        force: bool,
-    ) -> Option<TopicPartitionList> {
-        let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), p) in &mut self.parts {
-            if only.is_some_and(|o| !o.iter().any(|(t, q)| t == topic && q == partition)) {
-                continue;
-            }
-            if let Some(point) = p.tracker.commit_point() {
-                if force || p.committed != Some(point) {
-                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(point));
-                    p.committed = Some(point);
-                }
-            }
-        }
-        (tpl.count() > 0).then_some(tpl)
-    }
-}
-
-/// Called on the poll thread around rebalances (the handler's `on_assign` and
-/// `on_revoke`).
-pub(crate) trait RebalanceHooks: Send + Sync + 'static {
-    /// After partitions were assigned.
-    fn assigned(&self, partitions: &[(String, i32)]);
-    /// Before partitions are revoked, after their in-flight work drained (or the
-    /// drain deadline passed) and their commit point was committed.
-    fn revoked(&self, partitions: &[(String, i32)]);
-}
-
-fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
-    tpl.elements()
-        .iter()
-        .map(|e| (e.topic().to_owned(), e.partition()))
-        .collect()
-}
-
-/// Our `ConsumerContext`: rebalances drain and commit; errors are recorded.
-struct Context {
-    hooks: Option<Arc<dyn RebalanceHooks>>,
-    state: Mutex<State>,
-    /// Cloned into each assigned partition's shared state.
+/// Messages of one lane to handle **in order**, one at a time; dropping the
+/// batch releases the lane, so its next messages may run. Messages left in it
+/// when it is dropped are held.
+#[derive(Debug)]
+pub struct Batch {
+    items: std::collections::VecDeque<Message>,
+    lane: LaneId,
     done: Sender<Completion>,
-    drain_timeout: Duration,
-    fatal: Mutex<Option<SourceError>>,
-    stats: Arc<SourceStats>,
 }
 
-impl ClientContext for Context {
-    fn error(&self, error: KafkaError, reason: &str) {
-        let auth = matches!(
-            error.rdkafka_error_code(),
-            Some(rdkafka::types::RDKafkaErrorCode::Authentication)
-                | Some(rdkafka::types::RDKafkaErrorCode::SaslAuthenticationFailed)
-        ) || reason.contains("SASL authentication error")
-            || reason.contains("Authentication failed");
-        if auth {
-            tracing::error!(%error, reason, "Kafka authentication failed.");
-            if let Ok(mut f) = self.fatal.lock() {
-                f.get_or_insert(SourceError::Authentication {
-                    reason: reason.to_owned(),
-                });
-            }
-        } else {
-            tracing::warn!(%error, reason, "Kafka client error.");
-        }
+impl Batch {
+    /// Messages not yet taken.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// True when every message was taken.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Cancelled once the batch's partition passed its drain deadline (`None`
+    /// for an empty batch).
+    pub(crate) fn cancellation(&self) -> Option<tokio_util::sync::CancellationToken> {
+        self.items.front().map(|m| m.shared.cancel.clone())
     }
 }
 
-impl ConsumerContext for Context {
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        let Err(e) = result else { return };
-        tracing::debug!(error = %e, "Commit failed; retrying at the next interval.");
-        // Forget what we thought was committed so the next round sends it again.
-        // `try_lock`: a sync commit made under the lock may report here.
-        if let Ok(mut st) = self.state.try_lock() {
-            for el in offsets.elements() {
-                if let Some(p) = st.parts.get_mut(&(Arc::from(el.topic()), el.partition())) {
-                    p.committed = None;
-                }
-            }
-        }
-    }
-
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            let revoked: Vec<(Arc<str>, i32)> = tpl
-                .elements()
-                .iter()
-                .map(|e| (Arc::from(e.topic()), e.partition()))
-                .collect();
-            self.revoke(consumer, &revoked);
-            if let Some(hooks) = &self.hooks {
-                hooks.revoked(&owned_partitions(tpl));
-            }
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(tpl) = rebalance {
-            let Ok(mut st) = self.state.lock() else {
-                return;
-            };
-            for e in tpl.elements() {
-                st.epochs += 1;
-                let epoch = st.epochs;
-                let key = (Arc::from(e.topic()), e.partition());
-                // Librdkafka resumes assigned partitions from the committed offsets.
-                st.parts.insert(
-                    key,
-                    Part {
-                        tracker: PartitionTracker::new(),
-                        epoch,
-                        shared: Arc::new(PartShared {
-                            current: AtomicU64::new(epoch),
-                            done: self.done.clone(),
-                        }),
-                        stash: VecDeque::new(),
-                        paused: false,
-                        committed: None,
-                    },
-                );
-            }
-            self.stats.assigned.store(st.parts.len() as u64, Relaxed);
-            drop(st);
-            tracing::debug!(partitions = tpl.count(), "Partitions assigned.");
-            if let Some(hooks) = &self.hooks {
-                hooks.assigned(&owned_partitions(tpl));
-            }
-        }
+impl Iterator for Batch {
+    type Item = Message;
+    fn next(&mut self) -> Option<Message> {
+        self.items.pop_front()
     }
 }
 
-impl Context {
-    /// Drain `revoked` (up to the deadline), commit their contiguous points
-    /// synchronously, and mark what is left stale.
-    fn revoke(&self, consumer: &BaseConsumer<Self>, revoked: &[(Arc<str>, i32)]) {
-        let Ok(mut st) = self.state.lock() else {
-            return;
-        };
-        let deadline = Instant::now() + self.drain_timeout;
-        for key in revoked {
-            if let Some(p) = st.parts.get_mut(key) {
-                // Never dispatched: the next owner reads them again.
-                p.stash.clear();
-            }
-        }
-        st.stashed_bytes = st
-            .parts
-            .values()
-            .flat_map(|p| &p.stash)
-            .map(stash_cost)
-            .sum();
-        st.drain_in_flight(deadline, |key| revoked.contains(key));
-        if let Some(tpl) = st.commit_list(Some(revoked), true) {
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                // librdkafka's mock broker refuses commits while the group prepares
-                // a rebalance (a real broker accepts them from the current
-                // generation): the last async commit stands, and more is replayed.
-                self.stats.revoke_commit_failures.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "Commit on revoke failed.");
-            } else {
-                self.stats.commits.fetch_add(1, Relaxed);
-            }
-        }
-        for key in revoked {
-            if let Some(p) = st.parts.remove(key) {
-                p.shared.current.fetch_add(1, Release);
-            }
-        }
-        self.stats.assigned.store(st.parts.len() as u64, Relaxed);
-        tracing::debug!(partitions = revoked.len(), "Partitions revoked.");
+impl Drop for Batch {
+    fn drop(&mut self) {
+        // Messages first: their holds reach the poll thread before the release.
+        self.items.clear();
+        let _ = self.done.send(Completion::Release(self.lane));
     }
 }
 
-/// Counters of the source stage, readable while it runs.
+/// Where the poll thread hands jobs. Never blocks: the scheduler hands over at
+/// most `max_in_flight` jobs, so a bounded channel of that size never fills.
+pub(crate) trait Executor: Send + 'static {
+    /// Runs `batch`; gives it back when the executor is gone.
+    fn execute(&self, batch: Batch) -> Result<(), Batch>;
+}
+
+/// The raw source's executor: a channel that any number of threads read.
+#[derive(Debug)]
+pub(crate) struct ChannelExecutor(pub(crate) Sender<Batch>);
+
+impl Executor for ChannelExecutor {
+    fn execute(&self, batch: Batch) -> Result<(), Batch> {
+        self.0.try_send(batch).map_err(|e| e.into_inner())
+    }
+}
+
+/// Counters and gauges of the source stage, readable while it runs.
 #[derive(Debug, Default)]
 pub struct SourceStats {
     /// Messages polled from librdkafka.
     pub polled: AtomicU64,
-    /// Messages handed to a queue.
+    /// Messages handed to the executor.
     pub dispatched: AtomicU64,
-    /// Times a partition was paused because its queue was full.
+    /// Jobs handed to the executor.
+    pub jobs: AtomicU64,
+    /// Times a partition was paused (buffers over budget, or the tracking limit).
     pub pauses: AtomicU64,
     /// Times a paused partition was resumed.
     pub resumes: AtomicU64,
@@ -520,18 +365,23 @@ pub struct SourceStats {
     pub revoke_commit_failures: AtomicU64,
     /// Partitions currently assigned.
     pub assigned: AtomicU64,
-    /// The longest any queue has been, in messages (never above its capacity).
-    pub max_queue_len: AtomicU64,
-    /// The most the stashes have held at once, in bytes (see
-    /// [`SourceOptions::stash_budget`]; above it only by the messages librdkafka
-    /// had already handed over for a partition when it was paused).
-    pub max_stashed_bytes: AtomicU64,
+    /// Jobs running now (handler calls in progress, or queued for a sync worker).
+    pub in_flight: AtomicU64,
+    /// The most jobs that ran at once (never above `max_in_flight`).
+    pub peak_in_flight: AtomicU64,
+    /// Bytes buffered now (see [`SourceOptions::buffer_budget`]).
+    pub buffered_bytes: AtomicU64,
+    /// The most bytes buffered at once; above the budget only by the messages
+    /// librdkafka had already handed over for a partition when it was paused.
+    pub peak_buffered_bytes: AtomicU64,
+    /// Lanes alive now.
+    pub lanes: AtomicU64,
 }
 
-/// The running source: its queues' receiving ends are handed out once.
+/// The running source: its executor's receiving end is handed out once.
 #[derive(Debug)]
 pub struct Source {
-    receivers: Vec<Receiver<Message>>,
+    receiver: Option<Receiver<Batch>>,
     handle: SourceHandle,
 }
 
@@ -543,11 +393,13 @@ type PollThread = JoinHandle<Result<(), SourceError>>;
 pub struct SourceHandle {
     stop: Arc<AtomicBool>,
     stats: Arc<SourceStats>,
+    committed: Arc<Mutex<Vec<(Arc<str>, i32, i64)>>>,
     thread: Arc<Mutex<Option<PollThread>>>,
 }
 
 impl Source {
-    /// Creates the consumer, subscribes, and starts the poll thread.
+    /// Creates the consumer, subscribes, and starts the poll thread. Jobs are
+    /// read from [`Source::take_receiver`], by any number of threads.
     ///
     /// # Errors
     /// [`SourceError::Config`] for bad settings, [`SourceError::InvalidOption`],
@@ -556,59 +408,29 @@ impl Source {
         config: &KafkaConsumerConfig,
         options: SourceOptions,
     ) -> Result<Source, SourceError> {
-        Self::start_with_hooks(config, options, None)
-    }
-
-    /// [`Source::start`], calling `hooks` around rebalances.
-    pub(crate) fn start_with_hooks(
-        config: &KafkaConsumerConfig,
-        options: SourceOptions,
-        hooks: Option<Arc<dyn RebalanceHooks>>,
-    ) -> Result<Source, SourceError> {
-        options.validate(config.session_timeout)?;
-        let client_config = config.to_client_config()?;
-        let (done_tx, done_rx) = crossbeam_channel::unbounded();
-        let stats = Arc::new(SourceStats::default());
-        let context = Context {
-            hooks,
-            state: Mutex::new(State {
-                parts: PartMap::default(),
-                completions: done_rx,
-                epochs: 0,
-                stashed_bytes: 0,
-            }),
-            drain_timeout: options.drain_timeout,
-            done: done_tx,
-            fatal: Mutex::new(None),
-            stats: Arc::clone(&stats),
-        };
-        let consumer: BaseConsumer<Context> = client_config.create_with_context(context)?;
-        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..options.queues)
-            .map(|_| crossbeam_channel::bounded(options.queue_capacity))
-            .unzip();
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            let stats = Arc::clone(&stats);
-            std::thread::Builder::new()
-                .name("xzepr-poll".into())
-                .spawn(move || poll_loop(consumer, senders, options, stop, stats))?
-        };
+        let (tx, rx) = crossbeam_channel::bounded(options.max_in_flight.max(1));
+        let handle = Self::start_with(config, options, None, Box::new(ChannelExecutor(tx)))?;
         Ok(Source {
-            receivers,
-            handle: SourceHandle {
-                stop,
-                stats,
-                thread: Arc::new(Mutex::new(Some(thread))),
-            },
+            receiver: Some(rx),
+            handle,
         })
     }
 
-    /// The worker queues' receiving ends (one per queue), taken once.
-    pub fn take_receivers(&mut self) -> Vec<Receiver<Message>> {
-        std::mem::take(&mut self.receivers)
+    /// Starts the poll thread handing jobs to `executor`, calling `hooks` around
+    /// rebalances.
+    pub(crate) fn start_with(
+        config: &KafkaConsumerConfig,
+        options: SourceOptions,
+        hooks: Option<Arc<dyn RebalanceHooks>>,
+        executor: Box<dyn Executor>,
+    ) -> Result<SourceHandle, SourceError> {
+        options.validate(config.session_timeout)?;
+        poll::start(config, options, hooks, executor)
+    }
+
+    /// The jobs' receiving end, taken once (clone it for more reader threads).
+    pub fn take_receiver(&mut self) -> Option<Receiver<Batch>> {
+        self.receiver.take()
     }
 
     /// A handle to stop the source and read its stats.
@@ -618,8 +440,8 @@ impl Source {
 }
 
 impl SourceHandle {
-    /// Asks the poll thread to stop: it stops fetching, drains in-flight work up to
-    /// the drain timeout, commits synchronously, closes the consumer and the queues.
+    /// Asks the poll thread to stop: it stops fetching, drains running work up to
+    /// the drain timeout, commits synchronously, and closes the consumer.
     pub fn shutdown(&self) {
         self.stop.store(true, Release);
     }
@@ -641,10 +463,7 @@ impl SourceHandle {
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());
         match thread.map(JoinHandle::join) {
             Some(Ok(result)) => result,
-            Some(Err(_)) => Err(SourceError::InvalidOption {
-                field: "poll thread",
-                reason: "panicked",
-            }),
+            Some(Err(panic)) => Err(SourceError::Panicked(panic_message(&*panic))),
             None => Ok(()),
         }
     }
@@ -653,316 +472,19 @@ impl SourceHandle {
     pub fn stats(&self) -> &SourceStats {
         &self.stats
     }
-}
 
-/// Most messages taken from librdkafka per lock of the shared state.
-const BURST: usize = 64;
-
-/// Longest wait in `poll` while messages are stashed for a full queue: short, so
-/// the stash moves on as soon as a worker frees space; at most a thousand idle
-/// wake-ups a second, and only while a queue is full.
-const STASHED_POLL_INTERVAL: Duration = Duration::from_millis(1);
-
-fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    tpl
-}
-
-fn poll_loop(
-    consumer: BaseConsumer<Context>,
-    senders: Vec<Sender<Message>>,
-    options: SourceOptions,
-    stop: Arc<AtomicBool>,
-    stats: Arc<SourceStats>,
-) -> Result<(), SourceError> {
-    let ctx = consumer.context();
-    let mut last_commit = Instant::now();
-    let mut seq = 0u64;
-    let mut topic_names: HashMap<String, Arc<str>> = HashMap::new();
-    let queue_len_max =
-        |senders: &[Sender<Message>]| senders.iter().map(Sender::len).max().unwrap_or(0);
-    // A queue found closed: the loop ends with `WorkerStopped`.
-    let mut worker_stopped: Option<usize> = None;
-    let result = loop {
-        // Whether messages wait in a stash for queue space (set below).
-        let mut stashed = false;
-        if let Some(queue) = worker_stopped {
-            break Err(SourceError::WorkerStopped { queue });
-        }
-        if stop.load(Acquire) {
-            break Ok(());
-        }
-        if let Some(err) = ctx.fatal.lock().ok().and_then(|mut f| f.take()) {
-            break Err(err);
-        }
-        // Completions, stashed messages, resumes and commits, between polls.
-        {
-            let Ok(mut st) = ctx.state.lock() else {
-                break Ok(());
-            };
-            st.drain_completions();
-            let mut resume = Vec::new();
-            let State {
-                parts,
-                stashed_bytes,
-                ..
-            } = &mut *st;
-            for ((topic, partition), p) in parts.iter_mut() {
-                while let Some(msg) = p.stash.pop_front() {
-                    if p.tracker.tracked() >= options.max_tracked {
-                        p.stash.push_front(msg);
-                        break;
-                    }
-                    let q = queue_for(&options, &msg, seq);
-                    seq += 1;
-                    if senders[q].len() > options.resume_below && p.paused {
-                        p.stash.push_front(msg);
-                        break;
-                    }
-                    let (offset, cost) = (msg.offset, stash_cost(&msg));
-                    match senders[q].try_send(msg) {
-                        Ok(()) => {
-                            *stashed_bytes -= cost;
-                            let _ = p.tracker.dispatched(offset);
-                            stats.dispatched.fetch_add(1, Relaxed);
-                        }
-                        Err(TrySendError::Full(msg)) => {
-                            p.stash.push_front(msg);
-                            break;
-                        }
-                        Err(TrySendError::Disconnected(msg)) => {
-                            p.stash.push_front(msg);
-                            worker_stopped.get_or_insert(q);
-                            break;
-                        }
-                    }
-                }
-                if p.paused
-                    && p.stash.len() <= options.resume_below
-                    && *stashed_bytes <= options.stash_budget / 2
-                    && p.tracker.tracked() < options.max_tracked
-                {
-                    p.paused = false;
-                    resume.push((Arc::clone(topic), *partition));
-                }
-                stashed |= !p.stash.is_empty();
-            }
-            for (topic, partition) in resume {
-                if consumer.resume(&tpl_of(&topic, partition)).is_ok() {
-                    stats.resumes.fetch_add(1, Relaxed);
-                }
-            }
-            if last_commit.elapsed() >= options.commit_interval {
-                last_commit = Instant::now();
-                if let Some(tpl) = st.commit_list(None, false) {
-                    match consumer.commit(&tpl, CommitMode::Async) {
-                        Ok(()) => {
-                            stats.commits.fetch_add(1, Relaxed);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "Async commit failed.");
-                            // Not sent: send these points again next interval,
-                            // even if they have not moved by then.
-                            for el in tpl.elements() {
-                                if let Some(p) =
-                                    st.parts.get_mut(&(Arc::from(el.topic()), el.partition()))
-                                {
-                                    p.committed = None;
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Take a burst of what librdkafka already holds (poll(0) does not wait),
-        // so the state lock and the workers' wake-ups are paid once per burst.
-        let mut burst = Vec::with_capacity(BURST);
-        // Stashed messages wait for queue space, which the workers free within
-        // microseconds: a long wait in `poll` (nothing arrives while partitions
-        // are paused) would leave the queues empty and the consumer idle.
-        let mut wait = if stashed {
-            STASHED_POLL_INTERVAL
-        } else {
-            options.poll_interval
-        };
-        while burst.len() < BURST {
-            match consumer.poll(wait) {
-                Some(Ok(m)) => burst.push(m),
-                Some(Err(e)) => tracing::warn!(error = %e, "Poll error."),
-                None => break,
-            }
-            wait = Duration::ZERO;
-        }
-        if burst.is_empty() {
-            continue;
-        }
-        stats.polled.fetch_add(burst.len() as u64, Relaxed);
-        let Ok(mut st) = ctx.state.lock() else {
-            break Ok(());
-        };
-        let State {
-            parts,
-            stashed_bytes,
-            ..
-        } = &mut *st;
-        let mut to_pause = Vec::new();
-        for m in burst {
-            // Looked up by `&str` first: no allocation per message.
-            let topic = match topic_names.get(m.topic()) {
-                Some(t) => Arc::clone(t),
-                None => {
-                    let t: Arc<str> = Arc::from(m.topic());
-                    topic_names.insert(m.topic().to_owned(), Arc::clone(&t));
-                    t
-                }
-            };
-            let Some(p) = parts.get_mut(&(Arc::clone(&topic), m.partition())) else {
-                // A message for a partition we no longer own: the new owner reads it.
-                continue;
-            };
-            let msg = Message {
-                payload: m.payload().map(<[u8]>::to_vec),
-                key: m.key().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_owned(),
-                                    h.value.map(<[u8]>::to_vec).unwrap_or_default(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default(),
-                topic,
-                partition: m.partition(),
-                offset: m.offset(),
-                timestamp: m.timestamp().to_millis(),
-                epoch: p.epoch,
-                shared: Arc::clone(&p.shared),
-            };
-            drop(m);
-            if p.paused || !p.stash.is_empty() || p.tracker.tracked() >= options.max_tracked {
-                // Behind earlier stashed messages of its partition: order holds.
-                stash(p, msg, stashed_bytes, &options, &mut to_pause);
-                continue;
-            }
-            let q = queue_for(&options, &msg, seq);
-            seq += 1;
-            let offset = msg.offset;
-            match senders[q].try_send(msg) {
-                Ok(()) => {
-                    let _ = p.tracker.dispatched(offset);
-                    stats.dispatched.fetch_add(1, Relaxed);
-                }
-                Err(TrySendError::Full(msg)) => {
-                    stash(p, msg, stashed_bytes, &options, &mut to_pause);
-                }
-                Err(TrySendError::Disconnected(msg)) => {
-                    // Kept in its stash, never dispatched: the commit point cannot
-                    // pass it, whatever later offsets other queues finish.
-                    stash(p, msg, stashed_bytes, &options, &mut to_pause);
-                    worker_stopped.get_or_insert(q);
-                }
-            }
-        }
-        stats
-            .max_stashed_bytes
-            .fetch_max(*stashed_bytes as u64, Relaxed);
-        drop(st);
-        stats
-            .max_queue_len
-            .fetch_max(queue_len_max(&senders) as u64, Relaxed);
-        for (t, part) in to_pause {
-            if consumer.pause(&tpl_of(&t, part)).is_ok() {
-                stats.pauses.fetch_add(1, Relaxed);
-            }
-        }
-    };
-    shutdown(&consumer, senders, &options);
-    result
-}
-
-/// What a stashed message counts against [`SourceOptions::stash_budget`].
-fn stash_cost(msg: &Message) -> usize {
-    const BOOKKEEPING: usize = 128;
-    msg.payload.as_ref().map_or(0, Vec::len) + msg.key.as_ref().map_or(0, Vec::len) + BOOKKEEPING
-}
-
-/// Holds `msg` back until its queue has room. A momentarily full queue is absorbed
-/// here; its partition pauses (which drops librdkafka's prefetched messages and
-/// refetches them on resume) only once the stashes are over their budget.
-fn stash(
-    p: &mut Part,
-    msg: Message,
-    stashed_bytes: &mut usize,
-    options: &SourceOptions,
-    to_pause: &mut Vec<(Arc<str>, i32)>,
-) {
-    let cost = stash_cost(&msg);
-    let over =
-        *stashed_bytes + cost > options.stash_budget || p.tracker.tracked() >= options.max_tracked;
-    if !p.paused && over {
-        to_pause.push((Arc::clone(&msg.topic), msg.partition));
-        p.paused = true;
+    /// The offsets last committed (sent) per partition: `(topic, partition,
+    /// next offset to read)`.
+    pub fn committed(&self) -> Vec<(Arc<str>, i32, i64)> {
+        self.committed.lock().map(|c| c.clone()).unwrap_or_default()
     }
-    *stashed_bytes += cost;
-    p.stash.push_back(msg);
 }
 
-fn queue_for(options: &SourceOptions, msg: &Message, seq: u64) -> usize {
-    queue_index(
-        options.ordering,
-        options.queues,
-        fnv1a(msg.topic.as_bytes()),
-        msg.partition,
-        msg.key.as_deref(),
-        seq,
-    )
-}
-
-/// Stop fetching, let the workers finish what is queued (up to the drain timeout),
-/// commit synchronously, close the queues, and leave the group.
-fn shutdown(
-    consumer: &BaseConsumer<Context>,
-    senders: Vec<Sender<Message>>,
-    options: &SourceOptions,
-) {
-    if let Ok(assignment) = consumer.assignment() {
-        let _ = consumer.pause(&assignment);
-    }
-    // Closing the queues lets workers run to the end of what they hold.
-    drop(senders);
-    let ctx = consumer.context();
-    let deadline = Instant::now() + options.drain_timeout;
-    if let Ok(mut st) = ctx.state.lock() {
-        for p in st.parts.values_mut() {
-            p.stash.clear();
-        }
-        st.stashed_bytes = 0;
-        st.drain_in_flight(deadline, |_| true);
-        if let Some(tpl) = st.commit_list(None, true) {
-            // A rebalance in progress (another member leaving) refuses commits for a
-            // moment: try a few times before leaving the replay to the next owner.
-            for attempt in 1..=3 {
-                match consumer.commit(&tpl, CommitMode::Sync) {
-                    Ok(()) => break,
-                    Err(e) if attempt < 3 => {
-                        tracing::debug!(error = %e, attempt, "Final commit refused; retrying.");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Final commit failed."),
-                }
-            }
-        }
-        for p in st.parts.values() {
-            p.shared.current.fetch_add(1, Release);
-        }
-        st.parts.clear();
-    }
-    consumer.unsubscribe();
+/// The text of a panic payload.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".to_owned())
 }

@@ -1,47 +1,27 @@
-//! The dispatch stage: which events a pipeline handles, and which worker queue
-//! each goes to.
+//! The dispatch stage: which events a pipeline handles ([`TypeFilter`]), and what
+//! may run next ([`Ordering`], enforced by the lane scheduler in [`lanes`]).
+
+pub mod lanes;
 
 use std::fmt;
 
-/// How events are spread over the worker queues, and so what order is kept.
+/// What order handlers keep, at any concurrency (see [`lanes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Ordering {
-    /// In order within a partition (the default): a partition always maps to the
-    /// same queue, so its events are handled one after another.
+    /// In order within a partition (the default): at most one event of a
+    /// partition is in a handler at a time, in offset order.
     #[default]
     PerPartition,
-    /// In order within a message key: the same key always maps to the same queue;
-    /// different keys of one partition run in parallel.
+    /// In order within a message key: at most one event per key (compared by its
+    /// bytes, never by a hash) is in a handler at a time, in offset order within
+    /// the key; different keys of one partition run concurrently, and a slow or
+    /// failing key holds back only its own events. A message **without a key**
+    /// keeps its partition's order among the other keyless messages of that
+    /// partition (they share one lane).
     PerKey,
-    /// No order: events go round-robin to the queues.
+    /// No order: any event may run as soon as there is room under `max_in_flight`.
     Unordered,
-}
-
-/// The worker queue, among `queues` (at least 1), for a message under `ordering`.
-///
-/// `topic_hash` is any stable hash of the topic name ([`fnv1a`] of it, say); `seq`
-/// is a per-dispatcher counter, used for round-robin.
-pub fn queue_index(
-    ordering: Ordering,
-    queues: usize,
-    topic_hash: u64,
-    partition: i32,
-    key: Option<&[u8]>,
-    seq: u64,
-) -> usize {
-    debug_assert!(queues > 0);
-    let n = queues as u64;
-    let h = match ordering {
-        Ordering::PerPartition => mix(topic_hash ^ u64::from(partition as u32)),
-        // A message without a key has no key order to keep: keep its partition's.
-        Ordering::PerKey => match key {
-            Some(k) => fnv1a(k),
-            None => mix(topic_hash ^ u64::from(partition as u32)),
-        },
-        Ordering::Unordered => seq,
-    };
-    (h % n) as usize
 }
 
 /// FNV-1a, finalized: a fast, stable hash for short keys (XZepr keys are 26-byte ULIDs).
@@ -175,21 +155,5 @@ mod tests {
         assert!(f.accepts("deployment.started"));
         assert!(f.accepts("build.failed"));
         assert!(!f.accepts("build.completed"));
-    }
-
-    #[test]
-    fn per_partition_is_stable_and_per_key_spreads() {
-        for p in 0..64 {
-            let a = queue_index(Ordering::PerPartition, 4, 7, p, Some(b"k1"), 0);
-            let b = queue_index(Ordering::PerPartition, 4, 7, p, Some(b"k2"), 9);
-            assert_eq!(a, b);
-        }
-        let mut used = [false; 4];
-        for i in 0..64u32 {
-            let key = i.to_string();
-            used[queue_index(Ordering::PerKey, 4, 7, 0, Some(key.as_bytes()), 0)] = true;
-        }
-        assert!(used.iter().all(|&u| u));
-        assert_eq!(queue_index(Ordering::Unordered, 4, 0, 0, None, 6), 2);
     }
 }

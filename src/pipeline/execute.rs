@@ -1,0 +1,630 @@
+//! The execution stage: running the handler on each event of a job.
+//!
+//! - **Sync handlers** run on a pool of worker threads that all read one bounded
+//!   channel of jobs; each worker decodes in place with its own reusable
+//!   [`Decoder`] and handles the job's events in order.
+//! - **Async handlers** run as tokio tasks, one per job: up to `max_in_flight`
+//!   futures at once on the runtime, never a thread or a `block_on` per event.
+//!   Decoders come from a small pool, used only before the first `.await`.
+//!
+//! The scheduler in [`dispatch::lanes`](crate::dispatch::lanes) decides what may
+//! run; this stage only runs it. Every event goes through the same steps: stale
+//! check, decode, filter, `started`, handler (panics caught, timeout applied),
+//! terminal post, finish.
+
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use serde_json::Value;
+
+use super::complete::{
+    begin, begin_blocking, complete, complete_blocking, finish_now, malformed, Delivery,
+    MalformedPolicy, Outcome, SharedSink, WorkStart,
+};
+use crate::decode::{CloudEvent, Decoder, DecoderConfig};
+use crate::dispatch::TypeFilter;
+use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
+use crate::metrics::Metrics;
+use crate::source::{Batch, Executor};
+
+/// What every executor needs to handle an event.
+pub(crate) struct Shared {
+    pub(crate) filter: TypeFilter,
+    /// `Some(receiver id)`: skip events whose source is that receiver.
+    pub(crate) own_receiver: Option<String>,
+    pub(crate) lifecycle: Option<SharedSink>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) malformed: MalformedPolicy,
+    /// Past it an async handler is cancelled and its event fails with code
+    /// `timeout`; a sync handler cannot be cancelled (see the builder).
+    pub(crate) handler_timeout: Option<Duration>,
+}
+
+impl Shared {
+    /// Whether a decoded event goes to the handler; counts the reason when not.
+    fn wanted(&self, ev: &CloudEvent<'_>) -> bool {
+        if !self.filter.accepts(ev.event_type()) {
+            Metrics::add(&self.metrics.filtered, 1);
+            return false;
+        }
+        if let (Some(own), Some(src)) = (&self.own_receiver, ev.source_receiver_id()) {
+            if own == src {
+                Metrics::add(&self.metrics.own_skipped, 1);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Counts a delivery in, or drops it unhandled when its partition was revoked
+    /// after it was handed over (the new owner has it).
+    fn take<D: Delivery>(&self, delivery: &D) -> bool {
+        if !delivery.is_current() {
+            Metrics::add(&self.metrics.stale_dropped, 1);
+            return false;
+        }
+        Metrics::add(&self.metrics.consumed, 1);
+        true
+    }
+
+    fn timed_out(&self, after: Duration) -> HandlerError {
+        Metrics::add(&self.metrics.handler_timeouts, 1);
+        HandlerError::with_code(
+            format!("handler timed out after {} ms", after.as_millis()),
+            "timeout",
+        )
+    }
+}
+
+fn panicked() -> HandlerError {
+    HandlerError::with_code("handler panicked", "handler_panic")
+}
+
+/// Handles one event with a sync handler, on the calling thread.
+pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
+    delivery: D,
+    decoder: &mut Decoder,
+    handler: &H,
+    shared: &Shared,
+) {
+    let metrics = &shared.metrics;
+    if !shared.take(&delivery) {
+        return;
+    }
+    let headers = delivery.headers();
+    let ev = match decoder.decode_message(headers.iter().copied(), delivery.payload()) {
+        Ok(ev) => ev,
+        Err(e) => {
+            drop(headers);
+            malformed(delivery, &e, metrics, shared.malformed);
+            return;
+        }
+    };
+    if !shared.wanted(&ev) {
+        drop((ev, headers));
+        finish_now(delivery, metrics);
+        return;
+    }
+    let mut work = Work::new(
+        format!("work-{}", ev.id()),
+        delivery.topic_arc(),
+        delivery.partition(),
+        delivery.offset(),
+    );
+    let platform_id = ev.platform_id().unwrap_or_default().to_owned();
+    let sink = shared.lifecycle.as_ref();
+    // `started` goes to the reporter before the handler runs.
+    let pending = begin_blocking(
+        sink,
+        metrics,
+        &WorkStart {
+            work_id: work.id(),
+            platform_id: &platform_id,
+            event_id: ev.id(),
+            event_type: ev.event_type(),
+        },
+    );
+    let start = shared.handler_timeout.map(|t| (t, Instant::now()));
+    // The handler is user code: a panic fails this event, never the worker.
+    let mut result = catch_unwind(AssertUnwindSafe(|| handler.handle(&ev, &mut work)))
+        .unwrap_or_else(|_| Err(panicked()));
+    if let Some((limit, start)) = start {
+        let took = start.elapsed();
+        if took > limit {
+            // It cannot be cancelled; its outcome stands, but the overrun is
+            // counted and logged, and a success is reported as a timeout like
+            // an async handler's would be.
+            let err = shared.timed_out(limit);
+            tracing::warn!(
+                topic = delivery.topic(),
+                partition = delivery.partition(),
+                offset = delivery.offset(),
+                took_ms = took.as_millis() as u64,
+                "Sync handler ran past its timeout."
+            );
+            if result.is_ok() {
+                result = Err(err);
+            }
+        }
+    }
+    drop((ev, headers));
+    let details = Value::Object(std::mem::take(&mut work.details));
+    complete_blocking(
+        sink,
+        metrics,
+        pending,
+        delivery,
+        Outcome {
+            work_id: work.id,
+            platform_id,
+            result,
+            details,
+        },
+    );
+}
+
+/// Polls a future, turning a panic into `Err`: a handler's bug fails its
+/// event, never the task that runs the lane.
+struct CatchUnwind<F>(F);
+
+impl<F: Future + Unpin> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let inner = &mut self.0;
+        match catch_unwind(AssertUnwindSafe(|| Pin::new(&mut *inner).poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}
+
+/// Decoders for the async path, reused across tasks: each is taken for the
+/// synchronous decode step only, so a handful serve any number of tasks.
+pub(crate) struct DecoderPool {
+    config: DecoderConfig,
+    tx: Sender<Decoder>,
+    rx: Receiver<Decoder>,
+}
+
+impl DecoderPool {
+    /// Most idle decoders kept; more are made when needed, and dropped after.
+    const KEPT: usize = 16;
+
+    pub(crate) fn new(config: DecoderConfig) -> Self {
+        let (tx, rx) = crossbeam_channel::bounded(Self::KEPT);
+        DecoderPool { config, tx, rx }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Decoder) -> R) -> Result<R, crate::decode::Error> {
+        let mut decoder = match self.rx.try_recv() {
+            Ok(d) => d,
+            Err(_) => Decoder::new(self.config.clone())?,
+        };
+        let r = f(&mut decoder);
+        let _ = self.tx.try_send(decoder);
+        Ok(r)
+    }
+}
+
+/// Handles one event with an async handler.
+pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
+    delivery: D,
+    handler: &H,
+    shared: &Shared,
+    decoders: &DecoderPool,
+) {
+    let metrics = &shared.metrics;
+    if !shared.take(&delivery) {
+        return;
+    }
+    // Decode and own the event before the first await: the decoder goes back
+    // to the pool at once.
+    let decoded = decoders
+        .with(|decoder| {
+            let headers = delivery.headers();
+            decoder
+                .decode_message(headers.iter().copied(), delivery.payload())
+                .and_then(|ev| {
+                    if shared.wanted(&ev) {
+                        ev.to_owned_message().map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                })
+        })
+        .and_then(|r| r);
+    let message = match decoded {
+        Ok(Some(m)) => m,
+        Ok(None) => {
+            finish_now(delivery, metrics);
+            return;
+        }
+        Err(e) => {
+            malformed(delivery, &e, metrics, shared.malformed);
+            return;
+        }
+    };
+    let work = Work::new(
+        format!("work-{}", message.id),
+        delivery.topic_arc(),
+        delivery.partition(),
+        delivery.offset(),
+    );
+    let platform_id = message.platform_id.clone();
+    let sink = shared.lifecycle.as_ref();
+    let pending = begin(
+        sink,
+        metrics,
+        &WorkStart {
+            work_id: work.id(),
+            platform_id: &platform_id,
+            event_id: &message.id,
+            event_type: &message.event_type,
+        },
+    )
+    .await;
+    let result = run_handler(handler, message, &work, shared).await;
+    let (result, details) = match result {
+        Ok(details) => (Ok(()), details),
+        Err(e) => (Err(e), Value::Object(Default::default())),
+    };
+    complete(
+        sink,
+        metrics,
+        pending,
+        delivery,
+        Outcome {
+            work_id: work.id,
+            platform_id,
+            result,
+            details,
+        },
+    )
+    .await;
+}
+
+/// The handler's future, with panics caught and the timeout applied.
+async fn run_handler<H: AsyncHandler + ?Sized>(
+    handler: &H,
+    message: crate::decode::CloudEventMessage,
+    work: &Work,
+    shared: &Shared,
+) -> Result<Value, HandlerError> {
+    // A panic while building the future fails the event too.
+    let Ok(fut) = catch_unwind(AssertUnwindSafe(|| handler.handle(message, work.info()))) else {
+        return Err(panicked());
+    };
+    let fut = CatchUnwind(fut);
+    let ran = match shared.handler_timeout {
+        // Dropping the future on timeout cancels the handler's work.
+        Some(limit) => match tokio::time::timeout(limit, fut).await {
+            Ok(ran) => ran,
+            Err(_) => return Err(shared.timed_out(limit)),
+        },
+        None => fut.await,
+    };
+    ran.unwrap_or_else(|()| Err(panicked()))
+}
+
+/// Runs a job's events in order, then drops the batch (releasing the lane).
+/// Cancelled at its partition's drain deadline: what has not finished is held.
+async fn run_batch<H: AsyncHandler + ?Sized>(
+    mut batch: Batch,
+    handler: Arc<H>,
+    shared: Arc<Shared>,
+    decoders: Arc<DecoderPool>,
+) {
+    let Some(cancel) = batch.cancellation() else {
+        return;
+    };
+    let run = async {
+        while let Some(message) = batch.next() {
+            handle_async(message, &*handler, &shared, &decoders).await;
+        }
+    };
+    tokio::select! {
+        biased;
+        () = cancel.cancelled() => {}
+        () = run => {}
+    }
+}
+
+/// Async handlers: a tokio task per job.
+pub(crate) struct AsyncExecutor<H: ?Sized> {
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) handler: Arc<H>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) decoders: Arc<DecoderPool>,
+}
+
+impl<H: AsyncHandler + ?Sized> Executor for AsyncExecutor<H> {
+    fn execute(&self, batch: Batch) -> Result<(), Batch> {
+        // A runtime that is shutting down drops the task, and with it the batch:
+        // its messages are held and its lane released.
+        self.runtime.spawn(run_batch(
+            batch,
+            Arc::clone(&self.handler),
+            Arc::clone(&self.shared),
+            Arc::clone(&self.decoders),
+        ));
+        Ok(())
+    }
+}
+
+/// Sync handlers: jobs go to one channel read by every worker thread.
+pub(crate) struct SyncExecutor(pub(crate) Sender<Batch>);
+
+impl Executor for SyncExecutor {
+    fn execute(&self, batch: Batch) -> Result<(), Batch> {
+        self.0.try_send(batch).map_err(|e| e.into_inner())
+    }
+}
+
+/// A worker thread's loop: jobs until the channel closes and is empty.
+pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
+    jobs: Receiver<Batch>,
+    mut decoder: Decoder,
+    handler: Arc<H>,
+    shared: Arc<Shared>,
+) {
+    for batch in jobs {
+        for message in batch {
+            handle_sync(message, &mut decoder, &*handler, &shared);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::complete::{AckFn, Lifecycle, LifecycleSink, Status};
+    use super::*;
+    use crate::handler::BoxFuture;
+    use serde_json::json;
+    use std::sync::Mutex as StdMutex;
+
+    struct TestDelivery {
+        offset: i64,
+        payload: Vec<u8>,
+        finished: Arc<StdMutex<Vec<(i64, bool)>>>,
+    }
+
+    impl Delivery for TestDelivery {
+        fn topic(&self) -> &str {
+            "t"
+        }
+        fn topic_arc(&self) -> Arc<str> {
+            Arc::from("t")
+        }
+        fn partition(&self) -> i32 {
+            0
+        }
+        fn offset(&self) -> i64 {
+            self.offset
+        }
+        fn payload(&self) -> Option<&[u8]> {
+            Some(&self.payload)
+        }
+        fn headers(&self) -> Vec<(&str, &[u8])> {
+            Vec::new()
+        }
+        fn finish(self) {
+            self.finished.lock().unwrap().push((self.offset, true));
+        }
+        fn hold(self) {
+            self.finished.lock().unwrap().push((self.offset, false));
+        }
+    }
+
+    /// Holds acks until released, to prove an offset waits for its posts.
+    #[derive(Default)]
+    struct HeldSink {
+        held: StdMutex<Vec<(Lifecycle, AckFn)>>,
+    }
+
+    impl LifecycleSink for HeldSink {
+        fn submit_blocking(&self, record: Lifecycle, ack: AckFn) {
+            self.held.lock().unwrap().push((record, ack));
+        }
+        fn submit(&self, record: Lifecycle, ack: AckFn) -> BoxFuture<()> {
+            self.submit_blocking(record, ack);
+            Box::pin(async {})
+        }
+    }
+
+    fn event(ty: &str, source: &str) -> Vec<u8> {
+        format!(r#"{{"id":"e1","source":"{source}","specversion":"1.0.1","type":"{ty}","platform_id":"linux"}}"#)
+            .into_bytes()
+    }
+
+    fn shared(sink: Option<Arc<HeldSink>>, filter: TypeFilter, policy: MalformedPolicy) -> Shared {
+        Shared {
+            filter,
+            own_receiver: Some("ME".to_owned()),
+            lifecycle: sink.map(|s| s as SharedSink),
+            metrics: Arc::new(Metrics::default()),
+            malformed: policy,
+            handler_timeout: None,
+        }
+    }
+
+    type Finished = Arc<StdMutex<Vec<(i64, bool)>>>;
+
+    fn deliveries(payloads: Vec<Vec<u8>>) -> (Vec<TestDelivery>, Finished) {
+        let finished = Arc::new(StdMutex::new(Vec::new()));
+        let ds = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| TestDelivery {
+                offset: i as i64,
+                payload,
+                finished: Arc::clone(&finished),
+            })
+            .collect();
+        (ds, finished)
+    }
+
+    fn run_sync(payloads: Vec<Vec<u8>>, shared: &Shared) -> Finished {
+        let handler = |ev: &CloudEvent<'_>, work: &mut Work| -> Result<(), String> {
+            work.detail("seen", ev.event_type());
+            match ev.event_type() {
+                "fail" => Err("it failed".to_owned()),
+                "panic" => panic!("handler bug"),
+                _ => Ok(()),
+            }
+        };
+        let mut decoder = Decoder::new(DecoderConfig::default()).unwrap();
+        let (ds, finished) = deliveries(payloads);
+        for d in ds {
+            handle_sync(d, &mut decoder, &handler, shared);
+        }
+        finished
+    }
+
+    fn done(f: &Finished) -> Vec<i64> {
+        let mut v: Vec<i64> = f
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|x| x.1)
+            .map(|x| x.0)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn offsets_finish_only_after_both_posts_are_acknowledged() {
+        let sink = Arc::new(HeldSink::default());
+        let sh = shared(
+            Some(Arc::clone(&sink)),
+            TypeFilter::any(),
+            MalformedPolicy::Skip,
+        );
+        let finished = run_sync(vec![event("ok", "x"), event("fail", "x")], &sh);
+        assert!(
+            finished.lock().unwrap().is_empty(),
+            "finished before any ack"
+        );
+        let held: Vec<_> = std::mem::take(&mut *sink.held.lock().unwrap());
+        let statuses: Vec<_> = held.iter().map(|(r, _)| r.status).collect();
+        assert_eq!(
+            statuses,
+            [
+                Status::Started,
+                Status::Completed,
+                Status::Started,
+                Status::Failed
+            ]
+        );
+        assert_eq!(held[1].0.details, json!({"seen": "ok"}));
+        assert_eq!(
+            held[3].0.error,
+            Some(("it failed".to_owned(), "handler_error".to_owned()))
+        );
+        let mut acks = held.into_iter().map(|(_, a)| a);
+        // Ack the first event's completed before its started: order does not matter.
+        let (a0, a1) = (acks.next().unwrap(), acks.next().unwrap());
+        a1(true);
+        assert!(finished.lock().unwrap().is_empty());
+        a0(true);
+        assert_eq!(*finished.lock().unwrap(), vec![(0, true)]);
+        // A post that exhausted its retries holds its offset.
+        acks.next().unwrap()(true);
+        acks.next().unwrap()(false);
+        assert_eq!(*finished.lock().unwrap(), vec![(0, true), (1, false)]);
+        let m = sh.metrics.snapshot();
+        assert_eq!(
+            (m.handled, m.handler_failed, m.report_failed, m.finished),
+            (2, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn filtered_own_and_malformed_finish_at_once_and_panics_fail() {
+        let sink = Arc::new(HeldSink::default());
+        let filter = TypeFilter::any().prefix("deployment.").prefix("panic");
+        let sh = shared(Some(Arc::clone(&sink)), filter, MalformedPolicy::Skip);
+        let payloads = vec![
+            event("deployment.x", "xzepr.event.receiver.OTHER"),
+            event("other.type", "x"),
+            event("deployment.y", "xzepr.event.receiver.ME"),
+            b"{not json".to_vec(),
+            event("panic", "x"),
+        ];
+        let finished = run_sync(payloads, &sh);
+        assert_eq!(done(&finished), vec![1, 2, 3]);
+        let m = sh.metrics.snapshot();
+        assert_eq!(
+            (m.filtered, m.own_skipped, m.malformed, m.handler_failed),
+            (1, 1, 1, 1)
+        );
+        let held = std::mem::take(&mut *sink.held.lock().unwrap());
+        assert_eq!(held.len(), 4);
+        assert_eq!(held[3].0.error.as_ref().unwrap().1, "handler_panic");
+        for (_, ack) in held {
+            ack(true);
+        }
+        assert_eq!(done(&finished), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn the_hold_policy_holds_a_malformed_offset() {
+        let sh = shared(None, TypeFilter::any(), MalformedPolicy::Hold);
+        let finished = run_sync(vec![b"{broken".to_vec(), event("ok", "x")], &sh);
+        assert_eq!(*finished.lock().unwrap(), vec![(0, false), (1, true)]);
+        assert_eq!(sh.metrics.snapshot().malformed, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_async_handler_past_its_timeout_fails_with_code_timeout_and_panics_fail() {
+        let sink = Arc::new(HeldSink::default());
+        let mut sh = shared(
+            Some(Arc::clone(&sink)),
+            TypeFilter::any(),
+            MalformedPolicy::Skip,
+        );
+        sh.handler_timeout = Some(Duration::from_millis(100));
+        let handler = |m: crate::decode::CloudEventMessage, _info: crate::handler::WorkInfo| async move {
+            match m.event_type.as_str() {
+                "slow" => tokio::time::sleep(Duration::from_secs(3600)).await,
+                "panic" => panic!("async handler bug"),
+                _ => {}
+            }
+            Ok::<_, String>(json!({"ok": true}))
+        };
+        let pool = DecoderPool::new(DecoderConfig::default());
+        let (ds, finished) = deliveries(vec![
+            event("slow", "x"),
+            event("panic", "x"),
+            event("fine", "x"),
+        ]);
+        for d in ds {
+            handle_async(d, &handler, &sh, &pool).await;
+        }
+        let held = std::mem::take(&mut *sink.held.lock().unwrap());
+        let terminal: Vec<_> = held
+            .iter()
+            .filter(|(r, _)| r.status != Status::Started)
+            .map(|(r, _)| (r.status, r.error.as_ref().map(|e| e.1.clone())))
+            .collect();
+        assert_eq!(
+            terminal,
+            [
+                (Status::Failed, Some("timeout".to_owned())),
+                (Status::Failed, Some("handler_panic".to_owned())),
+                (Status::Completed, None)
+            ]
+        );
+        for (_, ack) in held {
+            ack(true);
+        }
+        assert_eq!(done(&finished), vec![0, 1, 2]);
+        assert_eq!(sh.metrics.snapshot().handler_timeouts, 1);
+    }
+}

@@ -1,0 +1,738 @@
+//! The poll thread: its loop in named steps, and the rebalance callbacks that
+//! share its state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{
+    AtomicBool, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::{
+    Batch, Completion, Executor, Message, PartShared, SourceError, SourceHandle, SourceOptions,
+    SourceStats,
+};
+use crate::config::KafkaConsumerConfig;
+use crate::dispatch::lanes::{Job, Scheduler};
+use crate::offsets::PartitionTracker;
+
+/// Called on the poll thread around rebalances (the handler's `on_assign` and
+/// `on_revoke`).
+pub(crate) trait RebalanceHooks: Send + Sync + 'static {
+    /// After partitions were assigned.
+    fn assigned(&self, partitions: &[(String, i32)]);
+    /// Before partitions are revoked, after their running work drained (or the
+    /// drain deadline passed) and their commit point was committed.
+    fn revoked(&self, partitions: &[(String, i32)]);
+}
+
+/// Most messages taken from librdkafka per lock of the shared state.
+const BURST: usize = 64;
+
+/// Longest wait for a completion while jobs run and Kafka has nothing new: a
+/// released lane's next batch starts as soon as the release arrives, and new
+/// messages wait at most this long.
+const COMPLETION_WAIT: Duration = Duration::from_millis(1);
+
+/// One assigned partition, as the poll thread sees it.
+struct Part {
+    tracker: PartitionTracker,
+    /// Unique per assignment; also the partition's id in the scheduler.
+    epoch: u64,
+    shared: Arc<PartShared>,
+    paused: bool,
+    committed: Option<i64>,
+}
+
+/// A fast hasher for the `(topic, partition)` keys looked up once per message;
+/// the keys come from the broker's assignment, not from an attacker.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_i32(&mut self, i: i32) {
+        self.0 =
+            (self.0.rotate_left(5) ^ u64::from(i as u32)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type PartKey = (Arc<str>, i32);
+type PartMap = HashMap<PartKey, Part, std::hash::BuildHasherDefault<KeyHasher>>;
+
+/// What the poll thread and the rebalance callbacks share.
+struct State {
+    parts: PartMap,
+    sched: Scheduler<Message>,
+    /// `None` once the source is stopping: jobs made ready then are dropped
+    /// (their messages held).
+    executor: Option<Box<dyn Executor>>,
+    executor_gone: bool,
+    /// Jobs the scheduler made ready, handed over by [`State::run_ready`].
+    ready: Vec<Job<Message>>,
+    completions: Receiver<Completion>,
+    /// Cloned into each partition's shared state and each batch.
+    done: Sender<Completion>,
+    epochs: u64,
+    stats: Arc<SourceStats>,
+    committed: Arc<Mutex<Vec<(Arc<str>, i32, i64)>>>,
+}
+
+impl State {
+    fn apply(&mut self, c: Completion) {
+        match c {
+            Completion::Offset {
+                topic,
+                partition,
+                offset,
+                epoch,
+                held,
+            } => {
+                if let Some(p) = self.parts.get_mut(&(topic, partition)) {
+                    if p.epoch == epoch {
+                        if held {
+                            p.tracker.hold(offset);
+                        } else {
+                            p.tracker.finished(offset);
+                        }
+                    }
+                }
+            }
+            Completion::Release(lane) => {
+                self.sched.release(lane, &mut self.ready);
+            }
+        }
+    }
+
+    /// Applies every completion waiting, then hands over what they made ready.
+    fn drain_completions(&mut self) {
+        while let Ok(c) = self.completions.try_recv() {
+            self.apply(c);
+        }
+        self.run_ready();
+    }
+
+    /// Hands the ready jobs to the executor.
+    fn run_ready(&mut self) {
+        for job in self.ready.drain(..) {
+            let n = job.items.len() as u64;
+            let batch = Batch {
+                items: job.items.into(),
+                lane: job.lane,
+                done: self.done.clone(),
+            };
+            let Some(executor) = &self.executor else {
+                continue;
+            };
+            match executor.execute(batch) {
+                Ok(()) => {
+                    self.stats.dispatched.fetch_add(n, Relaxed);
+                    self.stats.jobs.fetch_add(1, Relaxed);
+                }
+                // Dropped: its messages are held, so the commit point cannot pass them.
+                Err(_) => self.executor_gone = true,
+            }
+        }
+    }
+
+    /// Applies completions until no partition picked by `relevant` has work in
+    /// flight, or `deadline` passes (waiting on the channel, not sleeping).
+    fn drain_in_flight(&mut self, deadline: Instant, relevant: impl Fn(&PartKey) -> bool) {
+        loop {
+            self.drain_completions();
+            let busy = self
+                .parts
+                .iter()
+                .any(|(key, p)| relevant(key) && p.tracker.in_flight() > 0);
+            if !busy || Instant::now() >= deadline {
+                return;
+            }
+            if let Ok(c) = self.completions.recv_timeout(Duration::from_millis(5)) {
+                self.apply(c);
+            }
+        }
+    }
+
+    /// Takes the waiting messages of the partitions picked by `relevant` out of
+    /// their lanes; dropped, they are held (never started here).
+    fn drop_waiting(&mut self, relevant: impl Fn(&PartKey) -> bool) {
+        let epochs: Vec<u64> = self
+            .parts
+            .iter()
+            .filter(|(k, _)| relevant(k))
+            .map(|(_, p)| p.epoch)
+            .collect();
+        for epoch in epochs {
+            drop(self.sched.take_waiting(epoch));
+        }
+    }
+
+    /// Commit points as a TPL: those that moved since the last commit, or with
+    /// `force` every one (revoke and shutdown must not trust an async commit that
+    /// may still be in flight or may have failed).
+    fn commit_list(&mut self, only: Option<&[PartKey]>, force: bool) -> Option<TopicPartitionList> {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), p) in &mut self.parts {
+            if only.is_some_and(|o| !o.iter().any(|(t, q)| t == topic && q == partition)) {
+                continue;
+            }
+            if let Some(point) = p.tracker.commit_point() {
+                if force || p.committed != Some(point) {
+                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(point));
+                    p.committed = Some(point);
+                }
+            }
+        }
+        (tpl.count() > 0).then_some(tpl)
+    }
+
+    /// Publishes the committed points for [`SourceHandle::committed`].
+    fn publish_committed(&self) {
+        if let Ok(mut c) = self.committed.lock() {
+            c.clear();
+            c.extend(
+                self.parts
+                    .iter()
+                    .filter_map(|((t, p), part)| part.committed.map(|o| (Arc::clone(t), *p, o))),
+            );
+        }
+    }
+
+    /// Forgets the commit points of `tpl` (an async commit not sent or refused),
+    /// so the next round sends them again even if they have not moved.
+    fn forget_committed(&mut self, tpl: &TopicPartitionList) {
+        for el in tpl.elements() {
+            if let Some(p) = self.parts.get_mut(&(Arc::from(el.topic()), el.partition())) {
+                p.committed = None;
+            }
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let s = &self.stats;
+        s.in_flight.store(self.sched.in_flight() as u64, Relaxed);
+        s.peak_in_flight
+            .store(self.sched.peak_in_flight() as u64, Relaxed);
+        s.buffered_bytes
+            .store(self.sched.buffered_bytes() as u64, Relaxed);
+        s.peak_buffered_bytes
+            .store(self.sched.peak_buffered_bytes() as u64, Relaxed);
+        s.lanes.store(self.sched.lanes() as u64, Relaxed);
+    }
+}
+
+fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+/// Our `ConsumerContext`: rebalances drain and commit; errors are recorded.
+struct Context {
+    hooks: Option<Arc<dyn RebalanceHooks>>,
+    state: Mutex<State>,
+    drain_timeout: Duration,
+    fatal: Mutex<Option<SourceError>>,
+    stats: Arc<SourceStats>,
+}
+
+impl ClientContext for Context {
+    fn error(&self, error: KafkaError, reason: &str) {
+        let auth = matches!(
+            error.rdkafka_error_code(),
+            Some(rdkafka::types::RDKafkaErrorCode::Authentication)
+                | Some(rdkafka::types::RDKafkaErrorCode::SaslAuthenticationFailed)
+        ) || reason.contains("SASL authentication error")
+            || reason.contains("Authentication failed");
+        if auth {
+            tracing::error!(%error, reason, "Kafka authentication failed.");
+            if let Ok(mut f) = self.fatal.lock() {
+                f.get_or_insert(SourceError::Authentication {
+                    reason: reason.to_owned(),
+                });
+            }
+        } else {
+            tracing::warn!(%error, reason, "Kafka client error.");
+        }
+    }
+}
+
+impl ConsumerContext for Context {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        let Err(e) = result else { return };
+        tracing::debug!(error = %e, "Commit failed; retrying at the next interval.");
+        // `try_lock`: a sync commit made under the lock may report here.
+        if let Ok(mut st) = self.state.try_lock() {
+            st.forget_committed(offsets);
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked: Vec<PartKey> = tpl
+                .elements()
+                .iter()
+                .map(|e| (Arc::from(e.topic()), e.partition()))
+                .collect();
+            self.revoke(consumer, &revoked);
+            if let Some(hooks) = &self.hooks {
+                hooks.revoked(&owned_partitions(tpl));
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let Ok(mut st) = self.state.lock() else {
+                return;
+            };
+            for e in tpl.elements() {
+                st.epochs += 1;
+                let epoch = st.epochs;
+                let key = (Arc::from(e.topic()), e.partition());
+                let shared = Arc::new(PartShared {
+                    current: AtomicU64::new(epoch),
+                    done: st.done.clone(),
+                    cancel: tokio_util::sync::CancellationToken::new(),
+                });
+                // librdkafka resumes assigned partitions from the committed offsets.
+                st.parts.insert(
+                    key,
+                    Part {
+                        tracker: PartitionTracker::new(),
+                        epoch,
+                        shared,
+                        paused: false,
+                        committed: None,
+                    },
+                );
+            }
+            self.stats.assigned.store(st.parts.len() as u64, Relaxed);
+            drop(st);
+            tracing::debug!(partitions = tpl.count(), "Partitions assigned.");
+            if let Some(hooks) = &self.hooks {
+                hooks.assigned(&owned_partitions(tpl));
+            }
+        }
+    }
+}
+
+impl Context {
+    /// Drops the revoked partitions' waiting messages, drains their running work
+    /// (up to the deadline), commits their contiguous points synchronously,
+    /// cancels what still runs and marks it stale.
+    fn revoke(&self, consumer: &BaseConsumer<Self>, revoked: &[PartKey]) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        let deadline = Instant::now() + self.drain_timeout;
+        st.drop_waiting(|key| revoked.contains(key));
+        st.drain_in_flight(deadline, |key| revoked.contains(key));
+        if let Some(tpl) = st.commit_list(Some(revoked), true) {
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                // librdkafka's mock broker refuses commits while the group prepares
+                // a rebalance (a real broker accepts them from the current
+                // generation): the last async commit stands, and more is replayed.
+                self.stats.revoke_commit_failures.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "Commit on revoke failed.");
+            } else {
+                self.stats.commits.fetch_add(1, Relaxed);
+            }
+        }
+        st.publish_committed();
+        for key in revoked {
+            if let Some(p) = st.parts.remove(key) {
+                retire(&p);
+                let mut ready = std::mem::take(&mut st.ready);
+                drop(st.sched.remove_part(p.epoch, &mut ready));
+                st.ready = ready;
+            }
+        }
+        st.run_ready();
+        st.publish_gauges();
+        self.stats.assigned.store(st.parts.len() as u64, Relaxed);
+        tracing::debug!(partitions = revoked.len(), "Partitions revoked.");
+    }
+}
+
+/// A partition leaves this consumer: what it handed over is stale, and its
+/// async handlers still running past the drain are cancelled (their offsets
+/// stay unfinished; the next owner replays them).
+fn retire(p: &Part) {
+    p.shared.current.fetch_add(1, Release);
+    p.shared.cancel.cancel();
+}
+
+/// Creates the consumer, subscribes, and starts the poll thread.
+pub(super) fn start(
+    config: &KafkaConsumerConfig,
+    options: SourceOptions,
+    hooks: Option<Arc<dyn RebalanceHooks>>,
+    executor: Box<dyn Executor>,
+) -> Result<SourceHandle, SourceError> {
+    let client_config = config.to_client_config()?;
+    let (done_tx, done_rx) = crossbeam_channel::unbounded();
+    let stats = Arc::new(SourceStats::default());
+    let committed = Arc::new(Mutex::new(Vec::new()));
+    let context = Context {
+        hooks,
+        state: Mutex::new(State {
+            parts: PartMap::default(),
+            sched: Scheduler::new(options.ordering, options.max_in_flight, options.batch),
+            executor: Some(executor),
+            executor_gone: false,
+            ready: Vec::new(),
+            completions: done_rx,
+            done: done_tx,
+            epochs: 0,
+            stats: Arc::clone(&stats),
+            committed: Arc::clone(&committed),
+        }),
+        drain_timeout: options.drain_timeout,
+        fatal: Mutex::new(None),
+        stats: Arc::clone(&stats),
+    };
+    let consumer: BaseConsumer<Context> = client_config.create_with_context(context)?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("xzepr-poll".into())
+            .spawn(move || PollLoop::new(consumer, options, stop).run())?
+    };
+    Ok(SourceHandle {
+        stop,
+        stats,
+        committed,
+        thread: Arc::new(Mutex::new(Some(thread))),
+    })
+}
+
+/// The poll thread's own state between iterations.
+struct PollLoop {
+    consumer: BaseConsumer<Context>,
+    options: SourceOptions,
+    stop: Arc<AtomicBool>,
+    completions: Receiver<Completion>,
+    topic_names: HashMap<String, Arc<str>>,
+    last_commit: Instant,
+    to_pause: Vec<PartKey>,
+}
+
+impl PollLoop {
+    fn new(consumer: BaseConsumer<Context>, options: SourceOptions, stop: Arc<AtomicBool>) -> Self {
+        let completions = consumer
+            .context()
+            .state
+            .lock()
+            .map(|s| s.completions.clone())
+            .unwrap_or_else(|p| p.into_inner().completions.clone());
+        PollLoop {
+            consumer,
+            options,
+            stop,
+            completions,
+            topic_names: HashMap::new(),
+            last_commit: Instant::now(),
+            to_pause: Vec::new(),
+        }
+    }
+
+    fn run(mut self) -> Result<(), SourceError> {
+        let result = loop {
+            if let Some(end) = self.should_stop() {
+                break end;
+            }
+            // Completions, resumes and commits, between polls.
+            let busy = match self.between_polls() {
+                Some(busy) => busy,
+                None => break Ok(()),
+            };
+            let burst = poll_burst(&self.consumer, self.options.poll_interval, busy);
+            if burst.is_empty() {
+                if busy {
+                    self.wait_for_completion();
+                }
+                continue;
+            }
+            let routed = route(
+                &self.consumer,
+                &self.options,
+                &mut self.topic_names,
+                &mut self.to_pause,
+                burst,
+            );
+            if !routed {
+                break Ok(());
+            }
+            self.pause_marked();
+        };
+        self.shutdown();
+        result
+    }
+
+    /// `Some(result)` when the loop must end: asked to stop, a fatal client
+    /// error, or the executor gone.
+    fn should_stop(&self) -> Option<Result<(), SourceError>> {
+        let ctx = self.consumer.context();
+        if self.stop.load(Acquire) {
+            return Some(Ok(()));
+        }
+        if let Some(err) = ctx.fatal.lock().ok().and_then(|mut f| f.take()) {
+            return Some(Err(err));
+        }
+        if ctx.state.lock().map_or(true, |s| s.executor_gone) {
+            return Some(Err(SourceError::WorkerStopped));
+        }
+        None
+    }
+
+    /// Applies completions, resumes what may resume, commits on schedule.
+    /// Returns whether jobs are running (`None`: the state is poisoned).
+    fn between_polls(&mut self) -> Option<bool> {
+        let ctx = self.consumer.context();
+        let mut st = ctx.state.lock().ok()?;
+        st.drain_completions();
+        self.resume_ready(&mut st);
+        if self.last_commit.elapsed() >= self.options.commit_interval {
+            self.last_commit = Instant::now();
+            self.commit_async(&mut st);
+        }
+        st.publish_gauges();
+        Some(st.sched.in_flight() > 0)
+    }
+
+    fn resume_ready(&self, st: &mut State) {
+        let o = &self.options;
+        let room = st.sched.buffered_bytes() <= o.buffer_budget / 2
+            && st.sched.buffered() <= o.max_buffered / 2;
+        if !room {
+            return;
+        }
+        for ((topic, partition), p) in &mut st.parts {
+            if p.paused && p.tracker.tracked() < o.max_tracked {
+                p.paused = false;
+                if self.consumer.resume(&tpl_of(topic, *partition)).is_ok() {
+                    st.stats.resumes.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+
+    fn commit_async(&self, st: &mut State) {
+        let Some(tpl) = st.commit_list(None, false) else {
+            return;
+        };
+        match self.consumer.commit(&tpl, CommitMode::Async) {
+            Ok(()) => {
+                st.stats.commits.fetch_add(1, Relaxed);
+                st.publish_committed();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Async commit failed.");
+                st.forget_committed(&tpl);
+            }
+        }
+    }
+
+    /// Nothing new from Kafka while jobs run: wait for the next release (or
+    /// finish) and apply it, so a lane's next batch starts at once.
+    fn wait_for_completion(&self) {
+        if let Ok(c) = self.completions.recv_timeout(COMPLETION_WAIT) {
+            if let Ok(mut st) = self.consumer.context().state.lock() {
+                st.apply(c);
+                st.drain_completions();
+            }
+        }
+    }
+
+    fn pause_marked(&mut self) {
+        let stats = &self.consumer.context().stats;
+        for (topic, partition) in self.to_pause.drain(..) {
+            if self.consumer.pause(&tpl_of(&topic, partition)).is_ok() {
+                stats.pauses.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Stop fetching, drop what waits in lanes, let running work finish (up to
+    /// the drain timeout), commit synchronously, cancel the rest, and leave the
+    /// group.
+    fn shutdown(&self) {
+        let consumer = &self.consumer;
+        if let Ok(assignment) = consumer.assignment() {
+            let _ = consumer.pause(&assignment);
+        }
+        let ctx = consumer.context();
+        let deadline = Instant::now() + self.options.drain_timeout;
+        let Ok(mut st) = ctx.state.lock() else {
+            consumer.unsubscribe();
+            return;
+        };
+        // No new jobs from here on; a sync executor's workers end once they have
+        // run what they hold.
+        st.executor = None;
+        st.drop_waiting(|_| true);
+        st.drain_in_flight(deadline, |_| true);
+        if let Some(tpl) = st.commit_list(None, true) {
+            // A rebalance in progress (another member leaving) refuses commits for a
+            // moment: try a few times before leaving the replay to the next owner.
+            for attempt in 1..=3 {
+                match consumer.commit(&tpl, CommitMode::Sync) {
+                    Ok(()) => {
+                        ctx.stats.commits.fetch_add(1, Relaxed);
+                        break;
+                    }
+                    Err(e) if attempt < 3 => {
+                        tracing::debug!(error = %e, attempt, "Final commit refused; retrying.");
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "Final commit failed."),
+                }
+            }
+        }
+        st.publish_committed();
+        for p in st.parts.values() {
+            retire(p);
+        }
+        st.parts.clear();
+        st.publish_gauges();
+        drop(st);
+        consumer.unsubscribe();
+    }
+}
+
+/// Copies each message once, tracks its offset, puts it in its lane, hands
+/// over what may run, and marks partitions to pause. False when the state
+/// is poisoned.
+fn route(
+    consumer: &BaseConsumer<Context>,
+    o: &SourceOptions,
+    topic_names: &mut HashMap<String, Arc<str>>,
+    to_pause: &mut Vec<PartKey>,
+    burst: Vec<BorrowedMessage<'_>>,
+) -> bool {
+    let ctx = consumer.context();
+    let Ok(mut guard) = ctx.state.lock() else {
+        return false;
+    };
+    let st = &mut *guard;
+    for m in burst {
+        let topic = topic_arc(topic_names, m.topic());
+        let Some(p) = st.parts.get_mut(&(Arc::clone(&topic), m.partition())) else {
+            // A message for a partition we no longer own: the new owner reads it.
+            continue;
+        };
+        let partition = m.partition();
+        let msg = copy_message(&m, Arc::clone(&topic), p);
+        drop(m);
+        let _ = p.tracker.dispatched(msg.offset);
+        st.sched.arrive(p.epoch, msg, &mut st.ready);
+        let over = st.sched.buffered_bytes() > o.buffer_budget
+            || st.sched.buffered() > o.max_buffered
+            || p.tracker.tracked() >= o.max_tracked;
+        if over && !p.paused {
+            p.paused = true;
+            to_pause.push((topic, partition));
+        }
+    }
+    st.run_ready();
+    st.publish_gauges();
+    true
+}
+
+/// What librdkafka already holds, up to [`BURST`] messages (`poll(0)` after
+/// the first does not wait), so the state lock is paid once per burst. While
+/// jobs run the first poll does not wait either: releases are waited for on
+/// their channel instead.
+fn poll_burst(
+    consumer: &BaseConsumer<Context>,
+    poll_interval: Duration,
+    busy: bool,
+) -> Vec<BorrowedMessage<'_>> {
+    let mut burst = Vec::with_capacity(BURST);
+    let mut wait = if busy { Duration::ZERO } else { poll_interval };
+    while burst.len() < BURST {
+        match consumer.poll(wait) {
+            Some(Ok(m)) => burst.push(m),
+            Some(Err(e)) => tracing::warn!(error = %e, "Poll error."),
+            None => break,
+        }
+        wait = Duration::ZERO;
+    }
+    if !burst.is_empty() {
+        consumer
+            .context()
+            .stats
+            .polled
+            .fetch_add(burst.len() as u64, Relaxed);
+    }
+    burst
+}
+
+/// The shared topic name for `name`, allocated once per topic.
+fn topic_arc(names: &mut HashMap<String, Arc<str>>, name: &str) -> Arc<str> {
+    match names.get(name) {
+        Some(t) => Arc::clone(t),
+        None => {
+            let t: Arc<str> = Arc::from(name);
+            names.insert(name.to_owned(), Arc::clone(&t));
+            t
+        }
+    }
+}
+
+/// The one copy of a message out of librdkafka.
+fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part) -> Message {
+    Message {
+        payload: m.payload().map(<[u8]>::to_vec),
+        key: m.key().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        topic,
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
+        epoch: p.epoch,
+        shared: Arc::clone(&p.shared),
+        completed: false,
+    }
+}
+
+fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    tpl
+}
