@@ -19,12 +19,25 @@ pub fn cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProd
     cluster
 }
 
-/// Produces `n` messages round-robin over `partitions`, payload from `payload(i)`.
+/// Produces `n` messages round-robin over `partitions`, payload from `payload(i)`,
+/// each keyed by its index.
 pub fn produce(
     brokers: &str,
     topic: &str,
     partitions: i32,
     n: u64,
+    payload: impl Fn(u64) -> Vec<u8>,
+) {
+    produce_keyed(brokers, topic, partitions, n, |i| i.to_string(), payload);
+}
+
+/// As [`produce`], with the key from `key(i)`.
+pub fn produce_keyed(
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    n: u64,
+    key: impl Fn(u64) -> String,
     payload: impl Fn(u64) -> Vec<u8>,
 ) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
@@ -35,7 +48,7 @@ pub fn produce(
         .expect("producer");
     for i in 0..n {
         let body = payload(i);
-        let key = i.to_string();
+        let key = key(i);
         let partition = (i % partitions as u64) as i32;
         let mut record = BaseRecord::to(topic)
             .key(&key)
