@@ -323,6 +323,18 @@ impl StandIn {
         format!("http://{}", self.addr)
     }
 
+    /// Every event recorded, in no particular order.
+    pub fn recorded_events(&self) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.events.values().cloned().collect()
+    }
+
+    /// Every receiver, in the order they were inserted.
+    pub fn receivers(&self) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.receivers.clone()
+    }
+
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
