@@ -37,7 +37,9 @@ pub enum ConfigError {
     },
     /// An extra librdkafka property the library sets itself and relies on:
     /// overriding it would undo a guarantee (see [`OWNED_PROPERTIES`]).
-    #[error("librdkafka property `{property}` is owned by the library and cannot be set: {reason}")]
+    #[error(
+        "librdkafka property `{property}` is owned by the library and cannot be set: {reason}"
+    )]
     Reserved {
         /// The property as given.
         property: String,
@@ -210,7 +212,10 @@ pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
         "isolation.level",
         "pinned to read_committed: records of aborted transactions are never handled",
     ),
-    ("group.id", "set the `group_id` field (XZEPR_KAFKA_GROUP_ID) instead"),
+    (
+        "group.id",
+        "set the `group_id` field (XZEPR_KAFKA_GROUP_ID) instead",
+    ),
     (
         "bootstrap.servers",
         "set the `brokers` field (XZEPR_KAFKA_BROKERS) instead",
@@ -653,7 +658,10 @@ mod tests {
             );
             assert!(err.to_string().contains(key.trim()), "{err}");
         }
-        let rd = base.set("heartbeat.interval.ms", "100").to_client_config().unwrap();
+        let rd = base
+            .set("heartbeat.interval.ms", "100")
+            .to_client_config()
+            .unwrap();
         assert_eq!(rd.get("heartbeat.interval.ms"), Some("100"));
         assert_eq!(rd.get("isolation.level"), Some("read_committed"));
     }

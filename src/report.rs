@@ -641,10 +641,7 @@ async fn post_record(shared: &Shared, mut record: Record, buf: &mut BytesMut) ->
                 // Never a terminal without its `started`: after a failed one it
                 // fails unsent, its offset stays unfinished and a replay posts both.
                 if result.is_err() {
-                    shared
-                        .stats
-                        .terminal_without_started
-                        .fetch_add(1, Relaxed);
+                    shared.stats.terminal_without_started.fetch_add(1, Relaxed);
                     to_ack.push((waiting.ack, Err(started_not_acknowledged())));
                     continue;
                 }
@@ -652,10 +649,7 @@ async fn post_record(shared: &Shared, mut record: Record, buf: &mut BytesMut) ->
                     Admission::Post(r) => to_post.push(r),
                     Admission::Done(a, r) => to_ack.push((a, r)),
                     Admission::WithoutStarted(a) => {
-                        shared
-                            .stats
-                            .terminal_without_started
-                            .fetch_add(1, Relaxed);
+                        shared.stats.terminal_without_started.fetch_add(1, Relaxed);
                         to_ack.push((a, Err(started_not_acknowledged())));
                     }
                     Admission::Parked => {}

@@ -76,7 +76,10 @@ async fn four_instances_creating_at_once_converge_on_one_receiver() {
     let late = client(&standin);
     for round in [0, rounds / 2, rounds - 1] {
         let name = format!("svc-{round}");
-        assert_eq!(discover(&late, &name).await.unwrap(), winners[round as usize]);
+        assert_eq!(
+            discover(&late, &name).await.unwrap(),
+            winners[round as usize]
+        );
     }
 }
 
@@ -119,8 +122,15 @@ async fn one_discovery_in_flight_per_name_and_type_even_across_forget_and_redisc
     while let Some(r) = tasks.join_next().await {
         ids.push(r.unwrap().unwrap().expect("discovered by this client"));
     }
-    assert!(ids.iter().all(|id| *id == ids[0] && *id != first), "{ids:?}");
-    assert_eq!(standin.stats().receivers.load(Relaxed), 2, "re-created once");
+    assert!(
+        ids.iter().all(|id| *id == ids[0] && *id != first),
+        "{ids:?}"
+    );
+    assert_eq!(
+        standin.stats().receivers.load(Relaxed),
+        2,
+        "re-created once"
+    );
     assert_eq!(standin.receivers().len(), 1);
 }
 
@@ -139,7 +149,12 @@ fn record(receiver: &str, work_id: &str, platform_id: &str, status: Status, acks
 }
 
 /// Posts `started` then `completed` for `n` works and drains the reporter.
-async fn report_works(client: XzeprClient, config: ReporterConfig, receiver: &str, n: usize) -> (Acks, u64) {
+async fn report_works(
+    client: XzeprClient,
+    config: ReporterConfig,
+    receiver: &str,
+    n: usize,
+) -> (Acks, u64) {
     let (reporter, task) = Reporter::start(client, config);
     let acks: Acks = Arc::default();
     for i in 0..n {
@@ -152,7 +167,10 @@ async fn report_works(client: XzeprClient, config: ReporterConfig, receiver: &st
         }
     }
     // Every re-send is counted before its record is acknowledged.
-    wait_until("every record acknowledged", || acks.lock().unwrap().len() == 2 * n).await;
+    wait_until("every record acknowledged", || {
+        acks.lock().unwrap().len() == 2 * n
+    })
+    .await;
     let resent = reporter.stats().resent_after_lost_response.load(Relaxed);
     drop(reporter);
     assert!(task.drain(Duration::from_secs(60)).await, "drained");
@@ -202,7 +220,10 @@ async fn a_slow_xzepr_within_the_timeout_gets_one_record_per_status() {
         assert_eq!(keys, &[post_key(work, status)], "{work} {status}");
     }
     assert_eq!(resent, 0);
-    assert_eq!(standin.stats().delayed_responses.load(Relaxed), 2 * n as u64);
+    assert_eq!(
+        standin.stats().delayed_responses.load(Relaxed),
+        2 * n as u64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -266,14 +287,29 @@ async fn an_event_without_platform_id_is_posted_under_the_fallback() {
     }
     drop(reporter);
     assert!(task.drain(Duration::from_secs(30)).await);
-    let acks = acks.lock().unwrap();
-    assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    {
+        let acks = acks.lock().unwrap();
+        assert!(acks.iter().all(|(_, _, r)| r.is_ok()), "{acks:?}");
+    }
     let events = standin.recorded_events();
     assert_eq!(events.len(), 2);
-    assert!(events.iter().all(|e| e["platform_id"] == "svc"), "{events:?}");
+    assert!(
+        events.iter().all(|e| e["platform_id"] == "svc"),
+        "{events:?}"
+    );
     // The client's own lifecycle calls fall back the same way.
     client
-        .post_work_failed(&receiver, "w-2", "deploy", "1", "", "svc", "boom", "E1", json!({}))
+        .post_work_failed(
+            &receiver,
+            "w-2",
+            "deploy",
+            "1",
+            "",
+            "svc",
+            "boom",
+            "E1",
+            json!({}),
+        )
         .await
         .unwrap();
 }
@@ -337,10 +373,9 @@ async fn every_request_type_is_built_and_sent_from_outside_the_crate() {
 #[tokio::test]
 async fn without_a_token_no_authorization_is_sent_and_a_refusal_names_the_variable() {
     let server = http_support::start(http_support::Chaos::default()).await;
-    let config = XzeprClientConfig::from_env_with(|k| {
-        (k == "XZEPR_API_URL").then(|| server.url.clone())
-    })
-    .unwrap();
+    let config =
+        XzeprClientConfig::from_env_with(|k| (k == "XZEPR_API_URL").then(|| server.url.clone()))
+            .unwrap();
     let client = XzeprClient::new(config).unwrap();
     client
         .post_work_started("R1", "w-1", "deploy", "1", "linux", "svc", json!({}))
@@ -379,7 +414,10 @@ fn settings_that_would_undo_the_guarantees_are_refused_by_name() {
         (["deploy", "1.0.0", "1.0.0", ""], "package"),
     ] {
         let err = validate_work_fields(fields[0], fields[1], fields[2], fields[3]).unwrap_err();
-        assert!(matches!(err, ConfigError::Empty { name: n } if n == name), "{err}");
+        assert!(
+            matches!(err, ConfigError::Empty { name: n } if n == name),
+            "{err}"
+        );
         assert!(err.to_string().contains(name), "{err}");
     }
 }
@@ -429,16 +467,17 @@ fn own_events_stay_skipped_after_an_xzepr_restart() {
             reporter,
             WorkTemplate::new(receiver.clone(), "selffeed", "1.0.0", "selffeed"),
         )
-        .start(move |ev: &CloudEvent<'_>, _: &mut Work| -> Result<(), String> {
-            if ev.event_type().starts_with("selffeed.") {
-                counted.fetch_add(1, Relaxed);
-            }
-            Ok(())
-        })
+        .start(
+            move |ev: &CloudEvent<'_>, _: &mut Work| -> Result<(), String> {
+                if ev.event_type().starts_with("selffeed.") {
+                    counted.fetch_add(1, Relaxed);
+                }
+                Ok(())
+            },
+        )
         .unwrap();
-    let foreign = |offset: u64| {
-        move |i: u64| xzepr_event(i + offset, "01SOMEBODYELSE000000000000").1
-    };
+    let foreign =
+        |offset: u64| move |i: u64| xzepr_event(i + offset, "01SOMEBODYELSE000000000000").1;
     let wait = |what: &str, cond: &dyn Fn() -> bool| {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !cond() {

@@ -302,7 +302,14 @@ async fn a_terminal_submitted_after_its_started_failed_for_good_is_never_sent() 
                 "{id}: {r:?}"
             ),
             _ => assert!(
-                matches!(r, Err(ReportError::Failed { attempts: 0, retryable: true, .. })),
+                matches!(
+                    r,
+                    Err(ReportError::Failed {
+                        attempts: 0,
+                        retryable: true,
+                        ..
+                    })
+                ),
                 "{id} {status:?} must fail unsent: {r:?}"
             ),
         }

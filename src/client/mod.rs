@@ -116,9 +116,9 @@ impl ClientError {
     /// A 4xx other than 429 (and 401/403) is final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Timeout(_) | ClientError::Connect(_) | ClientError::ResponseLost { .. } => {
-                true
-            }
+            ClientError::Timeout(_)
+            | ClientError::Connect(_)
+            | ClientError::ResponseLost { .. } => true,
             ClientError::Api(e) => e.status >= 500 || e.status == 429,
             _ => false,
         }
@@ -129,7 +129,11 @@ impl ClientError {
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            ClientError::Timeout(_) | ClientError::ResponseLost { timed_out: true, .. }
+            ClientError::Timeout(_)
+                | ClientError::ResponseLost {
+                    timed_out: true,
+                    ..
+                }
         )
     }
 
@@ -1268,7 +1272,11 @@ impl XzeprClient {
 
     /// The one discovery of `spec`'s (name, type) at a time. With `stale`, a
     /// cached id equal to it is not trusted (it came back 404).
-    async fn discover(&self, spec: ReceiverSpec, stale: Option<&str>) -> Result<String, ClientError> {
+    async fn discover(
+        &self,
+        spec: ReceiverSpec,
+        stale: Option<&str>,
+    ) -> Result<String, ClientError> {
         let slot = self.discovery_slot(&spec.name, &spec.receiver_type);
         let _discovering = slot.lock.lock().await;
         {
@@ -1649,7 +1657,10 @@ mod tests {
             f.payload["details"],
             json!({"step": 3, "post_key": "w-1:failed", "error": "boom", "error_code": "E1"})
         );
-        assert_eq!(s.payload["details"], json!({"k": 1, "post_key": "w-1:started"}));
+        assert_eq!(
+            s.payload["details"],
+            json!({"k": 1, "post_key": "w-1:started"})
+        );
         assert_eq!(c.payload["details"]["post_key"], "w-1:completed");
         assert_eq!(f.event_receiver_id, "R1");
         assert_eq!(f.package, "deployer");
@@ -1727,14 +1738,24 @@ mod tests {
         let w = WorkRef::new("R1", "w-1", "", " ", "", "deployer");
         let e = w.started(Value::Null);
         assert_eq!(e.name, "unknown.started");
-        assert_eq!((e.version.as_str(), e.release.as_str()), ("unknown", "unknown"));
+        assert_eq!(
+            (e.version.as_str(), e.release.as_str()),
+            ("unknown", "unknown")
+        );
         assert_eq!(e.platform_id, "deployer", "the service's name");
         let w = WorkRef::new("R1", "w-1", "deploy", "1", "", "");
         let e = w.completed(true, Value::Null);
-        assert_eq!((e.platform_id.as_str(), e.package.as_str()), ("unknown", "unknown"));
+        assert_eq!(
+            (e.platform_id.as_str(), e.package.as_str()),
+            ("unknown", "unknown")
+        );
         // The encoded body (the reporter's path) falls back the same way.
-        let body = serde_json::to_value(LifecycleBody::new(w, Phase::Started, &Value::Null)).unwrap();
-        assert_eq!((body["platform_id"].as_str(), body["package"].as_str()), (Some("unknown"), Some("unknown")));
+        let body =
+            serde_json::to_value(LifecycleBody::new(w, Phase::Started, &Value::Null)).unwrap();
+        assert_eq!(
+            (body["platform_id"].as_str(), body["package"].as_str()),
+            (Some("unknown"), Some("unknown"))
+        );
     }
 
     #[test]
@@ -1757,15 +1778,24 @@ mod tests {
         ];
         assert_eq!(pick_winner(&all).unwrap().id, "C");
         assert_eq!(pick_winner(&all[..1]).unwrap().id, "B");
-        assert_eq!(pick_winner(&[all[0].clone(), all[2].clone()]).unwrap().id, "A");
-        assert_eq!(pick_winner(&[all[3].clone(), all[0].clone()]).unwrap().id, "B");
+        assert_eq!(
+            pick_winner(&[all[0].clone(), all[2].clone()]).unwrap().id,
+            "A"
+        );
+        assert_eq!(
+            pick_winner(&[all[3].clone(), all[0].clone()]).unwrap().id,
+            "B"
+        );
         assert!(pick_winner(&[]).is_none());
     }
 
     #[test]
     fn defaults_and_a_missing_token() {
         let c = XzeprClientConfig::new("http://x", "");
-        assert!(c.request_timeout >= Duration::from_secs(30), "covers XZepr's 10-14 s");
+        assert!(
+            c.request_timeout >= Duration::from_secs(30),
+            "covers XZepr's 10-14 s"
+        );
         assert!(c.connect_timeout < c.request_timeout);
         let c = XzeprClientConfig::from_env_with(|_| None).unwrap();
         assert_eq!(c.token, "");
