@@ -29,6 +29,23 @@ pub enum ConfigError {
         /// What is accepted.
         expected: &'static str,
     },
+    /// A value XZepr requires to be non-empty is empty (or blank).
+    #[error("`{name}` must not be empty: XZepr rejects (or misnames) records without it")]
+    Empty {
+        /// The field.
+        name: &'static str,
+    },
+    /// An extra librdkafka property the library sets itself and relies on:
+    /// overriding it would undo a guarantee (see [`OWNED_PROPERTIES`]).
+    #[error(
+        "librdkafka property `{property}` is owned by the library and cannot be set: {reason}"
+    )]
+    Reserved {
+        /// The property as given.
+        property: String,
+        /// What it guards, and what to use instead.
+        reason: &'static str,
+    },
     /// A certificate or key file cannot be read.
     #[error("`{name}`: cannot read {path:?}: {reason}")]
     UnreadableFile {
@@ -158,9 +175,56 @@ pub struct KafkaConsumerConfig {
     /// Session timeout: the broker evicts a consumer silent for this long.
     /// Default 30 s (librdkafka's default is 45 s; the plan used 30 s).
     pub session_timeout: Duration,
-    /// Any other librdkafka property, applied last (so it overrides ours).
+    /// Any other librdkafka property, applied last (so it overrides ours),
+    /// except the ones in [`OWNED_PROPERTIES`], which are refused.
     pub extra: Vec<(String, String)>,
 }
+
+/// librdkafka properties the library sets and relies on, refused in
+/// [`KafkaConsumerConfig::extra`] ([`ConfigError::Reserved`] at
+/// [`KafkaConsumerConfig::to_client_config`]), with the reason:
+///
+/// - `enable.auto.commit` (and its alias `auto.commit.enable`),
+///   `enable.auto.offset.store`: the offset tracker commits only finished,
+///   acknowledged work; librdkafka committing on its own turns at-least-once into
+///   at-most-once.
+/// - `isolation.level`: pinned to `read_committed`, so records of aborted
+///   transactions are never handled and reported.
+/// - `group.id`, `bootstrap.servers` (and its alias `metadata.broker.list`):
+///   set from their fields (`group_id`, `brokers`), which the rest of the
+///   library also reads; a second value would disagree with them silently.
+///
+/// Every other property may be set, and wins over the library's default.
+pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
+    (
+        "enable.auto.commit",
+        "the library commits only finished, acknowledged offsets (at-least-once)",
+    ),
+    (
+        "auto.commit.enable",
+        "the library commits only finished, acknowledged offsets (at-least-once)",
+    ),
+    (
+        "enable.auto.offset.store",
+        "the library stores only finished, acknowledged offsets (at-least-once)",
+    ),
+    (
+        "isolation.level",
+        "pinned to read_committed: records of aborted transactions are never handled",
+    ),
+    (
+        "group.id",
+        "set the `group_id` field (XZEPR_KAFKA_GROUP_ID) instead",
+    ),
+    (
+        "bootstrap.servers",
+        "set the `brokers` field (XZEPR_KAFKA_BROKERS) instead",
+    ),
+    (
+        "metadata.broker.list",
+        "set the `brokers` field (XZEPR_KAFKA_BROKERS) instead",
+    ),
+];
 
 /// librdkafka's `fetch.wait.max.ms`, lowered from its 500 ms default. The source
 /// stage pauses a partition whose queue is full, and a resumed partition is not
@@ -288,7 +352,9 @@ impl KafkaConsumerConfig {
         self
     }
 
-    /// Sets any librdkafka property (applied after ours, so it wins).
+    /// Sets any librdkafka property (applied after ours, so it wins). One of
+    /// [`OWNED_PROPERTIES`] is refused when the configuration is checked
+    /// ([`KafkaConsumerConfig::to_client_config`]).
     #[must_use]
     pub fn set(mut self, key: &str, value: &str) -> Self {
         self.extra.push((key.to_owned(), value.to_owned()));
@@ -346,8 +412,18 @@ impl KafkaConsumerConfig {
     /// - [`ConfigError::Missing`]: no brokers, topic or group; a SASL protocol
     ///   without user name or password;
     /// - [`ConfigError::Invalid`]: an `auto_offset_reset` other than earliest/latest;
+    /// - [`ConfigError::Reserved`]: an extra property in [`OWNED_PROPERTIES`];
     /// - [`ConfigError::UnreadableFile`]: a certificate or key file that cannot be read.
     pub fn to_client_config(&self) -> Result<ClientConfig, ConfigError> {
+        for (key, _) in &self.extra {
+            let k = key.trim().to_ascii_lowercase();
+            if let Some((_, reason)) = OWNED_PROPERTIES.iter().find(|(owned, _)| *owned == k) {
+                return Err(ConfigError::Reserved {
+                    property: key.clone(),
+                    reason,
+                });
+            }
+        }
         if self.brokers.trim().is_empty() {
             return Err(ConfigError::Missing { name: "brokers" });
         }
@@ -371,6 +447,7 @@ impl KafkaConsumerConfig {
             .set("client.id", &self.service_name)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", &self.auto_offset_reset)
             .set(
                 "session.timeout.ms",
@@ -560,6 +637,33 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn owned_properties_are_refused_by_name() {
+        let base = KafkaConsumerConfig::new("b:9092", "t", "s");
+        for (key, value) in [
+            ("enable.auto.commit", "true"),
+            (" Enable.Auto.Commit ", "true"),
+            ("auto.commit.enable", "true"),
+            ("enable.auto.offset.store", "true"),
+            ("isolation.level", "read_uncommitted"),
+            ("group.id", "other"),
+            ("bootstrap.servers", "elsewhere:9092"),
+        ] {
+            let err = base.clone().set(key, value).to_client_config().unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::Reserved { property, .. } if property == key),
+                "{key}: {err}"
+            );
+            assert!(err.to_string().contains(key.trim()), "{err}");
+        }
+        let rd = base
+            .set("heartbeat.interval.ms", "100")
+            .to_client_config()
+            .unwrap();
+        assert_eq!(rd.get("heartbeat.interval.ms"), Some("100"));
+        assert_eq!(rd.get("isolation.level"), Some("read_committed"));
     }
 
     #[test]

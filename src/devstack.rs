@@ -3,6 +3,20 @@
 //! contract's validation errors, a per-request latency on event posts (default
 //! 5 ms, what the real server takes), and, like XZepr, every recorded event
 //! published back as a CloudEvent through an [`EventSink`].
+//!
+//! Two switches reproduce the real server's awkward moments
+//! ([`StandInBuilder`]; the `dev` command takes them from the environment, see
+//! [`StandIn::start`]):
+//!
+//! - **a race window on receiver create**: a delay between the "already
+//!   exists?" check and the insert, so concurrent creates of one name and type
+//!   can all succeed, as on the real server (check-then-insert);
+//! - **a response delay on event posts**: the event is recorded (and published)
+//!   at once, and the answer comes this much later, like XZepr whose own Kafka
+//!   is unreachable (10–14 s, then 200). Longer than a client's timeout, it makes
+//!   a "lost response" whose event was recorded all the same.
+//!
+//! [`StandIn::restart`] forgets every receiver and event, as an XZepr restart does.
 
 // The request helpers return the HTTP error response itself as their `Err`: a
 // dev-only server where that reads best, and size does not matter.
@@ -103,6 +117,10 @@ pub struct StandInStats {
     pub completed: AtomicU64,
     /// Events whose name ends in `.failed`.
     pub failed: AtomicU64,
+    /// `POST /api/v1/receivers` requests received (whatever their outcome).
+    pub receiver_requests: AtomicU64,
+    /// Event posts answered late by the response delay.
+    pub delayed_responses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -112,52 +130,115 @@ struct Store {
 }
 
 struct Shared {
-    token: String,
+    /// `Bearer {token}`, or `None`: no authentication (any request accepted).
+    token: Option<String>,
     latency: Duration,
+    create_delay: Duration,
+    /// Response delay of event posts, in microseconds.
+    response_delay_us: AtomicU64,
+    /// Event posts still to delay (`u64::MAX`: all of them).
+    delays_left: AtomicU64,
     sink: Arc<dyn EventSink>,
     store: Mutex<Store>,
     seq: AtomicU64,
     stats: Arc<StandInStats>,
 }
 
-/// A running stand-in; stops when dropped.
-#[derive(Debug)]
-pub struct StandIn {
-    addr: SocketAddr,
-    stats: Arc<StandInStats>,
-    task: tokio::task::JoinHandle<()>,
+/// Environment variable: [`StandInBuilder::receiver_create_delay`] in ms, read by
+/// [`StandIn::start`] (so by `xzepr-consumer dev`).
+pub const ENV_RECEIVER_CREATE_DELAY_MS: &str = "XZEPR_STANDIN_RECEIVER_CREATE_DELAY_MS";
+/// Environment variable: [`StandInBuilder::response_delay`] in ms, read by
+/// [`StandIn::start`] (so by `xzepr-consumer dev`).
+pub const ENV_RESPONSE_DELAY_MS: &str = "XZEPR_STANDIN_RESPONSE_DELAY_MS";
+
+/// Settings of a [`StandIn`]; [`StandInBuilder::start`] runs it.
+#[must_use]
+pub struct StandInBuilder {
+    token: String,
+    latency: Duration,
+    create_delay: Duration,
+    response_delay: Duration,
+    sink: Arc<dyn EventSink>,
 }
 
-impl Drop for StandIn {
-    fn drop(&mut self) {
-        self.task.abort();
+impl std::fmt::Debug for StandInBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandInBuilder")
+            .field("latency", &self.latency)
+            .field("create_delay", &self.create_delay)
+            .field("response_delay", &self.response_delay)
+            .finish_non_exhaustive()
     }
 }
 
-impl StandIn {
+impl StandInBuilder {
+    /// Latency before an event post is handled. Default 5 ms (the real server's).
+    pub fn latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
+    }
+
+    /// Where recorded events are published. Default: nowhere ([`NoSink`]).
+    pub fn sink(mut self, sink: Arc<dyn EventSink>) -> Self {
+        self.sink = sink;
+        self
+    }
+
+    /// The race window of receiver create: this long between the "already
+    /// exists?" check and the insert. Default zero (check and insert atomic).
+    pub fn receiver_create_delay(mut self, delay: Duration) -> Self {
+        self.create_delay = delay;
+        self
+    }
+
+    /// Every event post is recorded at once and answered this much later.
+    /// Default zero. See also [`StandIn::delay_responses`].
+    pub fn response_delay(mut self, delay: Duration) -> Self {
+        self.response_delay = delay;
+        self
+    }
+
+    /// Reads [`ENV_RECEIVER_CREATE_DELAY_MS`] and [`ENV_RESPONSE_DELAY_MS`]
+    /// (whole milliseconds) when they are set and valid.
+    pub fn env_overrides(mut self) -> Self {
+        let ms = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+        };
+        if let Some(d) = ms(ENV_RECEIVER_CREATE_DELAY_MS) {
+            self.create_delay = d;
+        }
+        if let Some(d) = ms(ENV_RESPONSE_DELAY_MS) {
+            self.response_delay = d;
+        }
+        self
+    }
+
     /// Starts on 127.0.0.1 (a free port) on the current tokio runtime.
     ///
     /// # Errors
     /// The bind error.
-    pub async fn start(
-        token: &str,
-        latency: Duration,
-        sink: Arc<dyn EventSink>,
-    ) -> std::io::Result<StandIn> {
+    pub async fn start(self) -> std::io::Result<StandIn> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(StandInStats::default());
         let shared = Arc::new(Shared {
-            token: format!("Bearer {token}"),
-            latency,
-            sink,
+            token: (!self.token.is_empty()).then(|| format!("Bearer {}", self.token)),
+            latency: self.latency,
+            create_delay: self.create_delay,
+            response_delay_us: AtomicU64::new(micros(self.response_delay)),
+            delays_left: AtomicU64::new(u64::MAX),
+            sink: self.sink,
             store: Mutex::new(Store::default()),
             seq: AtomicU64::new(0),
             stats: Arc::clone(&stats),
         });
+        let served = Arc::clone(&shared);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let shared = Arc::clone(&shared);
+                let shared = Arc::clone(&served);
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         let shared = Arc::clone(&shared);
@@ -169,12 +250,121 @@ impl StandIn {
                 });
             }
         });
-        Ok(StandIn { addr, stats, task })
+        Ok(StandIn {
+            addr,
+            stats,
+            shared,
+            task,
+        })
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// A running stand-in; stops when dropped.
+pub struct StandIn {
+    addr: SocketAddr,
+    stats: Arc<StandInStats>,
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for StandIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StandIn")
+            .field("addr", &self.addr)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StandIn {
+    /// Settings for a stand-in requiring `Bearer {token}` (an empty `token`: no
+    /// authentication, any request accepted).
+    pub fn builder(token: &str) -> StandInBuilder {
+        StandInBuilder {
+            token: token.to_owned(),
+            latency: Duration::from_millis(5),
+            create_delay: Duration::ZERO,
+            response_delay: Duration::ZERO,
+            sink: Arc::new(NoSink),
+        }
+    }
+
+    /// Starts on 127.0.0.1 (a free port) on the current tokio runtime, with the
+    /// switches from the environment ([`StandInBuilder::env_overrides`]: that is
+    /// how `xzepr-consumer dev` takes them).
+    ///
+    /// # Errors
+    /// The bind error.
+    pub async fn start(
+        token: &str,
+        latency: Duration,
+        sink: Arc<dyn EventSink>,
+    ) -> std::io::Result<StandIn> {
+        Self::builder(token)
+            .latency(latency)
+            .sink(sink)
+            .env_overrides()
+            .start()
+            .await
     }
 
     /// The base URL (`http://127.0.0.1:PORT`).
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Every event recorded, in no particular order.
+    pub fn recorded_events(&self) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.events.values().cloned().collect()
+    }
+
+    /// Every receiver, in the order they were inserted.
+    pub fn receivers(&self) -> Vec<Value> {
+        let store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.receivers.clone()
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The next `posts` event posts are recorded at once and answered `delay`
+    /// later (`u64::MAX`: every post from now on; a zero `delay`: none).
+    pub fn delay_responses(&self, delay: Duration, posts: u64) {
+        self.shared.delays_left.store(posts, Relaxed);
+        self.shared.response_delay_us.store(micros(delay), Relaxed);
+    }
+
+    /// As an XZepr restart: every receiver and event is forgotten (XZepr keeps
+    /// them in memory), so known ids come back 404; the address stays, and new
+    /// ids never repeat old ones.
+    pub fn restart(&self) {
+        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        *store = Store::default();
+    }
+
+    /// Adds a receiver with a chosen id (26 alphanumeric characters, like a
+    /// ULID), as if created earlier: for clients configured with a fixed id.
+    pub fn insert_receiver(&self, id: &str, name: &str, receiver_type: &str) {
+        let receiver = json!({
+            "id": id, "name": name, "type": receiver_type, "version": "1.0.0", "description": "",
+            "schema": {}, "fingerprint": format!("{:016x}", crate::dispatch::fnv1a(id.as_bytes())),
+            "created_at": now(),
+        });
+        let mut store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.receivers.push(receiver);
     }
 
     /// The stand-in's counters.
@@ -205,10 +395,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
     if method == Method::GET && path == "/health" {
         return reply(StatusCode::OK, json!({"status": "ok"}));
     }
-    let authorized = req
-        .headers()
-        .get(http::header::AUTHORIZATION)
-        .is_some_and(|v| v.as_bytes() == shared.token.as_bytes());
+    let authorized = shared.token.as_ref().is_none_or(|token| {
+        req.headers()
+            .get(http::header::AUTHORIZATION)
+            .is_some_and(|v| v.as_bytes() == token.as_bytes())
+    });
     if !authorized {
         return reply(
             StatusCode::UNAUTHORIZED,
@@ -220,7 +411,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
         Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "Invalid body"})),
     };
     match (method, path.as_str()) {
-        (Method::POST, "/api/v1/receivers") => create_receiver(shared, &body),
+        (Method::POST, "/api/v1/receivers") => {
+            shared.stats.receiver_requests.fetch_add(1, Relaxed);
+            create_receiver(shared, &body).await
+        }
         (Method::GET, "/api/v1/receivers") => {
             // Like the real server: filters and paging ignored, everything returned.
             let store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -245,7 +439,14 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             if !shared.latency.is_zero() {
                 tokio::time::sleep(shared.latency).await;
             }
-            create_event(shared, &body)
+            let response = create_event(shared, &body);
+            // Recorded already: a client that gives up meanwhile leaves it recorded.
+            let delay = Duration::from_micros(shared.response_delay_us.load(Relaxed));
+            if !delay.is_zero() && take_delay(&shared.delays_left) {
+                shared.stats.delayed_responses.fetch_add(1, Relaxed);
+                tokio::time::sleep(delay).await;
+            }
+            response
         }
         (Method::GET, p) if p.starts_with("/api/v1/events/") => {
             let id = &p["/api/v1/events/".len()..];
@@ -302,7 +503,17 @@ fn next_id(shared: &Shared) -> String {
     ulid_like(millis, shared.seq.fetch_add(1, Relaxed))
 }
 
-fn create_receiver(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
+/// Takes one delay from `left` (`u64::MAX` never runs out); false when none is left.
+fn take_delay(left: &AtomicU64) -> bool {
+    left.fetch_update(Relaxed, Relaxed, |n| match n {
+        0 => None,
+        u64::MAX => Some(n),
+        n => Some(n - 1),
+    })
+    .is_ok()
+}
+
+async fn create_receiver(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
     let m = match parse(body) {
         Ok(m) => m,
         Err(r) => return r,
@@ -322,26 +533,54 @@ fn create_receiver(shared: &Shared, body: &[u8]) -> Response<Full<Bytes>> {
     let Some(schema @ Value::Object(_)) = m.get("schema") else {
         return invalid("schema", "`schema` is required and must be an object");
     };
-    let id = next_id(shared);
-    let created_at = now();
-    {
-        let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
-        if store
-            .receivers
-            .iter()
-            .any(|r| r["name"] == name && r["type"] == ty)
-        {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "receiver_creation_failed", "message": format!("Receiver {name} of type {ty} already exists")}),
-            );
-        }
-        store.receivers.push(json!({
+    let receiver = |id: &str, created_at: &str| {
+        json!({
             "id": id, "name": name, "type": ty, "version": version, "description": description,
             "schema": schema, "fingerprint": format!("{:016x}", crate::dispatch::fnv1a(id.as_bytes())),
             "created_at": created_at,
-        }));
-    }
+        })
+    };
+    let exists = |store: &Store| {
+        store
+            .receivers
+            .iter()
+            .any(|r| r["name"] == name && r["type"] == ty)
+    };
+    let already = || {
+        reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "receiver_creation_failed", "message": format!("Receiver {name} of type {ty} already exists")}),
+        )
+    };
+    // Id and creation time are taken at the check, as the real server builds
+    // the entity before inserting it.
+    let (id, created_at) = if shared.create_delay.is_zero() {
+        let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        if exists(&store) {
+            return already();
+        }
+        let (id, created_at) = (next_id(shared), now());
+        store.receivers.push(receiver(&id, &created_at));
+        (id, created_at)
+    } else {
+        let (id, created_at) = {
+            let store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+            if exists(&store) {
+                return already();
+            }
+            (next_id(shared), now())
+        };
+        // The race window: a concurrent create of the same name and type
+        // passes the check too, and both are inserted.
+        tokio::time::sleep(shared.create_delay).await;
+        shared
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .receivers
+            .push(receiver(&id, &created_at));
+        (id, created_at)
+    };
     shared.stats.receivers.fetch_add(1, Relaxed);
     // The system event XZepr publishes for a new receiver.
     let event_id = next_id(shared);

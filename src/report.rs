@@ -15,9 +15,26 @@
 //! - **Never drops**: a full queue makes the submitting worker wait; a record that
 //!   exhausts its retries is acknowledged with its error, never silently lost.
 //! - **Order per work id**: a `completed`/`failed` waits until its `started` was
-//!   acknowledged.
-//!   If the `started` fails for good, its waiting terminal records fail with it,
-//!   unsent: XZepr never sees a `completed` without its `started`.
+//!   acknowledged. If the `started` fails for good, its terminal record fails
+//!   unsent (acknowledged with [`ReportError::Failed`], `attempts: 0`), whether
+//!   it was waiting already or is submitted later: XZepr never sees a
+//!   `completed`/`failed` without its `started`. The submitter's offset stays
+//!   unfinished, so a replay submits both again. (The work ids whose `started`
+//!   failed are remembered up to [`ReporterConfig::failed_starts_capacity`]; a
+//!   terminal submitted with no `started` ever seen is posted as given.)
+//! - **A stable key per post**: every lifecycle body carries
+//!   `details.post_key` = `{work_id}:{status}` (see [`crate::client::post_key`]),
+//!   the same on every retry and replay.
+//! - **Lost responses**: a post handed in full to XZepr whose answer never came
+//!   (timeout, or the connection closed) may have been recorded. It is re-sent
+//!   all the same (at least once), counted in
+//!   [`ReporterStats::resent_after_lost_response`] and logged at `warn` as
+//!   "re-sent after a lost response"; a duplicate it causes carries the same
+//!   `post_key`. With the client's 30 s default timeout this takes a server
+//!   slower than XZepr's slowest measured answer (10–14 s).
+//! - **Required fields are never empty**: an empty `platform_id` (a source event
+//!   without one) is posted as the `package`, other empty fields as `unknown`
+//!   ([`WorkRef::with_fallbacks`]), so no record is refused for them.
 //! - **Coalescing**: a (work id, status) already acknowledged, or being posted
 //!   right now (a replay after a rebalance or restart produces these), is not sent
 //!   again: it is acknowledged with the result of the one post.
@@ -41,7 +58,7 @@ use std::sync::atomic::{
     AtomicBool, AtomicU32,
     Ordering::{Acquire, Relaxed, Release},
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -49,6 +66,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::client::{ClientError, LifecycleBody, Phase, WorkRef, XzeprClient};
+use crate::config::ConfigError;
 
 /// Reporter errors, as acknowledged to the submitter.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -99,6 +117,10 @@ pub struct ReporterConfig {
     pub dedup_capacity: usize,
     /// At most this many posts per second, if set. Default: no limit.
     pub rate_limit: Option<u32>,
+    /// Work ids whose `started` failed for good, remembered so their later
+    /// `completed`/`failed` fails unsent instead of going out without it.
+    /// Default 65,536 (a few MB); the oldest are forgotten first.
+    pub failed_starts_capacity: usize,
 }
 
 impl Default for ReporterConfig {
@@ -113,6 +135,7 @@ impl Default for ReporterConfig {
             breaker_cooldown: Duration::from_secs(2),
             dedup_capacity: 65_536,
             rate_limit: None,
+            failed_starts_capacity: 65_536,
         }
     }
 }
@@ -251,6 +274,87 @@ pub struct ReporterStats {
     pub failed: std::sync::atomic::AtomicU64,
     /// Times the breaker opened.
     pub breaker_opened: std::sync::atomic::AtomicU64,
+    /// Posts re-sent after a lost response: the previous attempt was handed in
+    /// full to XZepr and no answer came, so XZepr may have recorded it. Each
+    /// duplicate XZepr holds is one of these (and carries the same `post_key`).
+    pub resent_after_lost_response: std::sync::atomic::AtomicU64,
+    /// `completed`/`failed` records failed unsent because their `started` was
+    /// not acknowledged.
+    pub terminal_without_started: std::sync::atomic::AtomicU64,
+}
+
+/// The receiver ids this service reports under: the ones it was seeded with and
+/// every id the reporter moved them to after XZepr lost them (a restart) and
+/// they were discovered again. The pipeline's own-event guard asks it whether an
+/// event's `source` is one of its own, so the guard follows the reporter.
+///
+/// Cheap to clone (clones share the set) and cheap to ask: a read lock and a
+/// comparison with each id (one, or a few after restarts); no allocation.
+#[derive(Debug, Clone, Default)]
+pub struct OwnReceivers {
+    ids: Arc<RwLock<Vec<Box<str>>>>,
+}
+
+impl OwnReceivers {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `receiver_id`; false if it was there already.
+    pub fn insert(&self, receiver_id: &str) -> bool {
+        let mut ids = self.ids.write().unwrap_or_else(|p| p.into_inner());
+        if ids.iter().any(|id| **id == *receiver_id) {
+            return false;
+        }
+        ids.push(receiver_id.into());
+        true
+    }
+
+    /// Whether `receiver_id` is one of this service's receivers.
+    pub fn contains(&self, receiver_id: &str) -> bool {
+        self.ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|id| **id == *receiver_id)
+    }
+
+    /// The ids, oldest first.
+    pub fn ids(&self) -> Vec<String> {
+        self.ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|id| id.to_string())
+            .collect()
+    }
+}
+
+/// Checks the work fields a lifecycle configuration gives every post: XZepr
+/// requires each to be non-empty, and an empty work name would be recorded as
+/// `.started`. Call it when the configuration is built.
+///
+/// # Errors
+/// [`ConfigError::Empty`] naming the first empty (or blank) field: `work_name`,
+/// `work_version`, `release` or `package`.
+pub fn validate_work_fields(
+    work_name: &str,
+    work_version: &str,
+    release: &str,
+    package: &str,
+) -> Result<(), ConfigError> {
+    for (name, value) in [
+        ("work_name", work_name),
+        ("work_version", work_version),
+        ("release", release),
+        ("package", package),
+    ] {
+        if value.trim().is_empty() {
+            return Err(ConfigError::Empty { name });
+        }
+    }
+    Ok(())
 }
 
 /// Submits records; cheap to clone.
@@ -258,6 +362,7 @@ pub struct ReporterStats {
 pub struct Reporter {
     tx: mpsc::Sender<Record>,
     stats: Arc<ReporterStats>,
+    own: OwnReceivers,
 }
 
 impl Reporter {
@@ -270,6 +375,7 @@ impl Reporter {
         // Clamped to what tokio's channel accepts; a zero bound means one.
         let (tx, rx) = mpsc::channel(config.queue_capacity.clamp(1, 1 << 30));
         let stats = Arc::new(ReporterStats::default());
+        let own = OwnReceivers::new();
         let posters = config.max_in_flight.max(1);
         let shared = Arc::new(Shared {
             client,
@@ -280,13 +386,14 @@ impl Reporter {
             next_slot: Mutex::new(Instant::now()),
             state: Mutex::new(DedupState::default()),
             moved: Mutex::new(HashMap::new()),
+            own: own.clone(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..posters {
             tasks.spawn(poster(Arc::clone(&shared)));
         }
         let task = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
-        (Reporter { tx, stats }, ReporterTask { task })
+        (Reporter { tx, stats, own }, ReporterTask { task })
     }
 
     /// Submits a record, waiting while the queue is full.
@@ -309,6 +416,16 @@ impl Reporter {
     /// The reporter's counters.
     pub fn stats(&self) -> &ReporterStats {
         &self.stats
+    }
+
+    /// The receiver ids this service reports under, kept current by the
+    /// reporter: seed it with the service's receiver id
+    /// ([`OwnReceivers::insert`]) before the first record, and whenever a
+    /// receiver of the set comes back 404 and is discovered again, the reporter
+    /// adds the new id before posting under it. Every clone of the reporter
+    /// returns the same set.
+    pub fn own_receivers(&self) -> OwnReceivers {
+        self.own.clone()
     }
 }
 
@@ -340,6 +457,8 @@ struct Shared {
     state: Mutex<DedupState>,
     /// Receiver ids that came back 404 and were discovered again: old → new.
     moved: Mutex<HashMap<String, String>>,
+    /// This service's receivers: a moved one's new id joins it.
+    own: OwnReceivers,
 }
 
 /// A (work id, status) pair.
@@ -354,6 +473,9 @@ struct DedupState {
     in_flight: HashMap<Key, Vec<Ack>>,
     /// Terminal records waiting for their work's `started`, which is in flight.
     waiting: HashMap<String, Vec<Record>>,
+    /// Work ids whose `started` failed for good, oldest first in `failed_order`.
+    failed_starts: std::collections::HashSet<String>,
+    failed_order: VecDeque<String>,
 }
 
 /// What admission decided for a record.
@@ -364,6 +486,8 @@ enum Admission {
     Done(Ack, Result<String, ReportError>),
     /// Parked: behind its `started`, or behind the same key in flight.
     Parked,
+    /// A terminal record whose `started` failed for good: failed unsent.
+    WithoutStarted(Ack),
 }
 
 impl DedupState {
@@ -387,8 +511,30 @@ impl DedupState {
                 .push(record);
             return Admission::Parked;
         }
+        if record.status != Status::Started && self.failed_starts.contains(&record.work.work_id) {
+            return Admission::WithoutStarted(record.ack);
+        }
         self.in_flight.insert(key, Vec::new());
         Admission::Post(record)
+    }
+
+    /// Records how a `started` ended, for the terminal records still to come.
+    fn started_ended(&mut self, config: &ReporterConfig, work_id: &str, acknowledged: bool) {
+        if acknowledged {
+            if self.failed_starts.remove(work_id) {
+                self.failed_order.retain(|w| w != work_id);
+            }
+            return;
+        }
+        if config.failed_starts_capacity == 0 || !self.failed_starts.insert(work_id.to_owned()) {
+            return;
+        }
+        self.failed_order.push_back(work_id.to_owned());
+        while self.failed_order.len() > config.failed_starts_capacity {
+            if let Some(old) = self.failed_order.pop_front() {
+                self.failed_starts.remove(&old);
+            }
+        }
     }
 
     fn remember(&mut self, config: &ReporterConfig, key: Key, id: &str) {
@@ -451,6 +597,21 @@ fn admit(shared: &Shared, record: Record) -> Option<Record> {
             None
         }
         Admission::Parked => None,
+        Admission::WithoutStarted(ack) => {
+            shared.stats.terminal_without_started.fetch_add(1, Relaxed);
+            ack.send(Err(started_not_acknowledged()));
+            None
+        }
+    }
+}
+
+/// Why a terminal record was not sent: XZepr must never get a `completed` or
+/// `failed` without its `started`. Retryable: a replay submits both again.
+fn started_not_acknowledged() -> ReportError {
+    ReportError::Failed {
+        attempts: 0,
+        reason: "its `started` was not acknowledged".into(),
+        retryable: true,
     }
 }
 
@@ -475,23 +636,22 @@ async fn post_record(shared: &Shared, mut record: Record, buf: &mut BytesMut) ->
             st.remember(&shared.config, key.clone(), id);
         }
         if status == Status::Started {
+            st.started_ended(&shared.config, &key.0, result.is_ok());
             for waiting in st.waiting.remove(&key.0).unwrap_or_default() {
+                // Never a terminal without its `started`: after a failed one it
+                // fails unsent, its offset stays unfinished and a replay posts both.
                 if result.is_err() {
-                    // Never a terminal without its `started`: it fails unsent,
-                    // its offset stays unfinished and a replay posts both.
-                    to_ack.push((
-                        waiting.ack,
-                        Err(ReportError::Failed {
-                            attempts: 0,
-                            reason: "its `started` was not acknowledged".into(),
-                            retryable: true,
-                        }),
-                    ));
+                    shared.stats.terminal_without_started.fetch_add(1, Relaxed);
+                    to_ack.push((waiting.ack, Err(started_not_acknowledged())));
                     continue;
                 }
                 match st.admit(waiting) {
                     Admission::Post(r) => to_post.push(r),
                     Admission::Done(a, r) => to_ack.push((a, r)),
+                    Admission::WithoutStarted(a) => {
+                        shared.stats.terminal_without_started.fetch_add(1, Relaxed);
+                        to_ack.push((a, Err(started_not_acknowledged())));
+                    }
                     Admission::Parked => {}
                 }
             }
@@ -525,6 +685,11 @@ async fn post_with_rediscovery(
                         stale = %stale, receiver = %new,
                         "Receiver came back 404: discovered again."
                     );
+                    // Before the first post under the new id: the own-event guard
+                    // must know it by the time XZepr republishes that post.
+                    if shared.own.contains(&stale) {
+                        shared.own.insert(&new);
+                    }
                     shared
                         .moved
                         .lock()
@@ -611,10 +776,23 @@ impl Posted {
 async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Posted> {
     let cfg = &shared.config;
     let mut attempt = 0u32;
+    let mut lost = false;
     loop {
         attempt += 1;
         wait_rate(shared).await;
         let permit = shared.breaker.admit(cfg).await;
+        if lost {
+            shared
+                .stats
+                .resent_after_lost_response
+                .fetch_add(1, Relaxed);
+            tracing::warn!(
+                work_id,
+                attempt,
+                "Lifecycle post re-sent after a lost response: XZepr may hold it twice, \
+                 both with the same post_key."
+            );
+        }
         let result = shared.client.post_event_body(body.clone()).await;
         shared.breaker.record(
             permit,
@@ -629,6 +807,7 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
             }
             Err(e) => {
                 let retryable = e.is_retryable();
+                lost = e.is_response_lost();
                 if !retryable || attempt >= cfg.max_attempts {
                     let not_found = e.is_not_found();
                     let err = ReportError::Failed {
@@ -886,6 +1065,90 @@ mod tests {
         match st.admit(record("c", Status::Started, &acks)) {
             Admission::Done(_, Ok(id)) => assert_eq!(id, "E9"),
             _ => panic!("an acknowledged key is coalesced with its event id"),
+        }
+    }
+
+    #[test]
+    fn a_terminal_after_a_failed_started_is_failed_unsent() {
+        let acks: Arc<Mutex<Vec<String>>> = Arc::default();
+        let cfg = ReporterConfig::default();
+        let mut st = DedupState::default();
+        st.started_ended(&cfg, "a", false);
+        assert!(matches!(
+            st.admit(record("a", Status::Completed, &acks)),
+            Admission::WithoutStarted(_)
+        ));
+        assert!(matches!(
+            st.admit(record("a", Status::Failed, &acks)),
+            Admission::WithoutStarted(_)
+        ));
+        // A replayed `started` goes out; its terminal waits for it, and once it is
+        // acknowledged the work is in order again.
+        assert!(matches!(
+            st.admit(record("a", Status::Started, &acks)),
+            Admission::Post(_)
+        ));
+        assert!(matches!(
+            st.admit(record("a", Status::Completed, &acks)),
+            Admission::Parked
+        ));
+        st.in_flight.clear();
+        st.started_ended(&cfg, "a", true);
+        assert!(matches!(
+            st.admit(record("a", Status::Completed, &acks)),
+            Admission::Post(_)
+        ));
+        // Bounded: the oldest failed work ids are forgotten first.
+        let small = ReporterConfig {
+            failed_starts_capacity: 2,
+            ..ReporterConfig::default()
+        };
+        for w in ["x", "y", "z"] {
+            st.started_ended(&small, w, false);
+        }
+        assert_eq!(st.failed_starts.len(), 2);
+        assert!(!st.failed_starts.contains("x"));
+    }
+
+    #[test]
+    fn own_receivers_are_shared_and_cheap_to_ask() {
+        let own = OwnReceivers::new();
+        assert!(!own.contains("R1"));
+        let seen_by_pipeline = own.clone();
+        assert!(own.insert("R1"));
+        assert!(!own.insert("R1"), "no duplicates");
+        assert!(seen_by_pipeline.contains("R1"));
+        assert!(!seen_by_pipeline.contains("R2"));
+        own.insert("R2");
+        assert!(seen_by_pipeline.contains("R2") && seen_by_pipeline.contains("R1"));
+        assert!(!seen_by_pipeline.contains("R"), "whole ids only");
+        assert_eq!(seen_by_pipeline.ids(), ["R1", "R2"]);
+    }
+
+    #[tokio::test]
+    async fn the_reporter_hands_out_one_shared_set() {
+        let client = XzeprClient::new(crate::client::XzeprClientConfig::new(
+            "http://127.0.0.1:9",
+            "",
+        ))
+        .unwrap();
+        let (reporter, _task) = Reporter::start(client, ReporterConfig::default());
+        reporter.own_receivers().insert("R1");
+        assert!(reporter.clone().own_receivers().contains("R1"));
+    }
+
+    #[test]
+    fn work_fields_must_not_be_empty() {
+        assert!(validate_work_fields("deploy", "1.0.0", "1.0.0", "deployer").is_ok());
+        for (args, field) in [
+            (["", "1", "1", "p"], "work_name"),
+            (["w", " ", "1", "p"], "work_version"),
+            (["w", "1", "", "p"], "release"),
+            (["w", "1", "1", "\t"], "package"),
+        ] {
+            let err = validate_work_fields(args[0], args[1], args[2], args[3]).unwrap_err();
+            assert_eq!(err, ConfigError::Empty { name: field });
+            assert!(err.to_string().contains(field), "{err}");
         }
     }
 

@@ -303,3 +303,69 @@ async fn retry_after_is_read_from_429() {
     assert!(e.is_retryable());
     assert_eq!(e.retry_after(), Some(std::time::Duration::from_secs(3)));
 }
+
+#[tokio::test]
+async fn among_several_existing_receivers_every_client_takes_the_earliest() {
+    let server = MockServer::start().await;
+    let at = |i: usize, name: &str, created_at: &str| {
+        let mut r = receiver(i, name, "worker");
+        r["created_at"] = json!(created_at);
+        r
+    };
+    // The server's order is arbitrary; the winner is not.
+    let all = vec![
+        at(5, "svc", "2026-11-23T00:00:02Z"),
+        at(9, "svc", "2026-11-23T00:00:01Z"),
+        at(3, "svc", "2026-11-23T00:00:01Z"),
+        at(1, "svc-other", "2026-11-23T00:00:00Z"),
+    ];
+    Mock::given(method("GET"))
+        .and(path("/api/v1/receivers"))
+        .respond_with(IgnoresPaging(all))
+        .mount(&server)
+        .await;
+    for _ in 0..2 {
+        let id = client(&server)
+            .discover_or_create_event_receiver("svc", "worker", "1.0.0", "d", json!({}))
+            .await
+            .unwrap();
+        assert_eq!(id, "R003", "earliest created_at, then the smallest id");
+    }
+}
+
+#[tokio::test]
+async fn a_post_sent_in_full_without_an_answer_is_a_lost_response() {
+    let server = MockServer::start().await;
+    let slow = ResponseTemplate::new(200)
+        .set_body_json(json!({"data": "E1"}))
+        .set_delay(std::time::Duration::from_millis(500));
+    Mock::given(method("POST"))
+        .and(path("/api/v1/events"))
+        .respond_with(slow.clone())
+        .mount(&server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/receivers/R1"))
+        .respond_with(slow)
+        .mount(&server)
+        .await;
+    let c = XzeprClient::new(
+        XzeprClientConfig::new(server.uri(), "t")
+            .with_request_timeout(std::time::Duration::from_millis(100)),
+    )
+    .unwrap();
+    let e = c
+        .post_work_started("R1", "w", "n", "1", "p", "s", json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        e.is_response_lost() && e.is_timeout() && e.is_retryable(),
+        "{e}"
+    );
+    // A request without a body changes nothing: a plain timeout.
+    let e = c.get_event_receiver("R1").await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Timeout(_)) && !e.is_response_lost(),
+        "{e}"
+    );
+}

@@ -80,6 +80,7 @@ async fn a_chaos_server_loses_nothing_and_started_precedes_terminal() {
         slow: 0.05,
         delay: Duration::from_millis(20),
         drop: 0.05,
+        ..Default::default()
     };
     let server = http_support::start(chaos).await;
     let mut config = ReporterConfig::default();
@@ -257,6 +258,77 @@ async fn duplicates_in_flight_are_sent_once_and_a_failed_started_holds_its_termi
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminal_submitted_after_its_started_failed_for_good_is_never_sent() {
+    // XZepr refuses every `started` (500) and takes everything else.
+    let server = http_support::start(http_support::Chaos {
+        fail_started: true,
+        ..Default::default()
+    })
+    .await;
+    let client = XzeprClient::new(XzeprClientConfig::new(server.url.clone(), "tok")).unwrap();
+    let mut config = ReporterConfig::default();
+    config.max_attempts = 2;
+    config.backoff_base = Duration::from_millis(1);
+    let (reporter, task) = Reporter::start(client, config);
+    let acks: Acks = Arc::default();
+    for (i, terminal) in [(1, Status::Completed), (2, Status::Failed)] {
+        reporter
+            .send(record(i, Status::Started, &acks))
+            .await
+            .unwrap();
+        // The `started` has failed for good before its terminal is submitted.
+        while acks.lock().unwrap().len() < 2 * i - 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        reporter.send(record(i, terminal, &acks)).await.unwrap();
+    }
+    while acks.lock().unwrap().len() < 4 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        reporter
+            .stats()
+            .terminal_without_started
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    drop(reporter);
+    assert!(task.drain(Duration::from_secs(30)).await);
+    let acks = acks.lock().unwrap();
+    for (id, status, r) in acks.iter() {
+        match status {
+            Status::Started => assert!(
+                matches!(r, Err(ReportError::Failed { attempts: 2, .. })),
+                "{id}: {r:?}"
+            ),
+            _ => assert!(
+                matches!(
+                    r,
+                    Err(ReportError::Failed {
+                        attempts: 0,
+                        retryable: true,
+                        ..
+                    })
+                ),
+                "{id} {status:?} must fail unsent: {r:?}"
+            ),
+        }
+    }
+    assert!(
+        server.seen.accepted.lock().unwrap().is_empty(),
+        "no terminal went out without its started"
+    );
+    assert_eq!(
+        server
+            .seen
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        4,
+        "two attempts at each `started`, none at a terminal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_lost_by_a_server_restart_is_discovered_again() {
     use wiremock::matchers::{body_partial_json, method, path};
     use wiremock::{Mock, MockServer, ResponseTemplate};
@@ -308,6 +380,8 @@ async fn a_receiver_lost_by_a_server_restart_is_discovered_again() {
         .unwrap();
     assert_eq!(receiver, "R-OLD");
     let (reporter, task) = Reporter::start(client, ReporterConfig::default());
+    let own = reporter.own_receivers();
+    own.insert("R-OLD");
     let acks: Acks = Arc::default();
     for i in 0..20 {
         let mut r = record(i, Status::Started, &acks);
@@ -329,4 +403,6 @@ async fn a_receiver_lost_by_a_server_restart_is_discovered_again() {
         .filter(|r| String::from_utf8_lossy(&r.body).contains("R-NEW"))
         .count();
     assert_eq!(to_new, 20);
+    // The own-event guard's set followed the move.
+    assert!(own.contains("R-OLD") && own.contains("R-NEW"));
 }

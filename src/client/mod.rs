@@ -8,12 +8,16 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{
+    AtomicBool,
+    Ordering::{Acquire, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -33,15 +37,28 @@ pub enum ClientError {
         /// The request path.
         path: Box<str>,
     },
-    /// 401/403: the token was refused. Never retried.
-    #[error("unauthorized ({status}): check XZEPR_API_TOKEN")]
+    /// 401/403: the token was refused, or none was sent to a server that wants
+    /// one. Never retried.
+    #[error("unauthorized ({status}): check XZEPR_API_TOKEN (set it when XZepr requires a token)")]
     Unauthorized {
         /// 401 or 403.
         status: u16,
     },
-    /// No response within the request timeout.
+    /// No response within the request timeout, before the request was handed in
+    /// full to the connection: the server cannot have acted on it.
     #[error("request timed out after {0:?}")]
     Timeout(Duration),
+    /// The request was handed in full to the connection, then no answer came (the
+    /// timeout fired, or the connection closed): the server may have acted on it,
+    /// so a retry may record a duplicate. Retryable; see
+    /// [`ClientError::is_response_lost`].
+    #[error("request sent, but its response was lost: {reason}")]
+    ResponseLost {
+        /// True when the request timeout fired (rather than the connection closing).
+        timed_out: bool,
+        /// What happened.
+        reason: Box<str>,
+    },
     /// The connection failed (refused, reset, TLS).
     #[error("connection failed: {0}")]
     Connect(Box<str>),
@@ -99,15 +116,32 @@ impl ClientError {
     /// A 4xx other than 429 (and 401/403) is final.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ClientError::Timeout(_) | ClientError::Connect(_) => true,
+            ClientError::Timeout(_)
+            | ClientError::Connect(_)
+            | ClientError::ResponseLost { .. } => true,
             ClientError::Api(e) => e.status >= 500 || e.status == 429,
             _ => false,
         }
     }
 
-    /// True for [`ClientError::Timeout`].
+    /// True when the request timeout fired: [`ClientError::Timeout`], or a
+    /// [`ClientError::ResponseLost`] that timed out.
     pub fn is_timeout(&self) -> bool {
-        matches!(self, ClientError::Timeout(_))
+        matches!(
+            self,
+            ClientError::Timeout(_)
+                | ClientError::ResponseLost {
+                    timed_out: true,
+                    ..
+                }
+        )
+    }
+
+    /// True for [`ClientError::ResponseLost`]: the request went out in full and no
+    /// answer came, so the server may have acted on it (XZepr may have recorded
+    /// the event). A retry is still right for at-least-once, but may duplicate.
+    pub fn is_response_lost(&self) -> bool {
+        matches!(self, ClientError::ResponseLost { .. })
     }
 
     /// True for [`ClientError::Unauthorized`].
@@ -139,17 +173,35 @@ impl ClientError {
     }
 }
 
+/// Default [`XzeprClientConfig::request_timeout`]: 30 s. XZepr answers in ~5 ms,
+/// but while its own Kafka is unreachable `POST /api/v1/events` takes 10–14 s and
+/// *still records the event*: a shorter timeout followed by a retry records it
+/// twice. 30 s covers that slow-but-working server with room to spare.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default [`XzeprClientConfig::connect_timeout`]: 5 s. Connecting is cheap and
+/// unrelated to XZepr's slowness; a server that does not accept a connection this
+/// fast is down, and failing the attempt early (nothing was sent, so nothing can
+/// be duplicated) lets the retry and the breaker take over.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Settings of an [`XzeprClient`].
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct XzeprClientConfig {
     /// Server base URL, e.g. `http://localhost:8042` (the contract's default).
     pub base_url: String,
-    /// Bearer token (never printed).
+    /// Bearer token (never printed). Empty: no `Authorization` header is sent
+    /// (a server without authentication in front); a 401/403 then comes back as
+    /// [`ClientError::Unauthorized`], which names `XZEPR_API_TOKEN`.
     pub token: String,
-    /// Per-request timeout. Default 10 s: XZepr answers in ~5 ms; anything near
-    /// this is a stuck server, and the reporter retries it.
+    /// Time from sending a request to its whole response. Default
+    /// [`DEFAULT_REQUEST_TIMEOUT`] (30 s, see there why). When it fires after the
+    /// request went out, the error is [`ClientError::ResponseLost`].
     pub request_timeout: Duration,
+    /// Time to establish a connection (TCP and TLS). Default
+    /// [`DEFAULT_CONNECT_TIMEOUT`] (5 s); it fails as [`ClientError::Connect`].
+    pub connect_timeout: Duration,
     /// Idle keep-alive connections kept per host. Default 128: the reporter's
     /// default in-flight limit, so every post in flight can find a warm connection.
     pub pool_max_idle_per_host: usize,
@@ -161,10 +213,16 @@ pub struct XzeprClientConfig {
 
 impl fmt::Debug for XzeprClientConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let token = if self.token.trim().is_empty() {
+            "<none>"
+        } else {
+            "<redacted>"
+        };
         f.debug_struct("XzeprClientConfig")
             .field("base_url", &self.base_url)
-            .field("token", &"<redacted>")
+            .field("token", &token)
             .field("request_timeout", &self.request_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("ca_file", &self.ca_file)
@@ -173,22 +231,60 @@ impl fmt::Debug for XzeprClientConfig {
 }
 
 impl XzeprClientConfig {
-    /// Settings for `base_url` with `token`, other values at their defaults.
+    /// Settings for `base_url` with `token` (empty: no `Authorization` header),
+    /// other values at their defaults.
     pub fn new(base_url: impl Into<String>, token: impl Into<String>) -> Self {
         XzeprClientConfig {
             base_url: base_url.into(),
             token: token.into(),
-            request_timeout: Duration::from_secs(10),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             pool_max_idle_per_host: 128,
             pool_idle_timeout: Duration::from_secs(90),
             ca_file: None,
         }
     }
 
-    /// From `XZEPR_API_URL` (default `http://localhost:8042`) and `XZEPR_API_TOKEN`.
+    /// Sets [`XzeprClientConfig::request_timeout`].
+    #[must_use]
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets [`XzeprClientConfig::connect_timeout`].
+    #[must_use]
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`XzeprClientConfig::pool_max_idle_per_host`].
+    #[must_use]
+    pub fn with_pool_max_idle_per_host(mut self, idle: usize) -> Self {
+        self.pool_max_idle_per_host = idle;
+        self
+    }
+
+    /// Sets [`XzeprClientConfig::pool_idle_timeout`].
+    #[must_use]
+    pub fn with_pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_idle_timeout = timeout;
+        self
+    }
+
+    /// Sets [`XzeprClientConfig::ca_file`].
+    #[must_use]
+    pub fn with_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ca_file = Some(path.into());
+        self
+    }
+
+    /// From `XZEPR_API_URL` (default `http://localhost:8042`) and
+    /// `XZEPR_API_TOKEN` (absent or empty: no `Authorization` header is sent).
     ///
     /// # Errors
-    /// [`ClientError::Config`] naming `XZEPR_API_TOKEN` when it is missing.
+    /// None today; kept fallible for settings still to come.
     pub fn from_env() -> Result<Self, ClientError> {
         Self::from_env_with(|k| std::env::var(k).ok())
     }
@@ -196,17 +292,14 @@ impl XzeprClientConfig {
     /// As [`XzeprClientConfig::from_env`], reading through `lookup`.
     ///
     /// # Errors
-    /// [`ClientError::Config`] naming `XZEPR_API_TOKEN` when it is missing.
+    /// As [`XzeprClientConfig::from_env`].
     pub fn from_env_with(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ClientError> {
         let url = lookup("XZEPR_API_URL")
             .filter(|u| !u.trim().is_empty())
             .unwrap_or_else(|| "http://localhost:8042".to_owned());
         let token = lookup("XZEPR_API_TOKEN")
-            .filter(|t| !t.trim().is_empty())
-            .ok_or(ClientError::Config {
-                name: "XZEPR_API_TOKEN",
-                reason: "required to report to XZepr".into(),
-            })?;
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_default();
         Ok(Self::new(url, token))
     }
 }
@@ -283,6 +376,48 @@ pub struct ReceiverQuery {
     pub offset: Option<u64>,
 }
 
+impl ReceiverQuery {
+    /// No filters, the server's paging.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Filters by name.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Filters by type.
+    #[must_use]
+    pub fn with_type(mut self, receiver_type: impl Into<String>) -> Self {
+        self.receiver_type = Some(receiver_type.into());
+        self
+    }
+
+    /// Filters by version.
+    #[must_use]
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// Page size (the server accepts 1..=1000).
+    #[must_use]
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+
+    /// Page offset.
+    #[must_use]
+    pub fn with_offset(mut self, offset: u64) -> Self {
+        self.offset = Some(offset);
+        self
+    }
+}
+
 /// The body of `POST /api/v1/events`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -305,6 +440,86 @@ pub struct CreateEvent {
     pub success: bool,
     /// Receiver to record it under.
     pub event_receiver_id: String,
+}
+
+impl CreateEvent {
+    /// An event named `name` under the receiver `event_receiver_id`: successful,
+    /// payload `{}`, every other field empty. XZepr requires `version`,
+    /// `release`, `platform_id` and `package` to be non-empty: set them with the
+    /// `with_*` methods.
+    ///
+    /// ```
+    /// # use xzepr_consumer::client::CreateEvent;
+    /// let event = CreateEvent::new("deploy.finished", "01M82X4ET7AYGAEYSHF5AKVAVW")
+    ///     .with_version("1.2.0")
+    ///     .with_release("1.2.0")
+    ///     .with_platform_id("linux")
+    ///     .with_package("deployer")
+    ///     .with_payload(serde_json::json!({"region": "eu"}));
+    /// assert!(event.success);
+    /// ```
+    pub fn new(name: impl Into<String>, event_receiver_id: impl Into<String>) -> Self {
+        CreateEvent {
+            name: name.into(),
+            version: String::new(),
+            release: String::new(),
+            platform_id: String::new(),
+            package: String::new(),
+            description: String::new(),
+            payload: Value::Object(serde_json::Map::new()),
+            success: true,
+            event_receiver_id: event_receiver_id.into(),
+        }
+    }
+
+    /// Sets the version.
+    #[must_use]
+    pub fn with_version(mut self, version: impl Into<String>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Sets the release.
+    #[must_use]
+    pub fn with_release(mut self, release: impl Into<String>) -> Self {
+        self.release = release.into();
+        self
+    }
+
+    /// Sets the platform id.
+    #[must_use]
+    pub fn with_platform_id(mut self, platform_id: impl Into<String>) -> Self {
+        self.platform_id = platform_id.into();
+        self
+    }
+
+    /// Sets the package.
+    #[must_use]
+    pub fn with_package(mut self, package: impl Into<String>) -> Self {
+        self.package = package.into();
+        self
+    }
+
+    /// Sets the description.
+    #[must_use]
+    pub fn with_description(mut self, description: impl Into<String>) -> Self {
+        self.description = description.into();
+        self
+    }
+
+    /// Sets the payload (XZepr wants a JSON object).
+    #[must_use]
+    pub fn with_payload(mut self, payload: Value) -> Self {
+        self.payload = payload;
+        self
+    }
+
+    /// Sets the success flag.
+    #[must_use]
+    pub fn with_success(mut self, success: bool) -> Self {
+        self.success = success;
+        self
+    }
 }
 
 /// The fields of a lifecycle post shared by its three statuses.
@@ -378,18 +593,67 @@ impl<'a> WorkRef<'a> {
 
     fn event(&self, phase: Phase<'_>, details: &Value) -> CreateEvent {
         let body = LifecycleBody::new(*self, phase, details);
+        let w = &body.work;
         CreateEvent {
             name: body.name().to_string(),
-            version: self.work_version.to_owned(),
-            release: self.work_version.to_owned(),
-            platform_id: self.platform_id.to_owned(),
-            package: self.package.to_owned(),
+            version: w.work_version.to_owned(),
+            release: w.work_version.to_owned(),
+            platform_id: w.platform_id.to_owned(),
+            package: w.package.to_owned(),
             description: body.description().to_string(),
             payload: serde_json::to_value(&body.payload).unwrap_or(Value::Null),
             success: phase.success(),
-            event_receiver_id: self.receiver_id.to_owned(),
+            event_receiver_id: w.receiver_id.to_owned(),
         }
     }
+
+    /// The reference with every field XZepr requires non-empty filled from its
+    /// documented fallback (see [`FALLBACK_VALUE`]), so that a source event's
+    /// missing attribute never makes an unpostable (400) record:
+    ///
+    /// - `platform_id` empty → the `package` (the service's name), or
+    ///   [`FALLBACK_VALUE`] when that is empty too;
+    /// - `package`, `work_name` or `work_version` empty → [`FALLBACK_VALUE`].
+    ///
+    /// Blank (whitespace-only) counts as empty. The receiver id has no fallback.
+    pub fn with_fallbacks(self) -> Self {
+        let blank = |s: &str| s.trim().is_empty();
+        let package = if blank(self.package) {
+            FALLBACK_VALUE
+        } else {
+            self.package
+        };
+        WorkRef {
+            work_name: if blank(self.work_name) {
+                FALLBACK_VALUE
+            } else {
+                self.work_name
+            },
+            work_version: if blank(self.work_version) {
+                FALLBACK_VALUE
+            } else {
+                self.work_version
+            },
+            platform_id: if blank(self.platform_id) {
+                package
+            } else {
+                self.platform_id
+            },
+            package,
+            ..self
+        }
+    }
+}
+
+/// What a required lifecycle field falls back to when nothing better is known
+/// (see [`WorkRef::with_fallbacks`]).
+pub const FALLBACK_VALUE: &str = "unknown";
+
+/// The `details.post_key` of a lifecycle post: `{work_id}:{status}` (`status` is
+/// `started`, `completed` or `failed`). Stable for a (work id, status), across
+/// retries and restarts, so a downstream reader can recognise a duplicate.
+pub fn post_key(work_id: &str, status: &str) -> String {
+    format!("{work_id}:{status}")
 }
 
 /// Which lifecycle event, with what only that event carries.
@@ -437,6 +701,7 @@ struct LifecyclePayload<'a> {
 
 impl<'a> LifecycleBody<'a> {
     pub(crate) fn new(work: WorkRef<'a>, phase: Phase<'a>, details: &'a Value) -> Self {
+        let work = work.with_fallbacks();
         LifecycleBody {
             work,
             phase,
@@ -519,68 +784,61 @@ impl Serialize for LifecyclePayload<'_> {
         let mut m = s.serialize_map(None)?;
         m.serialize_entry("work_id", self.work_id)?;
         m.serialize_entry("status", self.phase.word())?;
+        let details = Details {
+            details: self.details,
+            key: PostKey(self.work_id, self.phase),
+            error: match self.phase {
+                Phase::Failed { error, error_code } => Some((error, error_code)),
+                Phase::Started | Phase::Completed => None,
+            },
+        };
         match self.phase {
-            Phase::Started => {
-                m.serialize_entry("started_at", &self.at)?;
-                m.serialize_entry("details", &DetailsObject(self.details))?;
-            }
-            Phase::Completed => {
+            Phase::Started => m.serialize_entry("started_at", &self.at)?,
+            Phase::Completed | Phase::Failed { .. } => {
                 m.serialize_entry("completed_at", &self.at)?;
-                m.serialize_entry("success", &true)?;
-                m.serialize_entry("details", &DetailsObject(self.details))?;
-            }
-            Phase::Failed { error, error_code } => {
-                m.serialize_entry("completed_at", &self.at)?;
-                m.serialize_entry("success", &false)?;
-                m.serialize_entry(
-                    "details",
-                    &FailedDetails {
-                        details: self.details,
-                        error,
-                        error_code,
-                    },
-                )?;
+                m.serialize_entry("success", &self.phase.success())?;
             }
         }
+        m.serialize_entry("details", &details)?;
         m.end()
     }
 }
 
-/// `details` as the contract has it, always an object: `null` is `{}`, and a
-/// non-object goes under `context`.
-struct DetailsObject<'a>(&'a Value);
+/// `{work_id}:{status}`, written straight into the output.
+struct PostKey<'a>(&'a str, Phase<'a>);
 
-impl Serialize for DetailsObject<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        match self.0 {
-            Value::Object(obj) => obj.serialize(s),
-            Value::Null => s.serialize_map(Some(0))?.end(),
-            other => {
-                let mut m = s.serialize_map(Some(1))?;
-                m.serialize_entry("context", other)?;
-                m.end()
-            }
-        }
+impl fmt::Display for PostKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0, self.1.word())
     }
 }
 
-/// A failure's `details`: the caller's object (a non-object goes under `context`)
-/// with `error` and `error_code` set, replacing any of the caller's own.
-struct FailedDetails<'a> {
-    details: &'a Value,
-    error: &'a str,
-    error_code: &'a str,
+impl Serialize for PostKey<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
 }
 
-impl Serialize for FailedDetails<'_> {
+/// `details` as the contract has it, always an object: the caller's object
+/// (`null` is `{}`, a non-object goes under `context`), then `post_key`, and for
+/// a failure `error` and `error_code`; these replace any of the caller's own.
+struct Details<'a> {
+    details: &'a Value,
+    key: PostKey<'a>,
+    error: Option<(&'a str, &'a str)>,
+}
+
+impl Serialize for Details<'_> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
+        let ours = |k: &str| {
+            k == "post_key" || (self.error.is_some() && (k == "error" || k == "error_code"))
+        };
         let mut m = s.serialize_map(None)?;
         match self.details {
             Value::Object(obj) => {
                 for (k, v) in obj {
-                    if k != "error" && k != "error_code" {
+                    if !ours(k) {
                         m.serialize_entry(k, v)?;
                     }
                 }
@@ -588,8 +846,11 @@ impl Serialize for FailedDetails<'_> {
             Value::Null => {}
             other => m.serialize_entry("context", other)?,
         }
-        m.serialize_entry("error", self.error)?;
-        m.serialize_entry("error_code", self.error_code)?;
+        m.serialize_entry("post_key", &self.key)?;
+        if let Some((error, error_code)) = self.error {
+            m.serialize_entry("error", error)?;
+            m.serialize_entry("error_code", error_code)?;
+        }
         m.end()
     }
 }
@@ -605,12 +866,55 @@ const EVENTS_PATH: &str = "/api/v1/events";
 const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 type Https = hyper_rustls::HttpsConnector<HttpConnector>;
-/// One (name, type)'s discovered id; its lock makes concurrent discoveries one.
-type DiscoverySlot = Arc<tokio::sync::Mutex<Option<String>>>;
-type Singleflight = Mutex<HashMap<(String, String), DiscoverySlot>>;
+
+/// One (name, type)'s discovery. Slots are never removed from the map (there is
+/// one per (name, type) this process ever discovered: a handful), so every
+/// caller for a (name, type) always meets the same `lock`: one discovery in
+/// flight per (name, type), whatever `forget_receiver` does meanwhile.
+#[derive(Default)]
+struct DiscoverySlot {
+    /// Held for the whole of a discovery.
+    lock: tokio::sync::Mutex<()>,
+    /// The id found, if still trusted. A std mutex, never held across an await:
+    /// `forget_receiver` (sync) clears it without waiting for a discovery.
+    cached: Mutex<Option<String>>,
+}
+
+type Singleflight = Mutex<HashMap<(String, String), Arc<DiscoverySlot>>>;
+
+/// A request body that records when it was handed in full to the connection:
+/// after that, a lost answer may mean the server acted on the request
+/// ([`ClientError::ResponseLost`]); before it, the server cannot have.
+struct SentBody {
+    data: Option<Bytes>,
+    sent: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for SentBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        let frame = self.data.take().map(|d| Ok(hyper::body::Frame::data(d)));
+        // One frame is the whole body: taking it (or the end) is handing it all over.
+        self.sent.store(true, Release);
+        std::task::Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
 
 /// What a receiver was discovered with, to discover it again after a 404.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct ReceiverSpec {
     name: String,
     receiver_type: String,
@@ -626,16 +930,19 @@ pub struct XzeprClient {
 }
 
 struct Inner {
-    http: Client<Https, Full<Bytes>>,
+    http: Client<Https, SentBody>,
     base: String,
     /// `POST /api/v1/events`, parsed once: the reporter's hot path.
     events_uri: http::Uri,
-    auth: http::HeaderValue,
+    /// `None` when no token is configured: no `Authorization` header then.
+    auth: Option<http::HeaderValue>,
     timeout: Duration,
     /// One discovery at a time per (name, type): concurrent callers create at most one.
     discovering: Singleflight,
     /// Every receiver id discovered, with what it was discovered with.
     discovered: Mutex<HashMap<String, Arc<ReceiverSpec>>>,
+    /// Losing duplicate receivers already logged, so each is logged once.
+    warned_losers: Mutex<std::collections::HashSet<String>>,
 }
 
 impl fmt::Debug for XzeprClient {
@@ -651,8 +958,8 @@ impl XzeprClient {
     /// Builds a client.
     ///
     /// # Errors
-    /// [`ClientError::Config`] for an empty token, a base URL that is not
-    /// http(s), or an unreadable CA file.
+    /// [`ClientError::Config`] for a base URL that is not http(s), a token that
+    /// is not a valid header value, or an unreadable CA file.
     pub fn new(config: XzeprClientConfig) -> Result<Self, ClientError> {
         let base = config.base_url.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://"))
@@ -663,21 +970,20 @@ impl XzeprClient {
                 reason: "must be an http:// or https:// URL".into(),
             });
         }
-        if config.token.trim().is_empty() {
-            return Err(ClientError::Config {
-                name: "token (XZEPR_API_TOKEN)",
-                reason: "must not be empty".into(),
-            });
-        }
-        let auth =
-            http::HeaderValue::from_str(&format!("Bearer {}", config.token)).map_err(|_| {
-                ClientError::Config {
-                    name: "token (XZEPR_API_TOKEN)",
-                    reason: "not a valid header value".into(),
-                }
-            })?;
-        let mut auth = auth;
-        auth.set_sensitive(true);
+        let token = config.token.trim();
+        let auth = if token.is_empty() {
+            None
+        } else {
+            let mut auth =
+                http::HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+                    ClientError::Config {
+                        name: "token (XZEPR_API_TOKEN)",
+                        reason: "not a valid header value".into(),
+                    }
+                })?;
+            auth.set_sensitive(true);
+            Some(auth)
+        };
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(path) = &config.ca_file {
@@ -701,12 +1007,16 @@ impl XzeprClient {
         })?
         .with_root_certificates(roots)
         .with_no_client_auth();
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(config.connect_timeout));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .build();
+            .wrap_connector(tcp);
         let http = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_idle_timeout(config.pool_idle_timeout)
@@ -725,6 +1035,7 @@ impl XzeprClient {
                 timeout: config.request_timeout,
                 discovering: Mutex::new(HashMap::new()),
                 discovered: Mutex::new(HashMap::new()),
+                warned_losers: Mutex::new(std::collections::HashSet::new()),
             }),
         })
     }
@@ -754,20 +1065,42 @@ impl XzeprClient {
         let mut req = Request::builder()
             .method(method)
             .uri(uri)
-            .header(http::header::AUTHORIZATION, self.inner.auth.clone())
             .header(http::header::ACCEPT, "application/json");
+        if let Some(auth) = &self.inner.auth {
+            req = req.header(http::header::AUTHORIZATION, auth.clone());
+        }
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
         }
+        // Only a body can be "sent in full"; a bodiless request (a GET) changes
+        // nothing on the server, so a lost answer to it is a plain timeout.
+        let sent = Arc::new(AtomicBool::new(false));
+        let has_body = body.as_ref().is_some_and(|b| !b.is_empty());
         let req = req
-            .body(Full::new(body.unwrap_or_default()))
+            .body(SentBody {
+                data: body.filter(|b| !b.is_empty()),
+                sent: Arc::clone(&sent),
+            })
             .map_err(|e| ClientError::Connect(e.to_string().into()))?;
         let timeout = self.inner.timeout;
         let started = tokio::time::Instant::now();
-        let resp = tokio::time::timeout(timeout, self.inner.http.request(req))
-            .await
-            .map_err(|_| ClientError::Timeout(timeout))?
-            .map_err(|e| ClientError::Connect(error_chain(&e).into()))?;
+        let lost = |timed_out: bool, reason: String| {
+            if has_body && sent.load(Acquire) {
+                ClientError::ResponseLost {
+                    timed_out,
+                    reason: reason.into(),
+                }
+            } else if timed_out {
+                ClientError::Timeout(timeout)
+            } else {
+                ClientError::Connect(reason.into())
+            }
+        };
+        let resp = match tokio::time::timeout(timeout, self.inner.http.request(req)).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => return Err(lost(false, error_chain(&e))),
+            Err(_) => return Err(lost(true, format!("no answer within {timeout:?}"))),
+        };
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -904,9 +1237,18 @@ impl XzeprClient {
     }
 
     /// Finds the receiver with exactly this name **and** type across every page
-    /// (the server's filters cannot be trusted), or creates it. A 400 "already
-    /// exists" on create means another process won the race: list again and take
-    /// it. Concurrent callers in this process share one discovery.
+    /// (the server's filters cannot be trusted), or creates it, and returns its
+    /// id. Concurrent callers in this process share one discovery per (name,
+    /// type), always.
+    ///
+    /// XZepr's create is check-then-insert, so instances starting at once can
+    /// each create one. Every instance converges on the same receiver all the
+    /// same: after creating, it lists again, and whenever several exact matches
+    /// exist it takes the **earliest `created_at`, then the smallest id**. The
+    /// losers are left alone (the API cannot tell which one another instance is
+    /// using) and logged once each at `warn` with their ids. A 400 "already
+    /// exists" on create means another instance won the race: list again and
+    /// take the winner.
     ///
     /// # Errors
     /// Any [`ClientError`] of the list or create calls.
@@ -918,47 +1260,69 @@ impl XzeprClient {
         description: &str,
         schema: Value,
     ) -> Result<String, ClientError> {
-        let slot = self.discovery_slot(name, receiver_type);
-        let mut cached = slot.lock().await;
-        if let Some(id) = cached.as_ref() {
-            return Ok(id.clone());
-        }
-        let id = match self.find_receiver(name, receiver_type).await? {
-            Some(id) => id,
-            None => match self
-                .create_event_receiver(name, receiver_type, version, description, schema.clone())
-                .await
-            {
-                Ok(id) => id,
-                Err(ClientError::Api(e))
-                    if e.status == 400 && e.body.contains("already exists") =>
-                {
-                    self.find_receiver(name, receiver_type)
-                        .await?
-                        .ok_or(ClientError::Api(e))?
-                }
-                Err(e) => return Err(e),
-            },
+        let spec = ReceiverSpec {
+            name: name.to_owned(),
+            receiver_type: receiver_type.to_owned(),
+            version: version.to_owned(),
+            description: description.to_owned(),
+            schema,
         };
-        *cached = Some(id.clone());
+        self.discover(spec, None).await
+    }
+
+    /// The one discovery of `spec`'s (name, type) at a time. With `stale`, a
+    /// cached id equal to it is not trusted (it came back 404).
+    async fn discover(
+        &self,
+        spec: ReceiverSpec,
+        stale: Option<&str>,
+    ) -> Result<String, ClientError> {
+        let slot = self.discovery_slot(&spec.name, &spec.receiver_type);
+        let _discovering = slot.lock.lock().await;
+        {
+            let cached = slot.cached.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(id) = cached.as_deref().filter(|id| Some(*id) != stale) {
+                return Ok(id.to_owned());
+            }
+        }
+        let (name, ty) = (spec.name.as_str(), spec.receiver_type.as_str());
+        let id = match self.find_receiver(name, ty).await? {
+            Some(id) => id,
+            None => {
+                let created = self
+                    .create_event_receiver(
+                        name,
+                        ty,
+                        &spec.version,
+                        &spec.description,
+                        spec.schema.clone(),
+                    )
+                    .await;
+                match created {
+                    // Another instance may have created one at the same moment:
+                    // the list, not our create, names the winner.
+                    Ok(ours) => self.find_receiver(name, ty).await?.unwrap_or(ours),
+                    Err(ClientError::Api(e))
+                        if e.status == 400 && e.body.contains("already exists") =>
+                    {
+                        self.find_receiver(name, ty)
+                            .await?
+                            .ok_or(ClientError::Api(e))?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        *slot.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
         self.inner
             .discovered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id.clone(),
-                Arc::new(ReceiverSpec {
-                    name: name.to_owned(),
-                    receiver_type: receiver_type.to_owned(),
-                    version: version.to_owned(),
-                    description: description.to_owned(),
-                    schema,
-                }),
-            );
+            .insert(id.clone(), Arc::new(spec));
         Ok(id)
     }
 
-    fn discovery_slot(&self, name: &str, receiver_type: &str) -> DiscoverySlot {
+    fn discovery_slot(&self, name: &str, receiver_type: &str) -> Arc<DiscoverySlot> {
         let mut map = self
             .inner
             .discovering
@@ -973,8 +1337,9 @@ impl XzeprClient {
     /// After `stale_id` came back 404 (XZepr keeps receivers in memory, so a
     /// restart loses them): discovers or creates the receiver again, with the
     /// name, type and the rest it was first discovered with, and returns its id.
-    /// Concurrent callers with the same stale id share one discovery. `Ok(None)`
-    /// when `stale_id` was not discovered by this client.
+    /// Concurrent callers share the one discovery of its (name, type): the first
+    /// asks the server, the others get its answer. `Ok(None)` when `stale_id` was
+    /// not discovered by this client.
     ///
     /// # Errors
     /// As [`XzeprClient::discover_or_create_event_receiver`].
@@ -989,36 +1354,31 @@ impl XzeprClient {
         let Some(spec) = spec else {
             return Ok(None);
         };
-        {
-            let slot = self.discovery_slot(&spec.name, &spec.receiver_type);
-            let mut cached = slot.lock().await;
-            // Only the first caller forgets it; the others find the new id cached.
-            if cached.as_deref() == Some(stale_id) {
-                *cached = None;
-            }
-        }
-        self.discover_or_create_event_receiver(
-            &spec.name,
-            &spec.receiver_type,
-            &spec.version,
-            &spec.description,
-            spec.schema.clone(),
-        )
-        .await
-        .map(Some)
+        self.discover(spec.as_ref().clone(), Some(stale_id))
+            .await
+            .map(Some)
     }
 
     /// Forgets a discovered receiver id (e.g. after it came back 404 because the
-    /// server restarted), so the next discovery asks the server again.
+    /// server restarted), so the next discovery asks the server again. A
+    /// discovery already in flight for this (name, type) is not disturbed, and
+    /// later callers still wait for it: never two at once.
     pub fn forget_receiver(&self, name: &str, receiver_type: &str) {
-        let mut map = self
+        let slot = self
             .inner
             .discovering
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        map.remove(&(name.to_owned(), receiver_type.to_owned()));
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(name.to_owned(), receiver_type.to_owned()))
+            .cloned();
+        if let Some(slot) = slot {
+            *slot.cached.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 
+    /// The id of the receiver named `name` of type `receiver_type`, across every
+    /// page: among several exact matches, the deterministic winner (earliest
+    /// `created_at`, then smallest id); the others are logged once each.
     async fn find_receiver(
         &self,
         name: &str,
@@ -1026,33 +1386,58 @@ impl XzeprClient {
     ) -> Result<Option<String>, ClientError> {
         const PAGE: u32 = 1000;
         let mut seen = std::collections::HashSet::new();
+        let mut matches = Vec::new();
         let mut offset = 0u64;
         loop {
             let page = self
-                .list_event_receivers(&ReceiverQuery {
-                    name: Some(name.to_owned()),
-                    receiver_type: Some(receiver_type.to_owned()),
-                    limit: Some(PAGE),
-                    offset: Some(offset),
-                    ..ReceiverQuery::default()
-                })
+                .list_event_receivers(
+                    &ReceiverQuery::new()
+                        .with_name(name)
+                        .with_type(receiver_type)
+                        .with_limit(PAGE)
+                        .with_offset(offset),
+                )
                 .await?;
             let mut new = 0;
-            for r in &page.data {
+            for r in page.data.iter() {
                 if seen.insert(r.id.clone()) {
                     new += 1;
                     if r.name == name && r.receiver_type == receiver_type {
-                        return Ok(Some(r.id.clone()));
+                        matches.push(r.clone());
                     }
                 }
             }
             let more = page.pagination.is_some_and(|p| p.has_more);
             // A server that ignores `offset` returns the same page again: stop.
             if !more || new == 0 {
-                return Ok(None);
+                break;
             }
             offset += page.data.len() as u64;
         }
+        let Some(winner) = pick_winner(&matches) else {
+            return Ok(None);
+        };
+        let winner = winner.id.clone();
+        if matches.len() > 1 {
+            let mut warned = self
+                .inner
+                .warned_losers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let losers: Vec<&str> = matches
+                .iter()
+                .map(|r| r.id.as_str())
+                .filter(|id| *id != winner && warned.insert((*id).to_owned()))
+                .collect();
+            if !losers.is_empty() {
+                tracing::warn!(
+                    name, receiver_type, receiver = %winner, losers = ?losers,
+                    "Several receivers with this name and type (created concurrently): \
+                     using the earliest; the others are left alone."
+                );
+            }
+        }
+        Ok(Some(winner))
     }
 
     /// `POST /api/v1/events`: records an event, returns its id.
@@ -1155,6 +1540,22 @@ impl XzeprClient {
     }
 }
 
+/// The receiver every instance agrees on among exact matches: the earliest
+/// `created_at`, then the smallest id. A `created_at` that does not parse sorts
+/// after every one that does (then by id), so the rule stays total.
+fn pick_winner(matches: &[EventReceiver]) -> Option<&EventReceiver> {
+    matches.iter().min_by(|a, b| {
+        let at = |r: &EventReceiver| chrono::DateTime::parse_from_rfc3339(&r.created_at).ok();
+        match (at(a), at(b)) {
+            (Some(x), Some(y)) => x.cmp(&y),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            (None, Some(_)) => std::cmp::Ordering::Greater,
+            (None, None) => std::cmp::Ordering::Equal,
+        }
+        .then_with(|| a.id.cmp(&b.id))
+    })
+}
+
 #[derive(Deserialize)]
 struct DataId {
     data: String,
@@ -1254,8 +1655,13 @@ mod tests {
         assert!(!f.success);
         assert_eq!(
             f.payload["details"],
-            json!({"step": 3, "error": "boom", "error_code": "E1"})
+            json!({"step": 3, "post_key": "w-1:failed", "error": "boom", "error_code": "E1"})
         );
+        assert_eq!(
+            s.payload["details"],
+            json!({"k": 1, "post_key": "w-1:started"})
+        );
+        assert_eq!(c.payload["details"]["post_key"], "w-1:completed");
         assert_eq!(f.event_receiver_id, "R1");
         assert_eq!(f.package, "deployer");
     }
@@ -1301,28 +1707,112 @@ mod tests {
         let f = w.failed("boom", "E1", json!([1]));
         assert_eq!(
             f.payload["details"],
-            json!({"context": [1], "error": "boom", "error_code": "E1"})
+            json!({"context": [1], "post_key": "w-\"1:failed", "error": "boom", "error_code": "E1"})
         );
-        // `details` is always an object.
-        assert_eq!(w.started(Value::Null).payload["details"], json!({}));
+        // `details` is always an object, with the post key (the caller's replaced).
+        assert_eq!(
+            w.started(Value::Null).payload["details"],
+            json!({"post_key": "w-\"1:started"})
+        );
+        assert_eq!(
+            w.started(json!({"post_key": "theirs"})).payload["details"],
+            json!({"post_key": "w-\"1:started"})
+        );
         assert_eq!(
             w.completed(true, json!("x")).payload["details"],
-            json!({"context": "x"})
+            json!({"context": "x", "post_key": "w-\"1:completed"})
         );
+        assert_eq!(post_key("w-\"1", "completed"), "w-\"1:completed");
         // The plan's `completed(false)` is the contract's `failed`.
         let u = w.completed(false, json!({"error": "no quorum", "step": 2}));
         assert_eq!(u.name, "deploy.failed");
         assert!(!u.success);
         assert_eq!(
             u.payload["details"],
-            json!({"step": 2, "error": "no quorum", "error_code": "unsuccessful"})
+            json!({"step": 2, "post_key": "w-\"1:failed", "error": "no quorum", "error_code": "unsuccessful"})
         );
     }
 
     #[test]
+    fn empty_required_fields_fall_back() {
+        let w = WorkRef::new("R1", "w-1", "", " ", "", "deployer");
+        let e = w.started(Value::Null);
+        assert_eq!(e.name, "unknown.started");
+        assert_eq!(
+            (e.version.as_str(), e.release.as_str()),
+            ("unknown", "unknown")
+        );
+        assert_eq!(e.platform_id, "deployer", "the service's name");
+        let w = WorkRef::new("R1", "w-1", "deploy", "1", "", "");
+        let e = w.completed(true, Value::Null);
+        assert_eq!(
+            (e.platform_id.as_str(), e.package.as_str()),
+            ("unknown", "unknown")
+        );
+        // The encoded body (the reporter's path) falls back the same way.
+        let body =
+            serde_json::to_value(LifecycleBody::new(w, Phase::Started, &Value::Null)).unwrap();
+        assert_eq!(
+            (body["platform_id"].as_str(), body["package"].as_str()),
+            (Some("unknown"), Some("unknown"))
+        );
+    }
+
+    #[test]
+    fn the_winner_is_the_earliest_then_the_smallest_id() {
+        let r = |id: &str, at: &str| EventReceiver {
+            id: id.into(),
+            name: "n".into(),
+            receiver_type: "t".into(),
+            version: "1".into(),
+            description: String::new(),
+            schema: Value::Null,
+            fingerprint: String::new(),
+            created_at: at.into(),
+        };
+        let all = [
+            r("B", "2026-01-01T00:00:01Z"),
+            r("C", "2026-01-01T00:00:00.5+00:00"),
+            r("A", "2026-01-01T00:00:01Z"),
+            r("0", "not a time"),
+        ];
+        assert_eq!(pick_winner(&all).unwrap().id, "C");
+        assert_eq!(pick_winner(&all[..1]).unwrap().id, "B");
+        assert_eq!(
+            pick_winner(&[all[0].clone(), all[2].clone()]).unwrap().id,
+            "A"
+        );
+        assert_eq!(
+            pick_winner(&[all[3].clone(), all[0].clone()]).unwrap().id,
+            "B"
+        );
+        assert!(pick_winner(&[]).is_none());
+    }
+
+    #[test]
+    fn defaults_and_a_missing_token() {
+        let c = XzeprClientConfig::new("http://x", "");
+        assert!(
+            c.request_timeout >= Duration::from_secs(30),
+            "covers XZepr's 10-14 s"
+        );
+        assert!(c.connect_timeout < c.request_timeout);
+        let c = XzeprClientConfig::from_env_with(|_| None).unwrap();
+        assert_eq!(c.token, "");
+        assert!(format!("{c:?}").contains("<none>"));
+        let lost = ClientError::ResponseLost {
+            timed_out: true,
+            reason: "x".into(),
+        };
+        assert!(lost.is_retryable() && lost.is_timeout() && lost.is_response_lost());
+        assert!(!ClientError::Timeout(Duration::from_secs(1)).is_response_lost());
+        assert!(ClientError::Unauthorized { status: 401 }
+            .to_string()
+            .contains("XZEPR_API_TOKEN"));
+    }
+
+    #[test]
     fn config_from_env_and_token_never_printed() {
-        let err = XzeprClientConfig::from_env_with(|_| None).unwrap_err();
-        assert!(err.to_string().contains("XZEPR_API_TOKEN"), "{err}");
         let c = XzeprClientConfig::from_env_with(|k| {
             (k == "XZEPR_API_TOKEN").then(|| "s3cr3t-token".to_owned())
         })

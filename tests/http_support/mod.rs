@@ -25,6 +25,8 @@ pub struct Chaos {
     pub delay: Duration,
     /// Share of requests whose connection is dropped without an answer.
     pub drop: f64,
+    /// Answer 500 to every post whose `name` ends in `.started`.
+    pub fail_started: bool,
 }
 
 #[derive(Default)]
@@ -33,6 +35,8 @@ pub struct Seen {
     pub requests: AtomicU64,
     /// Bodies of the requests answered 200, in order of answer.
     pub accepted: Mutex<Vec<serde_json::Value>>,
+    /// The `Authorization` header of every request (`None`: not sent).
+    pub authorization: Mutex<Vec<Option<String>>>,
 }
 
 pub struct Server {
@@ -72,6 +76,11 @@ async fn handle(
     chaos: Chaos,
 ) -> Result<Response<Full<Bytes>>, std::io::Error> {
     let n = s.requests.fetch_add(1, Relaxed);
+    s.authorization.lock().unwrap().push(
+        req.headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+    );
     let body = req
         .into_body()
         .collect()
@@ -86,13 +95,16 @@ async fn handle(
     if chaos.slow > 0.0 && rand::random::<f64>() < chaos.slow {
         tokio::time::sleep(chaos.delay).await;
     }
-    if roll < chaos.drop + chaos.fail {
+    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let started = value["name"]
+        .as_str()
+        .is_some_and(|n| n.ends_with(".started"));
+    if roll < chaos.drop + chaos.fail || (chaos.fail_started && started) {
         return Ok(Response::builder()
             .status(500)
             .body(Full::new(Bytes::from_static(b"{\"error\":\"internal\"}")))
             .unwrap());
     }
-    let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     s.accepted.lock().unwrap().push(value);
     Ok(Response::new(Full::new(Bytes::from(format!(
         "{{\"data\":\"E{n}\"}}"

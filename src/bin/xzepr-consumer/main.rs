@@ -5,7 +5,27 @@ mod baseline;
 mod bench;
 mod demo;
 mod produce;
-mod standin;
+
+/// The events endpoint `bench` reports to: the dev stack's XZepr stand-in (the
+/// one stand-in the CLI uses), with the token and receiver `bench` posts with.
+mod standin {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use xzepr_consumer::devstack::StandIn;
+
+    /// `bench`'s token and receiver id (see `bench.rs` and `baseline.rs`).
+    const TOKEN: &str = "bench-token";
+    const RECEIVER: &str = "01BENCHRECEIVER00000000000";
+
+    /// Starts the stand-in answering event posts after `latency`. It serves as
+    /// long as the returned `StandIn` lives.
+    pub(crate) async fn start(latency: Duration) -> std::io::Result<(SocketAddr, StandIn)> {
+        let standin = StandIn::builder(TOKEN).latency(latency).start().await?;
+        standin.insert_receiver(RECEIVER, "bench", "worker");
+        Ok((standin.local_addr(), standin))
+    }
+}
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +47,15 @@ enum Command {
         /// Stand-in latency per event POST, in ms.
         #[arg(long, default_value_t = 5)]
         api_latency_ms: u64,
+        /// The stand-in's race window on receiver create: this many ms between
+        /// its "already exists?" check and its insert, so concurrent creates of
+        /// one name and type can all succeed (as on the real server).
+        #[arg(long, default_value_t = 0)]
+        receiver_create_delay_ms: u64,
+        /// The stand-in records each event post at once and answers this many ms
+        /// later (XZepr with its Kafka down: 10,000–14,000).
+        #[arg(long, default_value_t = 0)]
+        response_delay_ms: u64,
     },
     /// Producer → in-process broker → pipeline with automatic lifecycle → XZepr
     /// stand-in, end to end; exits non-zero if anything was lost.
@@ -101,7 +130,19 @@ fn main() -> baseline::anyhow_like::Result<()> {
         Command::Dev {
             partitions,
             api_latency_ms,
-        } => demo::dev(partitions, api_latency_ms)?,
+            receiver_create_delay_ms,
+            response_delay_ms,
+        } => {
+            // The stand-in reads its switches from these (`StandIn::start`); set
+            // here, before any thread is started.
+            use xzepr_consumer::devstack::{ENV_RECEIVER_CREATE_DELAY_MS, ENV_RESPONSE_DELAY_MS};
+            std::env::set_var(
+                ENV_RECEIVER_CREATE_DELAY_MS,
+                receiver_create_delay_ms.to_string(),
+            );
+            std::env::set_var(ENV_RESPONSE_DELAY_MS, response_delay_ms.to_string());
+            demo::dev(partitions, api_latency_ms)?
+        }
         Command::Demo {
             events,
             partitions,
