@@ -426,7 +426,6 @@ fn settings_that_would_undo_the_guarantees_are_refused_by_name() {
 /// lifecycle: the reporter rediscovers its receiver under a new id, and the
 /// pipeline must keep skipping its own republished posts, now under that id.
 #[test]
-#[ignore = "needs the pipeline to use Reporter::own_receivers"]
 fn own_events_stay_skipped_after_an_xzepr_restart() {
     use xzepr_consumer::decode::CloudEvent;
     use xzepr_consumer::devstack::KafkaSink;

@@ -35,8 +35,8 @@ use crate::source::{Batch, Executor};
 /// What every executor needs to handle an event.
 pub(crate) struct Shared {
     pub(crate) filter: TypeFilter,
-    /// `Some(receiver id)`: skip events whose source is that receiver.
-    pub(crate) own_receiver: Option<String>,
+    /// Skip events whose source is one of these receivers (the service's own).
+    pub(crate) own_receiver: Option<crate::report::OwnReceivers>,
     pub(crate) lifecycle: Option<SharedSink>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) malformed: MalformedPolicy,
@@ -53,7 +53,7 @@ impl Shared {
             return false;
         }
         if let (Some(own), Some(src)) = (&self.own_receiver, ev.source_receiver_id()) {
-            if own == src {
+            if own.contains(src) {
                 Metrics::add(&self.metrics.own_skipped, 1);
                 return false;
             }
@@ -445,7 +445,11 @@ mod tests {
     fn shared(sink: Option<Arc<HeldSink>>, filter: TypeFilter, policy: MalformedPolicy) -> Shared {
         Shared {
             filter,
-            own_receiver: Some("ME".to_owned()),
+            own_receiver: Some({
+                let own = crate::report::OwnReceivers::new();
+                own.insert("ME");
+                own
+            }),
             lifecycle: sink.map(|s| s as SharedSink),
             metrics: Arc::new(Metrics::default()),
             malformed: policy,

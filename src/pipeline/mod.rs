@@ -102,6 +102,10 @@ pub struct PipelineBuilder {
     filter: TypeFilter,
     skip_own_events: bool,
     own_receiver: Option<String>,
+    /// The reporter's own receivers (followed across its rediscoveries).
+    own_set: Option<crate::report::OwnReceivers>,
+    /// Checked when the pipeline starts.
+    work: Option<WorkTemplate>,
     runtime: Option<tokio::runtime::Handle>,
     sink: Option<SinkDebug>,
     malformed: MalformedPolicy,
@@ -212,6 +216,8 @@ impl Pipeline {
             filter: TypeFilter::any(),
             skip_own_events: true,
             own_receiver: None,
+            own_set: None,
+            work: None,
             runtime: None,
             sink: None,
             malformed: MalformedPolicy::Skip,
@@ -346,11 +352,61 @@ impl PipelineBuilder {
     /// Automatic lifecycle: for every handled event, `{work_name}.started` is
     /// handed to `reporter` before the handler runs and `completed`/`failed` after;
     /// the event's offset finishes only when both posts were acknowledged.
-    /// Also sets [`PipelineBuilder::own_receiver_id`] to the work's receiver.
+    /// Also sets [`PipelineBuilder::own_receiver_id`] to the work's receiver, and
+    /// follows it when the reporter finds the receiver again under a new id
+    /// (after an XZepr restart), so the service's own events stay skipped.
+    ///
+    /// The work's fields are checked when the pipeline starts: an empty work
+    /// name, version or package fails with [`crate::config::ConfigError::Empty`]
+    /// naming it.
     pub fn lifecycle(mut self, reporter: crate::report::Reporter, work: WorkTemplate) -> Self {
         self.own_receiver = Some(work.receiver_id.clone());
+        let own = reporter.own_receivers();
+        own.insert(&work.receiver_id);
+        self.own_set = Some(own);
+        self.work = Some(work.clone());
         self.sink = Some(SinkDebug(Arc::new(ReporterSink { reporter, work })));
         self
+    }
+
+    /// Checks what spans fields, before any thread starts.
+    fn validate(&self) -> Result<(), crate::Error> {
+        Decoder::new(self.decoder.clone())?;
+        if let Some(w) = &self.work {
+            crate::report::validate_work_fields(
+                &w.work_name,
+                &w.work_version,
+                &w.work_version,
+                &w.package,
+            )?;
+            if w.receiver_id.is_empty() {
+                return Err(crate::config::ConfigError::Empty {
+                    name: "receiver_id",
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The receiver ids whose events are this service's own, if skipped.
+    fn own_receivers(&self) -> Option<crate::report::OwnReceivers> {
+        if !self.skip_own_events {
+            return None;
+        }
+        let set = self.own_set.clone();
+        match (set, &self.own_receiver) {
+            (Some(set), Some(id)) => {
+                set.insert(id);
+                Some(set)
+            }
+            (None, Some(id)) => {
+                let set = crate::report::OwnReceivers::new();
+                set.insert(id);
+                Some(set)
+            }
+            (set, None) => set,
+        }
     }
 
     /// What an executor (or one sync worker, so hot counters never share a
@@ -358,7 +414,7 @@ impl PipelineBuilder {
     fn shared(&self, metrics: &Arc<Metrics>) -> Arc<Shared> {
         Arc::new(Shared {
             filter: self.filter.clone(),
-            own_receiver: self.own_receiver.clone().filter(|_| self.skip_own_events),
+            own_receiver: self.own_receivers(),
             lifecycle: self.sink.as_ref().map(|s| Arc::clone(&s.0)),
             metrics: Arc::clone(metrics),
             malformed: self.malformed,
@@ -380,8 +436,7 @@ impl PipelineBuilder {
             }
             .into());
         }
-        // Checked up front so bad limits fail before any thread starts.
-        Decoder::new(self.decoder.clone())?;
+        self.validate()?;
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
@@ -430,7 +485,7 @@ impl PipelineBuilder {
                 })?
             }
         };
-        Decoder::new(self.decoder.clone())?;
+        self.validate()?;
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
             runtime,
