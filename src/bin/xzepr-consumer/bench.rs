@@ -1,33 +1,307 @@
 //! `bench`: in one process, on the same messages, the bare poll loop against the
-//! pipeline with a no-op handler.
+//! pipeline with a no-op handler; the async engine with I/O-bound handlers
+//! against Little's law; the memory held under a backlog far larger than the
+//! budget; and lifecycle reporting against the plan's sequential design.
+//!
+//! Every round of every case measures at least [`MIN_WINDOW`] of work (repeated
+//! passes over a topic, each with a fresh consumer group, timed from its first
+//! message), so that medians from two runs agree.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
-use xzepr_consumer::decode::CloudEvent;
-use xzepr_consumer::handler::Work;
-use xzepr_consumer::pipeline::{Pipeline, WorkTemplate};
+use xzepr_consumer::decode::{CloudEvent, CloudEventMessage};
+use xzepr_consumer::dispatch::Ordering;
+use xzepr_consumer::handler::{Work, WorkInfo};
+use xzepr_consumer::pipeline::{Pipeline, RunningPipeline, WorkTemplate};
 use xzepr_consumer::report::{Reporter, ReporterConfig};
 
 use crate::baseline::{self, anyhow_like::Result};
 use crate::produce::produce;
+
+/// Least measured time per round of a case.
+const MIN_WINDOW: Duration = Duration::from_secs(1);
+
+/// The settings of one `bench` run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Events per topic of the poll/no-op rounds.
+    pub events: u64,
+    /// Partitions of those topics.
+    pub partitions: i32,
+    /// Rounds of the poll/no-op comparison (medians reported).
+    pub rounds: usize,
+    /// Events of the I/O-bound topic.
+    pub io_events: u64,
+    /// Messages waiting in the broker for the memory case.
+    pub backlog: u64,
+    /// Latency of the local XZepr endpoint, in ms.
+    pub latency_ms: u64,
+    /// Events for the reporting pipeline.
+    pub report_events: u64,
+    /// Events for the plan's sequential design.
+    pub seed_events: u64,
+}
 
 /// The figures of one `bench` run.
 #[derive(Debug, serde::Serialize)]
 pub struct Figures {
     pub events: u64,
     pub partitions: i32,
+    pub rounds: usize,
     pub raw_poll_eps: f64,
     pub pipeline_noop_eps: f64,
     pub noop_over_raw: f64,
+    pub raw_poll_rounds: Vec<f64>,
+    pub pipeline_noop_rounds: Vec<f64>,
+    pub io_events: u64,
+    pub io_eps_256_5ms: f64,
+    pub io_eps_1024_20ms: f64,
+    /// The lower of the two `eps / (N / L)`, with the nominal `L`.
+    pub littles_law_efficiency: f64,
+    /// The same with `L` the handlers' measured mean wait (tokio's timer rounds
+    /// a sleep up to its next millisecond tick).
+    pub littles_law_efficiency_measured_l: f64,
+    pub io_mean_wait_ms_5: f64,
+    pub io_mean_wait_ms_20: f64,
+    /// One event in flight per worker thread (4 threads each blocked 5 ms): the
+    /// shape of the engine before the async one.
+    pub io_eps_threads_4_5ms: f64,
+    pub backlog: u64,
+    pub buffer_budget: u64,
+    pub peak_buffered_bytes: u64,
+    pub rss_before_mb: f64,
+    pub peak_rss_mb: f64,
     pub api_latency_ms: u64,
     pub report_events: u64,
     pub pipeline_report_eps: f64,
     pub seed_events: u64,
     pub seed_design_eps: f64,
     pub report_over_seed: f64,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "{} events per topic over {} partitions, {} rounds, medians",
+            self.events, self.partitions, self.rounds
+        )?;
+        writeln!(f, "raw_poll_eps:          {:>10.0}", self.raw_poll_eps)?;
+        writeln!(
+            f,
+            "pipeline_noop_eps:     {:>10.0}  ({:.2} of raw)",
+            self.pipeline_noop_eps, self.noop_over_raw
+        )?;
+        writeln!(
+            f,
+            "io_eps_256_5ms:        {:>10.0}  (ideal 51,200)",
+            self.io_eps_256_5ms
+        )?;
+        writeln!(
+            f,
+            "io_eps_1024_20ms:      {:>10.0}  (ideal 51,200)",
+            self.io_eps_1024_20ms
+        )?;
+        writeln!(
+            f,
+            "littles_law_efficiency: {:>9.3}  ({:.3} against the measured waits)",
+            self.littles_law_efficiency, self.littles_law_efficiency_measured_l
+        )?;
+        writeln!(
+            f,
+            "io_eps_threads_4_5ms:  {:>10.0}  (one in flight per worker thread)",
+            self.io_eps_threads_4_5ms
+        )?;
+        writeln!(
+            f,
+            "backlog {}: peak_buffered_bytes {} (budget {}), rss {:.0} MB before, {:.0} MB peak",
+            self.backlog,
+            self.peak_buffered_bytes,
+            self.buffer_budget,
+            self.rss_before_mb,
+            self.peak_rss_mb
+        )?;
+        writeln!(f, "with XZepr answering in {} ms:", self.api_latency_ms)?;
+        writeln!(
+            f,
+            "pipeline_report_eps:   {:>10.0}  ({} events, lifecycle posts acknowledged)",
+            self.pipeline_report_eps, self.report_events
+        )?;
+        writeln!(
+            f,
+            "seed_design_eps:       {:>10.0}  ({} events, the plan's sequential design)",
+            self.seed_design_eps, self.seed_events
+        )?;
+        write!(f, "report / seed:         {:>10.1}x", self.report_over_seed)
+    }
+}
+
+fn debug() -> bool {
+    std::env::var_os("XZEPR_BENCH_DEBUG").is_some()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Runs `pass` (which returns `(events, seconds)`) until at least
+/// [`MIN_WINDOW`] was measured; events per second over all passes.
+fn windowed(mut pass: impl FnMut(usize) -> Result<(u64, f64)>) -> Result<f64> {
+    let (mut events, mut secs) = (0u64, 0.0f64);
+    let mut i = 0;
+    while secs < MIN_WINDOW.as_secs_f64() {
+        let (e, s) = pass(i)?;
+        events += e;
+        secs += s;
+        i += 1;
+    }
+    Ok(events as f64 / secs.max(1e-9))
+}
+
+/// From the first consumed event until `events` have finished: `(events, secs)`.
+fn time_until_finished(running: &RunningPipeline, events: u64) -> Result<(u64, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut start = None;
+    loop {
+        let m = running.metrics();
+        if m.consumed > 0 {
+            start.get_or_insert_with(Instant::now);
+        }
+        if m.finished >= events {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("pipeline finished only {} of {events}", m.finished).into());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok((events, start.map_or(1e-9, |s| s.elapsed().as_secs_f64())))
+}
+
+fn stop(running: RunningPipeline) -> Result<()> {
+    running.shutdown();
+    running.join()?;
+    Ok(())
+}
+
+fn config(brokers: &str, topic: &str, group: &str) -> KafkaConsumerConfig {
+    KafkaConsumerConfig::new(brokers, topic, "bench").with_group_id(group)
+}
+
+/// One pass of the pipeline with a no-op sync handler over `events`.
+fn pipeline_noop(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
+    let running = Pipeline::builder(config(brokers, topic, group))
+        .workers(2)
+        .start(
+            |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
+                std::hint::black_box(ev.event_type());
+                Ok(())
+            },
+        )?;
+    let r = time_until_finished(&running, events)?;
+    if debug() {
+        eprintln!(
+            "noop {:.0}/s {:?}",
+            r.0 as f64 / r.1,
+            running.source().stats()
+        );
+    }
+    stop(running)?;
+    Ok(r)
+}
+
+/// One pass of the bare poll loop over `events`.
+fn raw_pass(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
+    let eps = baseline::raw_poll(brokers, topic, group, events)?;
+    Ok((events, events as f64 / eps))
+}
+
+/// Total and count of the handlers' waits, to measure the real `L`.
+#[derive(Default)]
+struct Waits {
+    nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Waits {
+    fn mean_ms(&self) -> f64 {
+        self.nanos.load(Relaxed) as f64 / self.count.load(Relaxed).max(1) as f64 / 1e6
+    }
+}
+
+/// One pass of an async handler that only awaits `sleep(latency)`, `PerKey`,
+/// `max_in_flight` futures at once, no lifecycle.
+fn io_pass(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    events: u64,
+    max_in_flight: usize,
+    latency: Duration,
+    waits: &Arc<Waits>,
+) -> Result<(u64, f64, u64)> {
+    let w = Arc::clone(waits);
+    let running = Pipeline::builder(config(brokers, topic, group))
+        .ordering(Ordering::PerKey)
+        .max_in_flight(max_in_flight)
+        .runtime(rt.handle().clone())
+        .start_async(move |_m: CloudEventMessage, _info: WorkInfo| {
+            let w = Arc::clone(&w);
+            async move {
+                let t = Instant::now();
+                tokio::time::sleep(latency).await;
+                w.nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
+                w.count.fetch_add(1, Relaxed);
+                Ok::<_, String>(serde_json::Value::Null)
+            }
+        })?;
+    let (n, secs) = time_until_finished(&running, events)?;
+    let peak = running.source().stats().peak_buffered_bytes.load(Relaxed);
+    if debug() {
+        eprintln!(
+            "io {max_in_flight} x {latency:?}: {:.0}/s {:?}",
+            n as f64 / secs,
+            running.source().stats()
+        );
+    }
+    stop(running)?;
+    Ok((n, secs, peak))
+}
+
+/// One pass of a sync handler blocking its thread for `latency`, 4 workers.
+fn threads_pass(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
+    let running = Pipeline::builder(config(brokers, topic, group))
+        .ordering(Ordering::PerKey)
+        .workers(4)
+        .max_in_flight(8)
+        .start(
+            |_: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
+                std::thread::sleep(Duration::from_millis(5));
+                Ok(())
+            },
+        )?;
+    let r = time_until_finished(&running, events)?;
+    stop(running)?;
+    Ok(r)
+}
+
+/// The process's resident set, in MB (0 where /proc is not there).
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 /// Events per second through the pipeline with automatic lifecycle reporting
@@ -47,8 +321,7 @@ fn pipeline_report(
             ReporterConfig::default(),
         ))
     })?;
-    let config = KafkaConsumerConfig::new(brokers, topic, "bench").with_group_id(group);
-    let running = Pipeline::builder(config)
+    let running = Pipeline::builder(config(brokers, topic, group))
         .workers(1)
         .lifecycle(
             reporter,
@@ -60,152 +333,195 @@ fn pipeline_report(
                 Ok(())
             },
         )?;
-    let rate = time_until_finished(&running, events)?;
-    running.shutdown();
-    running.join()?;
-    drop(running);
+    let (n, secs) = time_until_finished(&running, events)?;
+    stop(running)?;
     rt.block_on(task.drain(Duration::from_secs(30)));
-    Ok(rate)
+    Ok(n as f64 / secs)
 }
 
 const BENCH_RECEIVER: &str = "01BENCHRECEIVER00000000000";
-
-/// From the first consumed event until `events` have finished.
-fn time_until_finished(
-    running: &xzepr_consumer::pipeline::RunningPipeline,
-    events: u64,
-) -> Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut start = None;
-    loop {
-        let m = running.metrics();
-        if m.consumed > 0 {
-            start.get_or_insert_with(Instant::now);
-        }
-        if m.finished >= events {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("pipeline finished only {} of {events}", m.finished).into());
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    Ok(events as f64 / start.map_or(1e-9, |s| s.elapsed().as_secs_f64()))
-}
-
-/// Events per second through the pipeline (decode, filter, no-op handler, offset
-/// tracking, commits), from the first event consumed until all have finished.
-fn pipeline_noop(brokers: &str, topic: &str, group: &str, events: u64) -> Result<f64> {
-    let config = KafkaConsumerConfig::new(brokers, topic, "bench").with_group_id(group);
-    let running = Pipeline::builder(config).workers(2).start(
-        |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
-            std::hint::black_box(ev.event_type());
-            Ok(())
-        },
-    )?;
-    let rate = time_until_finished(&running, events)?;
-    if std::env::var_os("XZEPR_BENCH_DEBUG").is_some() {
-        eprintln!("{rate:.0}/s {:?}", running.source().stats());
-    }
-    running.shutdown();
-    running.join()?;
-    Ok(rate)
-}
-
-/// Rounds per path; the medians are reported.
-const ROUNDS: usize = 5;
+const SOURCE_RECEIVER: &str = "01M82X4ET7AYGAEYSHF5AKVAVW";
 
 /// Runs the benchmark on an in-process mock broker.
-pub fn run(
-    events: u64,
-    partitions: i32,
-    latency_ms: u64,
-    report_events: u64,
-    seed_events: u64,
-) -> Result<Figures> {
+pub fn run(s: &Settings) -> Result<Figures> {
     let cluster = MockCluster::new(1)?;
     let brokers = cluster.bootstrap_servers();
-    // The mock keeps ~5 MB per partition: a fresh topic per measured run. Three
-    // rounds, the paths alternating first, medians reported.
-    let (mut raw, mut noop) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        for path in [round % 2, 1 - round % 2] {
-            let topic = format!("bench-{round}-{path}");
-            cluster.create_topic(&topic, partitions, 1)?;
-            produce(
-                &brokers,
-                &topic,
-                0,
-                events,
-                None,
-                "01M82X4ET7AYGAEYSHF5AKVAVW",
-            )?;
-            let group = format!("bench-{round}-{path}");
-            match path {
-                0 => raw.push(baseline::raw_poll(&brokers, &topic, &group, events)?),
-                _ => noop.push(pipeline_noop(&brokers, &topic, &group, events)?),
-            }
-        }
-    }
-    let median = |mut v: Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    let rates = [median(raw), median(noop)];
-    // Reporting paths: against a local endpoint answering after `latency_ms`.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let (addr, _count) = rt.block_on(crate::standin::start(Duration::from_millis(latency_ms)))?;
-    let api_url = format!("http://{addr}");
-    let topic = "bench-report".to_owned();
-    cluster.create_topic(&topic, partitions, 1)?;
+    let group = {
+        let n = AtomicU64::new(0);
+        move |what: &str| format!("bench-{what}-{}", n.fetch_add(1, Relaxed))
+    };
+
+    // Memory first, while the process holds nothing else: a backlog far larger
+    // than the budget, consumed by the I/O case for a few seconds.
+    let partitions = i32::try_from(s.backlog.div_ceil(4_000))
+        .unwrap_or(i32::MAX)
+        .max(1);
+    cluster.create_topic("bench-backlog", partitions, 1)?;
     produce(
         &brokers,
-        &topic,
+        "bench-backlog",
         0,
-        report_events,
+        s.backlog,
         None,
-        "01M82X4ET7AYGAEYSHF5AKVAVW",
+        SOURCE_RECEIVER,
+    )?;
+    let rss_before_mb = rss_mb();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let sampling = Arc::clone(&sampling);
+        std::thread::spawn(move || {
+            let mut peak = 0.0f64;
+            while sampling.load(Relaxed) {
+                peak = peak.max(rss_mb());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        })
+    };
+    let waits = Arc::new(Waits::default());
+    let (_, _, peak_buffered_bytes) = io_pass(
+        &rt,
+        &brokers,
+        "bench-backlog",
+        &group("backlog"),
+        (s.backlog / 5).max(1),
+        1024,
+        Duration::from_millis(20),
+        &waits,
+    )?;
+    sampling.store(false, Relaxed);
+    let peak_rss_mb = sampler.join().unwrap_or(0.0);
+
+    // The bare poll loop against the no-op pipeline, on the same messages.
+    let (mut raw, mut noop) = (Vec::new(), Vec::new());
+    for round in 0..s.rounds {
+        let topic = format!("bench-{round}");
+        cluster.create_topic(&topic, s.partitions, 1)?;
+        produce(&brokers, &topic, 0, s.events, None, SOURCE_RECEIVER)?;
+        for path in [round % 2, 1 - round % 2] {
+            let rate = match path {
+                0 => windowed(|_| raw_pass(&brokers, &topic, &group("raw"), s.events))?,
+                _ => windowed(|_| pipeline_noop(&brokers, &topic, &group("noop"), s.events))?,
+            };
+            if debug() {
+                eprintln!("round {round} path {path}: {rate:.0}/s");
+            }
+            match path {
+                0 => raw.push(rate),
+                _ => noop.push(rate),
+            }
+        }
+    }
+    let (raw_poll_eps, pipeline_noop_eps) = (median(raw.clone()), median(noop.clone()));
+
+    // I/O-bound handlers: Little's law says N in flight of L each give N / L.
+    let io_partitions = i32::try_from(s.io_events.div_ceil(4_000))
+        .unwrap_or(1)
+        .max(1);
+    cluster.create_topic("bench-io", io_partitions, 1)?;
+    produce(&brokers, "bench-io", 0, s.io_events, None, SOURCE_RECEIVER)?;
+    let mut io = Vec::new();
+    for (n, ms) in [(256usize, 5u64), (1024, 20)] {
+        let waits = Arc::new(Waits::default());
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            rounds.push(windowed(|_| {
+                let (e, secs, _) = io_pass(
+                    &rt,
+                    &brokers,
+                    "bench-io",
+                    &group("io"),
+                    s.io_events,
+                    n,
+                    Duration::from_millis(ms),
+                    &waits,
+                )?;
+                Ok((e, secs))
+            })?);
+        }
+        let eps = median(rounds);
+        io.push((
+            eps,
+            eps / (n as f64 / (ms as f64 / 1e3)),
+            waits.mean_ms(),
+            n,
+        ));
+    }
+    let measured =
+        |(eps, _, wait_ms, n): (f64, f64, f64, usize)| eps / (n as f64 / (wait_ms / 1e3));
+    let threads_events = 2_000.min(s.io_events);
+    let io_eps_threads_4_5ms =
+        windowed(|_| threads_pass(&brokers, "bench-io", &group("threads"), threads_events))?;
+
+    // Reporting paths: against a local endpoint answering after `latency_ms`.
+    let (addr, _standin) =
+        rt.block_on(crate::standin::start(Duration::from_millis(s.latency_ms)))?;
+    let api_url = format!("http://{addr}");
+    cluster.create_topic("bench-report", s.partitions, 1)?;
+    produce(
+        &brokers,
+        "bench-report",
+        0,
+        s.report_events,
+        None,
+        SOURCE_RECEIVER,
     )?;
     let report = pipeline_report(
         &rt,
         &brokers,
-        &topic,
         "bench-report",
-        report_events,
+        "bench-report",
+        s.report_events,
         &api_url,
     )?;
-    let topic = "bench-seed".to_owned();
-    cluster.create_topic(&topic, partitions, 1)?;
+    cluster.create_topic("bench-seed", s.partitions, 1)?;
     produce(
         &brokers,
-        &topic,
+        "bench-seed",
         0,
-        seed_events,
+        s.seed_events,
         None,
-        "01M82X4ET7AYGAEYSHF5AKVAVW",
+        SOURCE_RECEIVER,
     )?;
     let seed = rt.block_on(baseline::seed_design(
         &brokers,
-        &topic,
         "bench-seed",
-        seed_events,
+        "bench-seed",
+        s.seed_events,
         &api_url,
         "bench-token",
         BENCH_RECEIVER,
     ))?;
     Ok(Figures {
-        events,
-        partitions,
-        raw_poll_eps: rates[0],
-        pipeline_noop_eps: rates[1],
-        noop_over_raw: rates[1] / rates[0],
-        api_latency_ms: latency_ms,
-        report_events,
+        events: s.events,
+        partitions: s.partitions,
+        rounds: s.rounds,
+        raw_poll_eps,
+        pipeline_noop_eps,
+        noop_over_raw: pipeline_noop_eps / raw_poll_eps,
+        raw_poll_rounds: raw,
+        pipeline_noop_rounds: noop,
+        io_events: s.io_events,
+        io_eps_256_5ms: io[0].0,
+        io_eps_1024_20ms: io[1].0,
+        littles_law_efficiency: io[0].1.min(io[1].1),
+        littles_law_efficiency_measured_l: measured(io[0]).min(measured(io[1])),
+        io_mean_wait_ms_5: io[0].2,
+        io_mean_wait_ms_20: io[1].2,
+        io_eps_threads_4_5ms,
+        backlog: s.backlog,
+        buffer_budget: xzepr_consumer::source::SourceOptions::default().buffer_budget as u64,
+        peak_buffered_bytes,
+        rss_before_mb,
+        peak_rss_mb,
+        api_latency_ms: s.latency_ms,
+        report_events: s.report_events,
         pipeline_report_eps: report,
-        seed_events,
+        seed_events: s.seed_events,
         seed_design_eps: seed,
         report_over_seed: report / seed,
     })

@@ -74,16 +74,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Measure, in one process on the same messages: a bare poll loop and the
-    /// pipeline with a no-op handler.
+    /// Measure, in one process: a bare poll loop against the pipeline with a
+    /// no-op handler (same messages), I/O-bound async handlers against Little's
+    /// law, memory under a backlog far over the budget, and lifecycle reporting
+    /// against the plan's sequential design.
     Bench {
-        /// Events per measured path (the mock broker keeps ~5 MB per partition:
-        /// at most ~4,000 of these ~1 KB events per partition).
-        #[arg(long, default_value_t = 32_000)]
+        /// Events per poll/no-op topic (the mock broker keeps ~5 MB per
+        /// partition: at most ~4,000 of these ~1 KB events per partition).
+        #[arg(long, default_value_t = 256_000)]
         events: u64,
-        /// Partitions of each topic.
-        #[arg(long, default_value_t = 8)]
+        /// Partitions of each poll/no-op topic.
+        #[arg(long, default_value_t = 64)]
         partitions: i32,
+        /// Rounds of the poll/no-op comparison (medians reported).
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Events of the I/O-bound topic (at least ~1 s at 51,200 events/s).
+        #[arg(long, default_value_t = 64_000)]
+        io_events: u64,
+        /// Messages waiting in the broker for the memory case.
+        #[arg(long, default_value_t = 1_000_000)]
+        backlog: u64,
         /// Latency of the local XZepr events endpoint, in ms (5: what the real
         /// server takes per event POST).
         #[arg(long, default_value_t = 5)]
@@ -166,40 +177,28 @@ fn main() -> baseline::anyhow_like::Result<()> {
         Command::Bench {
             events,
             partitions,
+            rounds,
+            io_events,
+            backlog,
             api_latency_ms,
             report_events,
             seed_events,
             json,
         } => {
-            let f = bench::run(
+            let f = bench::run(&bench::Settings {
                 events,
                 partitions,
-                api_latency_ms,
+                rounds: rounds.max(1),
+                io_events,
+                backlog,
+                latency_ms: api_latency_ms,
                 report_events,
                 seed_events,
-            )?;
+            })?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);
             } else {
-                println!(
-                    "events per path: {} over {} partitions",
-                    f.events, f.partitions
-                );
-                println!("raw_poll_eps:      {:>10.0}", f.raw_poll_eps);
-                println!(
-                    "pipeline_noop_eps: {:>10.0}  ({:.2} of raw)",
-                    f.pipeline_noop_eps, f.noop_over_raw
-                );
-                println!("with XZepr answering in {} ms:", f.api_latency_ms);
-                println!(
-                    "pipeline_report_eps: {:>8.0}  ({} events, lifecycle posts acknowledged)",
-                    f.pipeline_report_eps, f.report_events
-                );
-                println!(
-                    "seed_design_eps:     {:>8.0}  ({} events, the plan's sequential design)",
-                    f.seed_design_eps, f.seed_events
-                );
-                println!("report / seed:       {:>8.1}x", f.report_over_seed);
+                println!("{f}");
             }
         }
         Command::Produce {
