@@ -3,15 +3,19 @@
 //! # Architecture
 //!
 //! ```text
-//!  Kafka ──> source ──> decode ──> dispatch ──> handler ──> report ──> offsets ──> commit
+//!  Kafka ──> source ──> lanes ──> execute ──> handler ──> complete ──> report ──> offsets ──> commit
+//!            (poll      (dispatch  (sync pool   (yours)    (acks gate   (XZepr    (contiguous
+//!             thread)    ::lanes)   or tasks)               the offset)  posts)    finished run)
 //! ```
 //!
 //! | stage | module | what it does |
 //! | --- | --- | --- |
-//! | source | [`source`] | one OS thread owns the `BaseConsumer`, copies each payload once, stashes what a full queue cannot take and pauses partitions over the stash budget |
+//! | source | [`source`] | one OS thread owns the `BaseConsumer`, copies each payload once, tracks offsets, pauses partitions while the buffers are over budget, drains and commits on revoke and shutdown |
 //! | decode | [`decode`] | borrowed [`decode::CloudEvent`] views into that one copy; `data` decoded only on demand |
-//! | dispatch | [`dispatch`] | type filter; which worker queue an event goes to (ordering modes) |
-//! | handler | [`handler`], [`pipeline`] | the user's work on worker threads; lifecycle acks gate each offset |
+//! | dispatch | [`dispatch`], [`dispatch::lanes`] | type filter; the lane scheduler: what may run next under the ordering mode, up to `max_in_flight` |
+//! | execute | [`pipeline`] (`execute`) | sync handlers on a worker pool, async handlers as tokio tasks; panics caught, timeouts applied |
+//! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`] |
+//! | complete | [`pipeline`] (`complete`) | lifecycle acks gate each offset; malformed-message policy |
 //! | report | [`client`], [`report`] | pooled XZepr REST client; bounded, coalescing, retrying lifecycle reporter |
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets |
 //!

@@ -30,7 +30,7 @@ use crate::decode::{CloudEvent, Decoder, DecoderConfig};
 use crate::dispatch::TypeFilter;
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
 use crate::metrics::Metrics;
-use crate::source::{Batch, Executor};
+use crate::source::{Batch, DeferCompletions, Executor};
 
 /// What every executor needs to handle an event.
 pub(crate) struct Shared {
@@ -324,7 +324,7 @@ async fn run_batch<H: AsyncHandler + ?Sized>(
         return;
     };
     let run = async {
-        while let Some(message) = batch.next() {
+        for message in batch.by_ref() {
             handle_async(message, &*handler, &shared, &decoders).await;
         }
     };
@@ -374,6 +374,9 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
     shared: Arc<Shared>,
 ) {
     for batch in jobs {
+        // Declared first, dropped last: the batch's release goes out with its
+        // finished offsets, in one message to the poll thread.
+        let _one_wake = DeferCompletions::new(&batch);
         for message in batch {
             handle_sync(message, &mut decoder, &*handler, &shared);
         }

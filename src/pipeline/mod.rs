@@ -53,7 +53,7 @@ impl Delivery for Message {
         self.offset
     }
     fn payload(&self) -> Option<&[u8]> {
-        self.payload.as_deref()
+        Message::payload(self)
     }
     fn headers(&self) -> Vec<(&str, &[u8])> {
         self.header_pairs().collect()

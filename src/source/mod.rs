@@ -15,11 +15,11 @@
 //! is room under [`SourceOptions::max_in_flight`], and everything else waits in
 //! its lane. Every message counts against [`SourceOptions::buffer_budget`] and
 //! [`SourceOptions::max_buffered`] from its arrival until its job's lane is
-//! released; over either, the partitions that keep arriving are **paused**, and
-//! each resumes once the buffers are down to half, polling all the while so
-//! heartbeats and rebalances are served. Memory is therefore bounded by the
-//! budget plus what librdkafka had already handed over for a partition when it
-//! was paused.
+//! released; over either, the thread stops polling until the buffers are down
+//! to half, and if that takes longer than [`SourceOptions::pause_after`] it
+//! **pauses** the partitions and polls on, so rebalances are served, resuming
+//! them once the buffers are down to half. Memory is therefore bounded by the
+//! budget plus one poll burst, beside librdkafka's own bounded prefetch.
 //!
 //! On revoke, the revoked partitions' waiting messages are dropped (never
 //! started; the new owner reads them), their running work is given up to
@@ -117,6 +117,14 @@ pub struct SourceOptions {
     /// Messages between their arrival and their job's release, counted as for
     /// `buffer_budget` (which tiny messages would not reach). Default 50,000.
     pub max_buffered: usize,
+    /// How long the poll thread stops polling, the buffers over budget, before
+    /// it pauses the partitions. Default 100 ms: most hiccups (a descheduled
+    /// worker, a burst of slow calls) pass within milliseconds and are ridden
+    /// out without a pause, which would drop librdkafka's prefetch; a longer
+    /// stall (a stuck handler) pauses, so polling, and with it rebalances, goes
+    /// on while nothing is fetched. While it does not poll, librdkafka still
+    /// prefetches, within its own `queued.max.messages.kbytes`.
+    pub pause_after: Duration,
     /// How often the contiguous commit points are committed (asynchronously).
     /// Default 1 s: a crash replays at most about a second of finished work.
     pub commit_interval: Duration,
@@ -144,6 +152,7 @@ impl Default for SourceOptions {
             batch: 64,
             buffer_budget: 16 << 20,
             max_buffered: 50_000,
+            pause_after: Duration::from_millis(100),
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),
@@ -170,6 +179,9 @@ impl SourceOptions {
         if self.max_tracked == 0 {
             return bad("max_tracked", "must be at least 1");
         }
+        if self.pause_after >= session_timeout {
+            return bad("pause_after", "must be shorter than the session timeout");
+        }
         if self.drain_timeout >= session_timeout {
             return bad("drain_timeout", "must be shorter than the session timeout");
         }
@@ -182,10 +194,14 @@ impl SourceOptions {
 /// Dropping it unfinished **holds** its offset (see [`Message::hold`]).
 #[derive(Debug)]
 pub struct Message {
-    /// The payload (the one copy; decoders borrow from it).
-    pub payload: Option<Vec<u8>>,
-    /// The key.
-    pub key: Option<Vec<u8>>,
+    /// Payload then key, in one buffer taken from (and given back to) the
+    /// source's pool: the one copy out of librdkafka, never freed on a thread
+    /// other than the one that allocated it (glibc's arenas lock on that).
+    data: Vec<u8>,
+    /// Payload length; `None` for a null payload.
+    payload_len: Option<usize>,
+    /// Whether there is a key (the rest of `data`).
+    has_key: bool,
     /// Headers, in order.
     pub headers: Vec<(String, Vec<u8>)>,
     /// Topic.
@@ -210,9 +226,78 @@ pub(crate) struct PartShared {
     /// Cancelled when the partition's drain deadline passes: running async
     /// handlers stop, and their offsets stay unfinished.
     pub(crate) cancel: tokio_util::sync::CancellationToken,
+    /// Where finished messages give their buffer back.
+    pub(crate) recycle: Arc<Recycler>,
+}
+
+/// Message buffers given back by finished messages and reused by the poll
+/// thread's copy, so a buffer is allocated and freed on one thread (glibc's
+/// malloc locks the owning arena when another thread frees into it, and the
+/// poll thread then waits on the workers). Holds at most `cap` bytes of
+/// capacity, the buffer budget, so an idle consumer keeps no more than what a
+/// busy one is allowed to buffer.
+#[derive(Debug)]
+pub(crate) struct Recycler {
+    tx: Sender<Vec<u8>>,
+    rx: Receiver<Vec<u8>>,
+    bytes: std::sync::atomic::AtomicUsize,
+    cap: usize,
+}
+
+impl Recycler {
+    pub(crate) fn new(cap: usize) -> Self {
+        // The count bound only sizes the channel; the byte cap is the limit.
+        let (tx, rx) = crossbeam_channel::bounded(65_536);
+        Recycler {
+            tx,
+            rx,
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+            cap,
+        }
+    }
+
+    /// A buffer to copy into (empty, maybe with capacity).
+    pub(crate) fn take(&self) -> Vec<u8> {
+        match self.rx.try_recv() {
+            Ok(buf) => {
+                self.bytes
+                    .fetch_sub(buf.capacity(), std::sync::atomic::Ordering::Relaxed);
+                buf
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        let n = buf.capacity();
+        let held = self.bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if n == 0 || held + n > self.cap {
+            return;
+        }
+        buf.clear();
+        self.bytes
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = self.tx.try_send(buf) {
+            self.bytes.fetch_sub(
+                e.into_inner().capacity(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
 }
 
 impl Message {
+    /// The payload (the one copy; decoders borrow from it).
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.payload_len.map(|n| &self.data[..n])
+    }
+
+    /// The key.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.has_key
+            .then(|| &self.data[self.payload_len.unwrap_or(0)..])
+    }
+
     /// Headers as `(key, value)` pairs, for binary-mode decoding.
     pub fn header_pairs(&self) -> impl Iterator<Item = (&str, &[u8])> + Clone {
         self.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
@@ -239,43 +324,97 @@ impl Message {
 
     fn complete(&mut self, held: bool) {
         self.completed = true;
-        // The poll thread may be gone (shutdown): then nothing is committed, and
-        // the offset is replayed, which is the safe side.
-        let _ = self.shared.done.send(Completion::Offset {
-            topic: Arc::clone(&self.topic),
-            partition: self.partition,
-            offset: self.offset,
-            epoch: self.epoch,
-            held,
-        });
+        send_completion(
+            &self.shared.done,
+            Completion::Offset {
+                topic: Arc::clone(&self.topic),
+                partition: self.partition,
+                offset: self.offset,
+                epoch: self.epoch,
+                held,
+            },
+        );
     }
 }
 
 impl Drop for Message {
     /// Holds the offset at once, so a panicking path or a cancelled future never
-    /// makes a drain wait for a message nobody will finish.
+    /// makes a drain wait for a message nobody will finish; gives the buffer
+    /// back to the source's pool.
     fn drop(&mut self) {
         if !self.completed {
             self.complete(true);
         }
+        self.shared.recycle.give(std::mem::take(&mut self.data));
     }
 }
 
 impl Item for Message {
     fn key(&self) -> Option<&[u8]> {
-        self.key.as_deref()
+        Message::key(self)
     }
     fn cost(&self) -> usize {
         const BOOKKEEPING: usize = 128;
-        self.payload.as_ref().map_or(0, Vec::len)
-            + self.key.as_ref().map_or(0, Vec::len)
-            + BOOKKEEPING
+        self.data.len() + BOOKKEEPING
+    }
+}
+
+thread_local! {
+    /// Completions held back on this thread while a [`DeferCompletions`] guard
+    /// lives, sent as one.
+    static DEFERRED: std::cell::RefCell<Option<(Sender<Completion>, Vec<Completion>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Sends `c` to the poll thread, or holds it back while this thread defers.
+fn send_completion(done: &Sender<Completion>, c: Completion) {
+    let c = DEFERRED.with(|d| match &mut *d.borrow_mut() {
+        Some((to, held)) if to.same_channel(done) => {
+            held.push(c);
+            None
+        }
+        _ => Some(c),
+    });
+    if let Some(c) = c {
+        // The poll thread may be gone (shutdown): then nothing is committed, and
+        // the offset is replayed, which is the safe side.
+        let _ = done.send(c);
+    }
+}
+
+/// While it lives, completions made on this thread (finished offsets, released
+/// lanes) are held back and sent as one when it drops: a worker running a job
+/// of 64 events wakes the poll thread once, not 65 times. Only for code that
+/// runs a whole job on one thread (not async tasks, which may move).
+pub(crate) struct DeferCompletions(());
+
+impl DeferCompletions {
+    pub(crate) fn new(done: &Batch) -> Self {
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some((done.done.clone(), Vec::with_capacity(done.len() + 1)));
+            }
+        });
+        DeferCompletions(())
+    }
+}
+
+impl Drop for DeferCompletions {
+    fn drop(&mut self) {
+        if let Some((to, held)) = DEFERRED.with(|d| d.borrow_mut().take()) {
+            if !held.is_empty() {
+                let _ = to.send(Completion::Many(held));
+            }
+        }
     }
 }
 
 /// What comes back to the poll thread.
 #[derive(Debug)]
 pub(crate) enum Completion {
+    /// Several, from one job (see [`DeferCompletions`]).
+    Many(Vec<Completion>),
     Offset {
         topic: Arc<str>,
         partition: i32,
@@ -283,7 +422,8 @@ pub(crate) enum Completion {
         epoch: u64,
         held: bool,
     },
-    Release(LaneId),
+    /// A job finished; its emptied vector comes back for reuse.
+    Release(LaneId, Vec<Message>),
 }
 
 /// Messages of one lane to handle **in order**, one at a time; dropping the
@@ -325,7 +465,8 @@ impl Drop for Batch {
     fn drop(&mut self) {
         // Messages first: their holds reach the poll thread before the release.
         self.items.clear();
-        let _ = self.done.send(Completion::Release(self.lane));
+        let items = Vec::from(std::mem::take(&mut self.items));
+        send_completion(&self.done, Completion::Release(self.lane, items));
     }
 }
 
@@ -385,6 +526,9 @@ pub struct Source {
     handle: SourceHandle,
 }
 
+/// The last commit points sent: `(topic, partition, next offset to read)`.
+pub(crate) type Committed = Arc<Mutex<Vec<(Arc<str>, i32, i64)>>>;
+
 /// The poll thread, returning the error it stopped on.
 type PollThread = JoinHandle<Result<(), SourceError>>;
 
@@ -393,7 +537,7 @@ type PollThread = JoinHandle<Result<(), SourceError>>;
 pub struct SourceHandle {
     stop: Arc<AtomicBool>,
     stats: Arc<SourceStats>,
-    committed: Arc<Mutex<Vec<(Arc<str>, i32, i64)>>>,
+    committed: Committed,
     thread: Arc<Mutex<Option<PollThread>>>,
 }
 

@@ -89,7 +89,9 @@ struct State {
     done: Sender<Completion>,
     epochs: u64,
     stats: Arc<SourceStats>,
-    committed: Arc<Mutex<Vec<(Arc<str>, i32, i64)>>>,
+    committed: super::Committed,
+    /// Message buffers given back by finished messages, reused by the copy.
+    recycle: Arc<super::Recycler>,
 }
 
 impl State {
@@ -112,8 +114,14 @@ impl State {
                     }
                 }
             }
-            Completion::Release(lane) => {
+            Completion::Release(lane, items) => {
                 self.sched.release(lane, &mut self.ready);
+                self.sched.recycle(items);
+            }
+            Completion::Many(all) => {
+                for c in all {
+                    self.apply(c);
+                }
             }
         }
     }
@@ -313,6 +321,7 @@ impl ConsumerContext for Context {
                     current: AtomicU64::new(epoch),
                     done: st.done.clone(),
                     cancel: tokio_util::sync::CancellationToken::new(),
+                    recycle: Arc::clone(&st.recycle),
                 });
                 // librdkafka resumes assigned partitions from the committed offsets.
                 st.parts.insert(
@@ -406,6 +415,7 @@ pub(super) fn start(
             epochs: 0,
             stats: Arc::clone(&stats),
             committed: Arc::clone(&committed),
+            recycle: Arc::new(super::Recycler::new(options.buffer_budget)),
         }),
         drain_timeout: options.drain_timeout,
         fatal: Mutex::new(None),
@@ -435,9 +445,19 @@ struct PollLoop {
     options: SourceOptions,
     stop: Arc<AtomicBool>,
     completions: Receiver<Completion>,
-    topic_names: HashMap<String, Arc<str>>,
+    topic_names: HashMap<String, Arc<str>, std::hash::BuildHasherDefault<KeyHasher>>,
     last_commit: Instant,
     to_pause: Vec<PartKey>,
+    /// Since when the buffers are over budget (polling stopped).
+    throttled: Option<Instant>,
+}
+
+/// What the loop does next.
+struct Flow {
+    /// Jobs are running: wait for their releases rather than in `poll`.
+    busy: bool,
+    /// Whether to poll Kafka now.
+    poll: bool,
 }
 
 impl PollLoop {
@@ -453,9 +473,10 @@ impl PollLoop {
             options,
             stop,
             completions,
-            topic_names: HashMap::new(),
+            topic_names: HashMap::default(),
             last_commit: Instant::now(),
             to_pause: Vec::new(),
+            throttled: None,
         }
     }
 
@@ -465,10 +486,13 @@ impl PollLoop {
                 break end;
             }
             // Completions, resumes and commits, between polls.
-            let busy = match self.between_polls() {
-                Some(busy) => busy,
-                None => break Ok(()),
+            let Some(Flow { busy, poll }) = self.between_polls() else {
+                break Ok(());
             };
+            if !poll {
+                self.wait_for_completion();
+                continue;
+            }
             let burst = poll_burst(&self.consumer, self.options.poll_interval, busy);
             if burst.is_empty() {
                 if busy {
@@ -508,34 +532,74 @@ impl PollLoop {
         None
     }
 
-    /// Applies completions, resumes what may resume, commits on schedule.
-    /// Returns whether jobs are running (`None`: the state is poisoned).
-    fn between_polls(&mut self) -> Option<bool> {
+    /// Applies completions, resumes what may resume, commits on schedule,
+    /// and decides whether to poll. Returns whether jobs are running (`None`:
+    /// the state is poisoned).
+    fn between_polls(&mut self) -> Option<Flow> {
         let ctx = self.consumer.context();
         let mut st = ctx.state.lock().ok()?;
         st.drain_completions();
-        self.resume_ready(&mut st);
+        let o = &self.options;
+        let (bytes, n) = (st.sched.buffered_bytes(), st.sched.buffered());
+        if bytes > o.buffer_budget || n > o.max_buffered {
+            self.throttled.get_or_insert_with(Instant::now);
+        } else if bytes <= o.buffer_budget / 2 && n <= o.max_buffered / 2 {
+            self.throttled = None;
+            self.resume_ready(&mut st);
+        }
+        // Over budget: stop polling (librdkafka keeps its own prefetch, within
+        // its own limits); past `pause_after`, pause every partition so that
+        // polling, and with it rebalances, can go on while nothing is fetched.
+        let poll = match self.throttled {
+            None => true,
+            Some(since) if since.elapsed() >= o.pause_after => {
+                self.pause_all(&mut st);
+                true
+            }
+            Some(_) => false,
+        };
         if self.last_commit.elapsed() >= self.options.commit_interval {
             self.last_commit = Instant::now();
             self.commit_async(&mut st);
         }
         st.publish_gauges();
-        Some(st.sched.in_flight() > 0)
+        Some(Flow {
+            busy: st.sched.in_flight() > 0,
+            poll,
+        })
     }
 
+    fn pause_all(&self, st: &mut State) {
+        let mut tpl = TopicPartitionList::new();
+        for ((topic, partition), p) in &mut st.parts {
+            if !p.paused {
+                p.paused = true;
+                tpl.add_partition(topic, *partition);
+            }
+        }
+        if tpl.count() > 0 && self.consumer.pause(&tpl).is_ok() {
+            st.stats.pauses.fetch_add(tpl.count() as u64, Relaxed);
+        }
+    }
+
+    /// Resumes the paused partitions (the buffers are at most half full)
+    /// that are under their tracking limit.
     fn resume_ready(&self, st: &mut State) {
         let o = &self.options;
-        let room = st.sched.buffered_bytes() <= o.buffer_budget / 2
-            && st.sched.buffered() <= o.max_buffered / 2;
-        if !room {
-            return;
-        }
+        let mut tpl = TopicPartitionList::new();
         for ((topic, partition), p) in &mut st.parts {
             if p.paused && p.tracker.tracked() < o.max_tracked {
                 p.paused = false;
-                if self.consumer.resume(&tpl_of(topic, *partition)).is_ok() {
-                    st.stats.resumes.fetch_add(1, Relaxed);
+                tpl.add_partition(topic, *partition);
+            }
+        }
+        // One call for all: each call is a round trip to librdkafka's threads.
+        if tpl.count() > 0 {
+            match self.consumer.resume(&tpl) {
+                Ok(()) => {
+                    st.stats.resumes.fetch_add(tpl.count() as u64, Relaxed);
                 }
+                Err(e) => tracing::warn!(error = %e, "Resume failed."),
             }
         }
     }
@@ -568,11 +632,17 @@ impl PollLoop {
     }
 
     fn pause_marked(&mut self) {
-        let stats = &self.consumer.context().stats;
+        if self.to_pause.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
         for (topic, partition) in self.to_pause.drain(..) {
-            if self.consumer.pause(&tpl_of(&topic, partition)).is_ok() {
-                stats.pauses.fetch_add(1, Relaxed);
-            }
+            tpl.add_partition(&topic, partition);
+        }
+        // One call for all: each call is a round trip to librdkafka's threads.
+        if self.consumer.pause(&tpl).is_ok() {
+            let stats = &self.consumer.context().stats;
+            stats.pauses.fetch_add(tpl.count() as u64, Relaxed);
         }
     }
 
@@ -629,7 +699,7 @@ impl PollLoop {
 fn route(
     consumer: &BaseConsumer<Context>,
     o: &SourceOptions,
-    topic_names: &mut HashMap<String, Arc<str>>,
+    topic_names: &mut HashMap<String, Arc<str>, std::hash::BuildHasherDefault<KeyHasher>>,
     to_pause: &mut Vec<PartKey>,
     burst: Vec<BorrowedMessage<'_>>,
 ) -> bool {
@@ -645,14 +715,14 @@ fn route(
             continue;
         };
         let partition = m.partition();
-        let msg = copy_message(&m, Arc::clone(&topic), p);
+        let buf = st.recycle.take();
+        let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);
         let _ = p.tracker.dispatched(msg.offset);
         st.sched.arrive(p.epoch, msg, &mut st.ready);
-        let over = st.sched.buffered_bytes() > o.buffer_budget
-            || st.sched.buffered() > o.max_buffered
-            || p.tracker.tracked() >= o.max_tracked;
-        if over && !p.paused {
+        // Past its tracking limit a partition pauses until its commit point
+        // moves (the buffer budget is enforced between polls).
+        if p.tracker.tracked() >= o.max_tracked && !p.paused {
             p.paused = true;
             to_pause.push((topic, partition));
         }
@@ -692,7 +762,10 @@ fn poll_burst(
 }
 
 /// The shared topic name for `name`, allocated once per topic.
-fn topic_arc(names: &mut HashMap<String, Arc<str>>, name: &str) -> Arc<str> {
+fn topic_arc(
+    names: &mut HashMap<String, Arc<str>, std::hash::BuildHasherDefault<KeyHasher>>,
+    name: &str,
+) -> Arc<str> {
     match names.get(name) {
         Some(t) => Arc::clone(t),
         None => {
@@ -704,10 +777,16 @@ fn topic_arc(names: &mut HashMap<String, Arc<str>>, name: &str) -> Arc<str> {
 }
 
 /// The one copy of a message out of librdkafka.
-fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part) -> Message {
+fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part, mut data: Vec<u8>) -> Message {
+    data.clear();
+    let payload = m.payload();
+    let key = m.key();
+    data.extend_from_slice(payload.unwrap_or_default());
+    data.extend_from_slice(key.unwrap_or_default());
     Message {
-        payload: m.payload().map(<[u8]>::to_vec),
-        key: m.key().map(<[u8]>::to_vec),
+        data,
+        payload_len: payload.map(<[u8]>::len),
+        has_key: key.is_some(),
         headers: m
             .headers()
             .map(|h| {
@@ -729,10 +808,4 @@ fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part) -> Message {
         shared: Arc::clone(&p.shared),
         completed: false,
     }
-}
-
-fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
-    tpl
 }

@@ -168,8 +168,23 @@ fn windowed(mut pass: impl FnMut(usize) -> Result<(u64, f64)>) -> Result<f64> {
 fn time_until_finished(running: &RunningPipeline, events: u64) -> Result<(u64, f64)> {
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut start = None;
+    let mut ticks = 0u64;
     loop {
         let m = running.metrics();
+        ticks += 1;
+        if debug() && ticks % 20 == 0 {
+            let st = running.source().stats();
+            eprintln!(
+                "  consumed {} finished {} polled {} jobs {} in_flight {} buffered {} pauses {}",
+                m.consumed,
+                m.finished,
+                st.polled.load(Relaxed),
+                st.jobs.load(Relaxed),
+                st.in_flight.load(Relaxed),
+                st.buffered_bytes.load(Relaxed),
+                st.pauses.load(Relaxed)
+            );
+        }
         if m.consumed > 0 {
             start.get_or_insert_with(Instant::now);
         }
@@ -179,7 +194,9 @@ fn time_until_finished(running: &RunningPipeline, events: u64) -> Result<(u64, f
         if Instant::now() > deadline {
             return Err(format!("pipeline finished only {} of {events}", m.finished).into());
         }
-        std::thread::sleep(Duration::from_micros(200));
+        // Coarse on purpose: a waking thread competes with the pipeline for
+        // the two cores; 5 ms in windows of at least a second is 0.5 %.
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok((events, start.map_or(1e-9, |s| s.elapsed().as_secs_f64())))
 }
@@ -196,14 +213,19 @@ fn config(brokers: &str, topic: &str, group: &str) -> KafkaConsumerConfig {
 
 /// One pass of the pipeline with a no-op sync handler over `events`.
 fn pipeline_noop(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
-    let running = Pipeline::builder(config(brokers, topic, group))
-        .workers(2)
-        .start(
-            |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
-                std::hint::black_box(ev.event_type());
-                Ok(())
-            },
-        )?;
+    let mut b = Pipeline::builder(config(brokers, topic, group)).workers(2);
+    if let Some(v) = std::env::var("XZEPR_BUDGET")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        b = b.buffer_budget(v).max_buffered(1 << 30);
+    }
+    let running = b.start(
+        |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
+            std::hint::black_box(ev.event_type());
+            Ok(())
+        },
+    )?;
     let r = time_until_finished(&running, events)?;
     if debug() {
         eprintln!(
@@ -243,8 +265,7 @@ fn io_pass(
     topic: &str,
     group: &str,
     events: u64,
-    max_in_flight: usize,
-    latency: Duration,
+    (max_in_flight, latency): (usize, Duration),
     waits: &Arc<Waits>,
 ) -> Result<(u64, f64, u64)> {
     let w = Arc::clone(waits);
@@ -389,8 +410,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
         "bench-backlog",
         &group("backlog"),
         (s.backlog / 5).max(1),
-        1024,
-        Duration::from_millis(20),
+        (1024, Duration::from_millis(20)),
         &waits,
     )?;
     sampling.store(false, Relaxed);
@@ -436,8 +456,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
                     "bench-io",
                     &group("io"),
                     s.io_events,
-                    n,
-                    Duration::from_millis(ms),
+                    (n, Duration::from_millis(ms)),
                     &waits,
                 )?;
                 Ok((e, secs))
