@@ -923,6 +923,13 @@ struct ReceiverSpec {
     schema: Value,
 }
 
+/// Least wait after creating a receiver before the list that names the winner
+/// (see `discover_or_create_event_receiver`).
+const DISCOVERY_SETTLE_MIN: std::time::Duration = std::time::Duration::from_millis(20);
+/// Most wait after creating a receiver: a start-up cost paid once per
+/// (name, type) and process.
+const DISCOVERY_SETTLE_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The XZepr API client. Cheap to clone: clones share the connection pool.
 #[derive(Clone)]
 pub struct XzeprClient {
@@ -1242,7 +1249,9 @@ impl XzeprClient {
     /// type), always.
     ///
     /// XZepr's create is check-then-insert, so instances starting at once can
-    /// each create one. Every instance converges on the same receiver all the
+    /// each create one. After creating (or being told it exists), the client
+    /// waits twice the create's latency (20 ms to 2 s) for concurrent creators'
+    /// inserts to land, then lists again. Every instance converges on the same receiver all the
     /// same: after creating, it lists again, and whenever several exact matches
     /// exist it takes the **earliest `created_at`, then the smallest id**. The
     /// losers are left alone (the API cannot tell which one another instance is
@@ -1289,6 +1298,7 @@ impl XzeprClient {
         let id = match self.find_receiver(name, ty).await? {
             Some(id) => id,
             None => {
+                let sent = std::time::Instant::now();
                 let created = self
                     .create_event_receiver(
                         name,
@@ -1298,13 +1308,22 @@ impl XzeprClient {
                         spec.schema.clone(),
                     )
                     .await;
+                // XZepr's create is check-then-insert: another instance that
+                // passed its check before our insert may not have inserted yet
+                // (and may carry the earlier `created_at`). Its insert comes at
+                // most about one create's latency after ours, so wait that out
+                // (twice, bounded) and let the list, not our create, name the
+                // winner: every instance then reads the same list.
+                let settle = (sent.elapsed() * 2).clamp(DISCOVERY_SETTLE_MIN, DISCOVERY_SETTLE_MAX);
                 match created {
-                    // Another instance may have created one at the same moment:
-                    // the list, not our create, names the winner.
-                    Ok(ours) => self.find_receiver(name, ty).await?.unwrap_or(ours),
+                    Ok(ours) => {
+                        tokio::time::sleep(settle).await;
+                        self.find_receiver(name, ty).await?.unwrap_or(ours)
+                    }
                     Err(ClientError::Api(e))
                         if e.status == 400 && e.body.contains("already exists") =>
                     {
+                        tokio::time::sleep(settle).await;
                         self.find_receiver(name, ty)
                             .await?
                             .ok_or(ClientError::Api(e))?
