@@ -1,0 +1,2 @@
+//! Placeholder: the idempotency bench lands with the PostgreSQL harness.
+fn main() {}
