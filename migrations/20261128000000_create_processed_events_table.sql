@@ -13,12 +13,17 @@ CREATE TABLE IF NOT EXISTS processed_events (
     -- Which claim holds the row: a stale worker's complete/release matches nothing.
     claim_token   BIGINT      NOT NULL,
     claimed_until TIMESTAMPTZ,
-    -- The retention column: when the row last changed state (claimed, released or
-    -- processed). Cleanup deletes rows older than the retention.
+    -- The retention column: when the key was last claimed, which is when its work
+    -- started (a lease, seconds, before it was processed). Settling does not touch it,
+    -- so that update changes no indexed column. Cleanup deletes rows older than the
+    -- retention.
     processed_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     CONSTRAINT processed_events_lease_iff_claimed
         CHECK ((state = 'claimed') = (claimed_until IS NOT NULL))
-);
+)
+-- Room on each page for the claimed -> processed update to stay there (a HOT update:
+-- no index writes, no new page).
+WITH (fillfactor = 80);
 
 -- Retention cleanup walks this index, oldest first, in bounded chunks.
 CREATE INDEX IF NOT EXISTS processed_events_processed_at_idx

@@ -97,18 +97,19 @@ LEFT JOIN processed_events e ON e.event_id = k.k";
 // nor processed there is held by another claim (possibly one committed meanwhile),
 // which is `Busy`: safe, since the caller asks again.
 
+// Settling leaves `processed_at` (the claim time) alone: no indexed column changes, so
+// the update can stay on its page (HOT) and skip both index writes.
 const SETTLE_SQL: &str = "\
 UPDATE processed_events AS p
 SET state = CASE WHEN u.done THEN 'processed' ELSE 'claimed' END,
-    claimed_until = CASE WHEN u.done THEN NULL ELSE '-infinity'::timestamptz END,
-    processed_at = now()
+    claimed_until = CASE WHEN u.done THEN NULL ELSE '-infinity'::timestamptz END
 FROM unnest($1::text[], $2::int8[], $3::bool[]) AS u(event_id, token, done)
 WHERE p.event_id = u.event_id AND p.claim_token = u.token AND p.state = 'claimed'
 RETURNING p.event_id";
 
 const MARK_IN_TX_SQL: &str = "\
 UPDATE processed_events
-SET state = 'processed', claimed_until = NULL, processed_at = now()
+SET state = 'processed', claimed_until = NULL
 WHERE event_id = $1 AND claim_token = $2 AND state = 'claimed'";
 
 // SKIP LOCKED: rows a claim is touching, or another guard's cleanup, are left for later.
@@ -792,9 +793,12 @@ impl Shared {
         Ok(rows.max(0) as u64)
     }
 
+    /// Claims, then frees the statement slot `permit` (before answering: a caller's
+    /// next request must find the guard idle, not linger behind this batch).
     async fn claim_batch(
         &self,
         requests: Vec<(String, oneshot::Sender<Result<ClaimReply, Error>>)>,
+        permit: Option<OwnedSemaphorePermit>,
     ) {
         // Sorted (row-lock order) and deduplicated: one statement may not touch a row
         // twice. Callers asking for the same key share one answer; only the first gets
@@ -815,6 +819,7 @@ impl Shared {
                 .fetch_all(&self.pool)
         })
         .await;
+        drop(permit);
         let rows = match rows {
             Ok(rows) => rows,
             Err(e) => {
@@ -870,7 +875,12 @@ impl Shared {
         );
     }
 
-    async fn settle_batch(&self, mut requests: Vec<SettleRequest>) {
+    /// Settles, then frees `permit` if given (as in `claim_batch`).
+    async fn settle_batch(
+        &self,
+        mut requests: Vec<SettleRequest>,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         requests.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         let keys: Vec<&str> = requests.iter().map(|r| r.key.as_str()).collect();
         let tokens: Vec<i64> = requests.iter().map(|r| r.token).collect();
@@ -883,6 +893,7 @@ impl Shared {
                 .fetch_all(&self.pool)
         })
         .await;
+        drop(permit);
         let settled = match settled {
             Ok(settled) => settled,
             Err(e) => {
@@ -987,7 +998,7 @@ async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
 
 /// One batch: settles first (so a waiter polling the same key sees it processed), then
 /// claims; one statement each.
-async fn execute(shared: Arc<Shared>, batch: Vec<Request>, _permit: OwnedSemaphorePermit) {
+async fn execute(shared: Arc<Shared>, batch: Vec<Request>, permit: OwnedSemaphorePermit) {
     let mut claims = Vec::new();
     let mut settles = Vec::new();
     for request in batch {
@@ -1006,11 +1017,14 @@ async fn execute(shared: Arc<Shared>, batch: Vec<Request>, _permit: OwnedSemapho
             }),
         }
     }
+    // The slot is held until the batch's last statement returns.
+    let mut permit = Some(permit);
     if !settles.is_empty() {
-        shared.settle_batch(settles).await;
+        let last = claims.is_empty().then(|| permit.take()).flatten();
+        shared.settle_batch(settles, last).await;
     }
     if !claims.is_empty() {
-        shared.claim_batch(claims).await;
+        shared.claim_batch(claims, permit).await;
     }
 }
 
