@@ -319,11 +319,13 @@ impl Claim {
         &self.key
     }
 
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn token(&self) -> i64 {
         self.token
     }
 
     /// Marks the claim settled without telling the store (the store settled it itself).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn disarm(mut self) {
         self.settled = true;
     }

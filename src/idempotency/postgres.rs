@@ -1,23 +1,6 @@
 //! The PostgreSQL store: the guide's `processed_events` table, batched.
 //!
-//! # Batching
-//!
-//! [`begin`](IdempotencyStore::begin), [`Claim::complete`] and [`Claim::release`] do not
-//! run a statement each: they queue a request to the guard's batcher task (spawned on
-//! first use), which turns whatever is queued into one claim statement
-//! (`INSERT … SELECT FROM unnest($1) … ON CONFLICT … RETURNING`) and one settle statement
-//! (`UPDATE … FROM unnest($1, $2, $3)`). At most
-//! [`max_in_flight_batches`](GuardBuilder::max_in_flight_batches) statements run at
-//! once; while they do, new requests pile up and go out together in the next one
-//! (up to [`max_batch_size`](GuardBuilder::max_batch_size)). A lone caller on an idle
-//! guard is sent at once; with a statement already in flight the batcher lingers at
-//! most [`batch_delay`](GuardBuilder::batch_delay) for company.
-//!
-//! Keys are sorted within a statement, so concurrent statements lock rows in the same
-//! order; a deadlock or serialization failure is retried a few times anyway.
-//!
-//! All times come from the database clock (`now()`), so consumers on machines with
-//! skewed clocks agree on leases and retention.
+//! See [`IdempotencyGuard`] (its "Batching" section) for how requests are batched.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -129,8 +112,26 @@ DELETE FROM processed_events WHERE event_id IN (
 /// [`migrate`](IdempotencyGuard::migrate), then use
 /// [`process_if_new`](IdempotencyGuard::process_if_new),
 /// [`process_in_tx`](IdempotencyGuard::process_in_tx) or the [`IdempotencyStore`] trait.
-/// See the [module docs](super) for the states of a key and [`postgres`](self) for how
-/// requests are batched.
+/// See the [module docs](super) for the states of a key.
+///
+/// # Batching
+///
+/// [`begin`](IdempotencyStore::begin), [`Claim::complete`] and [`Claim::release`] do not
+/// run a statement each: they queue a request to the guard's batcher task (spawned on
+/// first use), which turns whatever is queued into one claim statement
+/// (`INSERT … SELECT FROM unnest($1) … ON CONFLICT … RETURNING`) and one settle statement
+/// (`UPDATE … FROM unnest($1, $2, $3)`). At most
+/// [`max_in_flight_batches`](GuardBuilder::max_in_flight_batches) statements run at
+/// once; while they do, new requests pile up and go out together in the next one
+/// (up to [`max_batch_size`](GuardBuilder::max_batch_size)). A lone caller on an idle
+/// guard is sent at once; with a statement already in flight the batcher lingers at
+/// most [`batch_delay`](GuardBuilder::batch_delay) for company.
+///
+/// Keys are sorted within a statement, so concurrent statements lock rows in the same
+/// order; a deadlock or serialization failure is retried a few times anyway.
+///
+/// All times come from the database clock (`now()`), so consumers on machines with
+/// skewed clocks agree on leases and retention.
 #[derive(Clone)]
 pub struct IdempotencyGuard {
     inner: Arc<GuardInner>,
