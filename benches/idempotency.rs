@@ -11,7 +11,9 @@
 //! - the batched guard (`IdempotencyGuard::process_if_new`, defaults) with 256
 //!   concurrent callers, and with one caller (the latency of an idle guard).
 //!
-//! Prints events/s of each and the ratio to the guide's way.
+//! Prints events/s of each, the ratio to the guide's way, and how many statements the
+//! guard ran. `IN_FLIGHT=n` and `DELAY_US=µs` override the guard's
+//! `max_in_flight_batches` and `batch_delay` to compare settings.
 
 #[path = "../tests/pg_support/mod.rs"]
 mod pg_support;
@@ -118,7 +120,15 @@ async fn bench_server(name: &str, settings: &[&str], n: usize) {
     .await;
 
     reset(pool.clone()).await;
-    let guard = IdempotencyGuard::new(pool.clone(), Duration::from_secs(7 * 86400));
+    let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+    let mut b = IdempotencyGuard::builder(pool.clone());
+    if let Some(v) = env("IN_FLIGHT") {
+        b = b.max_in_flight_batches(v as usize);
+    }
+    if let Some(v) = env("DELAY_US") {
+        b = b.batch_delay(Duration::from_micros(v));
+    }
+    let guard = b.build().unwrap();
     let g = guard.clone();
     let batched = drive(n, CONCURRENCY, move |id| {
         let g = g.clone();
@@ -131,7 +141,9 @@ async fn bench_server(name: &str, settings: &[&str], n: usize) {
         }
     })
     .await;
-    assert_eq!(guard.metrics().events_processed_total, n as u64);
+    let m = guard.metrics();
+    assert_eq!(m.events_processed_total, n as u64);
+    let batched_statements = m.statements_total;
 
     reset(pool.clone()).await;
     let g = guard.clone();
@@ -159,6 +171,11 @@ async fn bench_server(name: &str, settings: &[&str], n: usize) {
             rate / guide_seq
         );
     }
+    println!(
+        "batched guard, {CONCURRENCY} callers: {batched_statements} statements for {n} events \
+         ({:.0} requests per statement)",
+        2.0 * n as f64 / batched_statements as f64
+    );
     println!(
         "batched guard vs guide in turn: {:.1}×; vs guide with {CONCURRENCY} callers: {:.1}×",
         batched / guide_seq,

@@ -248,6 +248,9 @@ pub struct IdempotencyMetrics {
     /// [`IdempotencyGuard::refresh_table_size`], moved by this guard's own inserts and
     /// deletes in between (other consumers' rows show up at the next count).
     pub processed_events_table_size: u64,
+    /// Claim and settle statements run (PostgreSQL; 0 in memory). Against the events,
+    /// it tells how well requests are batched.
+    pub statements_total: u64,
 }
 
 #[derive(Debug, Default)]
@@ -258,6 +261,7 @@ pub(crate) struct Counters {
     // Signed: other consumers' deletes can make our running estimate dip below zero
     // between two exact counts.
     table_size: AtomicI64,
+    statements: AtomicU64,
 }
 
 impl Counters {
@@ -267,6 +271,7 @@ impl Counters {
             events_duplicates_total: self.duplicates.load(Relaxed),
             events_failed_total: self.failed.load(Relaxed),
             processed_events_table_size: self.table_size.load(Relaxed).max(0) as u64,
+            statements_total: self.statements.load(Relaxed),
         }
     }
 }
