@@ -17,6 +17,7 @@
 //! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`] |
 //! | complete | [`pipeline`] (`complete`) | lifecycle acks gate each offset; malformed-message policy |
 //! | report | [`client`], [`report`] | pooled XZepr REST client; bounded, coalescing, retrying lifecycle reporter |
+//! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets |
 //!
 //! Configuration lives in [`config`]; every module has its own error enum, gathered in [`Error`].
@@ -41,6 +42,7 @@ mod error;
 #[cfg(feature = "dev-stack")]
 pub mod generate;
 pub mod handler;
+pub mod idempotency;
 pub mod metrics;
 pub mod offsets;
 pub mod pipeline;
