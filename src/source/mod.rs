@@ -117,13 +117,16 @@ pub struct SourceOptions {
     /// Messages between their arrival and their job's release, counted as for
     /// `buffer_budget` (which tiny messages would not reach). Default 50,000.
     pub max_buffered: usize,
-    /// How long the poll thread stops polling, the buffers over budget, before
-    /// it pauses the partitions. Default 100 ms: most hiccups (a descheduled
-    /// worker, a burst of slow calls) pass within milliseconds and are ridden
-    /// out without a pause, which would drop librdkafka's prefetch; a longer
-    /// stall (a stuck handler) pauses, so polling, and with it rebalances, goes
-    /// on while nothing is fetched. While it does not poll, librdkafka still
-    /// prefetches, within its own `queued.max.messages.kbytes`.
+    /// How long the poll thread stops polling, the buffers over budget and the
+    /// handlers draining them, before it pauses the partitions. Default 1 s:
+    /// while handlers make progress, the buffers drain from full to half in a
+    /// fraction of that at any useful rate, and a pause, which drops
+    /// librdkafka's prefetch and refetches it, is avoided; while nothing is
+    /// polled, rebalances wait, so it is kept well under the rebalance timeout.
+    /// Handlers that stall (no completion for 100 ms) pause at once, so polling,
+    /// and with it rebalances, goes on while nothing is fetched. While it does
+    /// not poll, librdkafka still prefetches, within its own
+    /// `queued.max.messages.kbytes`.
     pub pause_after: Duration,
     /// How often the contiguous commit points are committed (asynchronously).
     /// Default 1 s: a crash replays at most about a second of finished work.
@@ -152,7 +155,7 @@ impl Default for SourceOptions {
             batch: 64,
             buffer_budget: 16 << 20,
             max_buffered: 50_000,
-            pause_after: Duration::from_millis(100),
+            pause_after: Duration::from_secs(1),
             commit_interval: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),

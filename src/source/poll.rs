@@ -36,6 +36,10 @@ pub(crate) trait RebalanceHooks: Send + Sync + 'static {
 /// Most messages taken from librdkafka per lock of the shared state.
 const BURST: usize = 64;
 
+/// Over budget with no completion for this long, the handlers are taken to be
+/// stalled and the partitions are paused (see [`SourceOptions::pause_after`]).
+const STALL: Duration = Duration::from_millis(100);
+
 /// Longest wait for a completion while jobs run and Kafka has nothing new: a
 /// released lane's next batch starts as soon as the release arrives, and new
 /// messages wait at most this long.
@@ -90,6 +94,8 @@ struct State {
     epochs: u64,
     stats: Arc<SourceStats>,
     committed: super::Committed,
+    /// When a completion last came back (the handlers are making progress).
+    last_progress: Instant,
     /// Message buffers given back by finished messages, reused by the copy.
     recycle: Arc<super::Recycler>,
 }
@@ -130,6 +136,7 @@ impl State {
     fn drain_completions(&mut self) {
         while let Ok(c) = self.completions.try_recv() {
             self.apply(c);
+            self.last_progress = Instant::now();
         }
         self.run_ready();
     }
@@ -416,6 +423,7 @@ pub(super) fn start(
             stats: Arc::clone(&stats),
             committed: Arc::clone(&committed),
             recycle: Arc::new(super::Recycler::new(options.buffer_budget)),
+            last_progress: Instant::now(),
         }),
         drain_timeout: options.drain_timeout,
         fatal: Mutex::new(None),
@@ -548,11 +556,15 @@ impl PollLoop {
             self.resume_ready(&mut st);
         }
         // Over budget: stop polling (librdkafka keeps its own prefetch, within
-        // its own limits); past `pause_after`, pause every partition so that
-        // polling, and with it rebalances, can go on while nothing is fetched.
+        // its own limits) while the handlers drain the buffers. When they stall
+        // (no completion for `STALL`) or the drain takes longer than
+        // `pause_after`, pause every partition so that polling, and with it
+        // rebalances, can go on while nothing is fetched.
         let poll = match self.throttled {
             None => true,
-            Some(since) if since.elapsed() >= o.pause_after => {
+            Some(since)
+                if since.elapsed() >= o.pause_after || st.last_progress.elapsed() >= STALL =>
+            {
                 self.pause_all(&mut st);
                 true
             }
@@ -626,6 +638,7 @@ impl PollLoop {
         if let Ok(c) = self.completions.recv_timeout(COMPLETION_WAIT) {
             if let Ok(mut st) = self.consumer.context().state.lock() {
                 st.apply(c);
+                st.last_progress = Instant::now();
                 st.drain_completions();
             }
         }
