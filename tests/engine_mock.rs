@@ -352,3 +352,30 @@ fn shutdown_with_hundreds_in_flight_loses_nothing_and_replays_only_what_it_must(
         ends
     );
 }
+
+#[test]
+fn a_lifecycle_with_an_empty_work_field_fails_at_start_naming_it() {
+    let rt = runtime();
+    let (reporter, _task) = rt.block_on(async {
+        let client = XzeprClient::new(XzeprClientConfig::new("http://127.0.0.1:9", "tok")).unwrap();
+        Reporter::start(client, ReporterConfig::default())
+    });
+    for (work, field) in [
+        (WorkTemplate::new("01R", "", "1.0.0", "svc"), "work_name"),
+        (
+            WorkTemplate::new("01R", "deploy", "", "svc"),
+            "work_version",
+        ),
+        (WorkTemplate::new("01R", "deploy", "1.0.0", " "), "package"),
+    ] {
+        let err = Pipeline::builder(KafkaConsumerConfig::new("127.0.0.1:9", "t", "svc"))
+            .lifecycle(reporter.clone(), work)
+            .runtime(rt.handle().clone())
+            .start_async(|_m: CloudEventMessage, _i: WorkInfo| async {
+                Ok::<_, String>(serde_json::Value::Null)
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+}
