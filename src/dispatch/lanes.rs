@@ -97,27 +97,8 @@ enum LaneKey {
     Own,
 }
 
-/// Hashes the scheduler's partition ids (assigned by the source, never by a
-/// peer) in one multiply; message keys keep the std hasher, since producers
-/// choose them.
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl std::hash::Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
-type PartMap = HashMap<u64, PartLanes, std::hash::BuildHasherDefault<IdHasher>>;
+/// Partition ids are the source's own: hashed fast.
+type PartMap = HashMap<u64, PartLanes, super::TrustedState>;
 
 /// Spare job vectors kept for reuse (see [`Scheduler::recycle`]).
 const SPARE_JOBS: usize = 1024;

@@ -24,6 +24,39 @@ pub enum Ordering {
     Unordered,
 }
 
+/// A fast hasher for keys this crate assigns or the broker's assignment names
+/// (topic and partition, partition ids): never for keys a peer chooses, such as
+/// message keys, which keep the std hasher.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct TrustedHasher(u64);
+
+impl TrustedHasher {
+    #[inline]
+    fn mix(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for TrustedHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.mix(u64::from(b));
+        }
+    }
+    fn write_i32(&mut self, i: i32) {
+        self.mix(u64::from(i as u32));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.mix(n);
+    }
+}
+
+/// `HashMap` state for [`TrustedHasher`].
+pub(crate) type TrustedState = std::hash::BuildHasherDefault<TrustedHasher>;
+
 /// FNV-1a, finalized: a fast, stable hash for short keys (XZepr keys are 26-byte ULIDs).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;

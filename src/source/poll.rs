@@ -55,28 +55,8 @@ struct Part {
     committed: Option<i64>,
 }
 
-/// A fast hasher for the `(topic, partition)` keys looked up once per message;
-/// the keys come from the broker's assignment, not from an attacker.
-#[derive(Default, Clone, Copy)]
-struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-        }
-    }
-    fn write_i32(&mut self, i: i32) {
-        self.0 =
-            (self.0.rotate_left(5) ^ u64::from(i as u32)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
 type PartKey = (Arc<str>, i32);
-type PartMap = HashMap<PartKey, Part, std::hash::BuildHasherDefault<KeyHasher>>;
+type PartMap = HashMap<PartKey, Part, crate::dispatch::TrustedState>;
 
 /// What the poll thread and the rebalance callbacks share.
 struct State {
@@ -453,7 +433,7 @@ struct PollLoop {
     options: SourceOptions,
     stop: Arc<AtomicBool>,
     completions: Receiver<Completion>,
-    topic_names: HashMap<String, Arc<str>, std::hash::BuildHasherDefault<KeyHasher>>,
+    topic_names: HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     last_commit: Instant,
     to_pause: Vec<PartKey>,
     /// Since when the buffers are over budget (polling stopped).
@@ -712,7 +692,7 @@ impl PollLoop {
 fn route(
     consumer: &BaseConsumer<Context>,
     o: &SourceOptions,
-    topic_names: &mut HashMap<String, Arc<str>, std::hash::BuildHasherDefault<KeyHasher>>,
+    topic_names: &mut HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     to_pause: &mut Vec<PartKey>,
     burst: Vec<BorrowedMessage<'_>>,
 ) -> bool {
@@ -776,7 +756,7 @@ fn poll_burst(
 
 /// The shared topic name for `name`, allocated once per topic.
 fn topic_arc(
-    names: &mut HashMap<String, Arc<str>, std::hash::BuildHasherDefault<KeyHasher>>,
+    names: &mut HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     name: &str,
 ) -> Arc<str> {
     match names.get(name) {
