@@ -357,15 +357,6 @@ impl<H: AsyncHandler + ?Sized> Executor for AsyncExecutor<H> {
     }
 }
 
-/// Sync handlers: jobs go to one channel read by every worker thread.
-pub(crate) struct SyncExecutor(pub(crate) Sender<Batch>);
-
-impl Executor for SyncExecutor {
-    fn execute(&self, batch: Batch) -> Result<(), Batch> {
-        self.0.try_send(batch).map_err(|e| e.into_inner())
-    }
-}
-
 /// A worker thread's loop: jobs until the channel closes and is empty.
 pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
     jobs: Receiver<Batch>,

@@ -37,7 +37,7 @@ use crate::source::{Executor, Message, Source, SourceError, SourceHandle, Source
 
 pub use complete::MalformedPolicy;
 use complete::{AckFn, Delivery, Lifecycle, LifecycleSink, SharedSink};
-use execute::{AsyncExecutor, DecoderPool, Shared, SyncExecutor};
+use execute::{AsyncExecutor, DecoderPool, Shared};
 
 impl Delivery for Message {
     fn topic(&self) -> &str {
@@ -444,7 +444,8 @@ impl PipelineBuilder {
             &self.kafka,
             self.source.clone(),
             Some(hooks),
-            Box::new(SyncExecutor(tx)),
+            // Sync handlers: one job channel read by every worker thread.
+            Box::new(crate::source::ChannelExecutor(tx)),
         )?;
         let mut workers = Vec::with_capacity(self.workers);
         let mut metrics = Vec::with_capacity(self.workers);

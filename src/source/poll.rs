@@ -114,8 +114,21 @@ impl State {
 
     /// Applies every completion waiting, then hands over what they made ready.
     fn drain_completions(&mut self) {
+        self.apply_received(None);
+    }
+
+    /// Applies `first` (one already received) and every completion waiting,
+    /// notes the progress once, then hands over what they made ready.
+    fn apply_received(&mut self, first: Option<Completion>) {
+        let mut any = first.is_some();
+        if let Some(c) = first {
+            self.apply(c);
+        }
         while let Ok(c) = self.completions.try_recv() {
             self.apply(c);
+            any = true;
+        }
+        if any {
             self.last_progress = Instant::now();
         }
         self.run_ready();
@@ -617,9 +630,7 @@ impl PollLoop {
     fn wait_for_completion(&self) {
         if let Ok(c) = self.completions.recv_timeout(COMPLETION_WAIT) {
             if let Ok(mut st) = self.consumer.context().state.lock() {
-                st.apply(c);
-                st.last_progress = Instant::now();
-                st.drain_completions();
+                st.apply_received(Some(c));
             }
         }
     }
