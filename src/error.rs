@@ -25,6 +25,9 @@ pub enum Error {
     /// The pipeline's threads failed.
     #[error(transparent)]
     Pipeline(#[from] crate::pipeline::PipelineError),
+    /// The idempotency store failed.
+    #[error(transparent)]
+    Idempotency(#[from] crate::idempotency::Error),
     /// The offset tracker refused an operation.
     #[error(transparent)]
     Offsets(#[from] crate::offsets::Error),

@@ -58,6 +58,11 @@ counters! {
     posted_failed,
     /// Lifecycle posts that exhausted their retries (their offsets stay uncommitted).
     report_failed,
+    /// Events finished without running: the idempotency store had their key
+    /// processed (by this consumer before a replay, or by another).
+    duplicates,
+    /// Idempotency store calls that failed (retried; the event waited).
+    idempotency_errors,
     /// Handed-over messages dropped unhandled because their partition was revoked.
     stale_dropped,
     /// Offsets finished (handled and reported, or skipped).

@@ -3,6 +3,10 @@
 //! binaries each test prints `SKIPPED` and why; with `CI` set it fails instead.
 #![cfg(feature = "postgres")]
 
+#[cfg(feature = "dev-stack")]
+mod http_support;
+#[cfg(feature = "dev-stack")]
+mod kafka_support;
 mod pg_support;
 
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
@@ -456,4 +460,112 @@ async fn migrate_is_idempotent_and_concurrent_safe() {
     .await
     .unwrap();
     assert_eq!(index, 1);
+}
+
+/// The pipeline with the guard: the same 10,000 events consumed twice, the second
+/// time by a fresh consumer group (as after a lost commit, or a second deployment
+/// sharing the table). The work runs once per event in all; the replay finishes
+/// every event as a duplicate, posts nothing, and still commits to the end.
+#[cfg(feature = "dev-stack")]
+#[test]
+fn a_pipeline_replaying_every_event_runs_each_work_once() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
+    use xzepr_consumer::config::KafkaConsumerConfig;
+    use xzepr_consumer::decode::CloudEventMessage;
+    use xzepr_consumer::dispatch::Ordering;
+    use xzepr_consumer::generate::xzepr_event;
+    use xzepr_consumer::handler::WorkInfo;
+    use xzepr_consumer::pipeline::{Pipeline, WorkTemplate};
+    use xzepr_consumer::report::{Reporter, ReporterConfig};
+
+    const N: u64 = 10_000;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some((_pg, pool)) = rt.block_on(server("pipeline_replay", 16)) else {
+        return;
+    };
+    let guard =
+        rt.block_on(async { IdempotencyGuard::new(pool.clone(), Duration::from_secs(86400)) });
+    let cluster = kafka_support::cluster("replay", 4);
+    let brokers = cluster.bootstrap_servers();
+    kafka_support::produce_keyed(
+        &brokers,
+        "replay",
+        4,
+        N,
+        |i| format!("key-{}", i % 512),
+        |i| xzepr_event(i, "01SOMEONEELSE").1,
+    );
+    let ends = kafka_support::end_offsets(&brokers, "replay", 4);
+    let xzepr = rt.block_on(http_support::start(http_support::Chaos::default()));
+    let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+
+    let consume = |group: &str| {
+        let (reporter, task) = rt.block_on(async {
+            let client =
+                XzeprClient::new(XzeprClientConfig::new(xzepr.url.clone(), "tok")).unwrap();
+            Reporter::start(client, ReporterConfig::default())
+        });
+        let runs = Arc::clone(&runs);
+        let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "replay", group))
+            .ordering(Ordering::PerKey)
+            .max_in_flight(256)
+            .commit_interval(Duration::from_millis(100))
+            .runtime(rt.handle().clone())
+            .idempotency(guard.clone())
+            .lifecycle(
+                reporter,
+                WorkTemplate::new("01MYRECEIVER", "deploy", "1.0.0", group),
+            )
+            .start_async(move |m: CloudEventMessage, _info: WorkInfo| {
+                *runs.lock().unwrap().entry(m.id).or_default() += 1;
+                async { Ok::<_, String>(serde_json::Value::Null) }
+            })
+            .unwrap();
+        let start = std::time::Instant::now();
+        while running.metrics().finished < N {
+            assert!(start.elapsed() < EVENTUALLY * 8, "{:?}", running.metrics());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        running.shutdown();
+        running.join().unwrap();
+        assert!(rt.block_on(task.drain(Duration::from_secs(30))));
+        let group_id = format!("xzepr-consumer-{group}");
+        assert_eq!(
+            kafka_support::committed(&brokers, &group_id, "replay", 4),
+            ends,
+            "{group} commits to the end"
+        );
+        running.metrics()
+    };
+
+    let first = consume("first");
+    assert_eq!((first.handled, first.duplicates), (N, 0));
+    assert_eq!(first.posted_started + first.posted_completed, 2 * N);
+    let second = consume("second");
+    assert_eq!(
+        (second.handled, second.duplicates, second.posted_started),
+        (0, N, 0),
+        "the replay runs and posts nothing: {second:?}"
+    );
+    let runs = runs.lock().unwrap();
+    assert_eq!(runs.len() as u64, N);
+    assert!(runs.values().all(|&n| n == 1), "each work ran once");
+    assert_eq!(xzepr.seen.accepted.lock().unwrap().len() as u64, 2 * N);
+    let m = guard.metrics();
+    assert_eq!(
+        (m.events_processed_total, m.events_duplicates_total),
+        (N, N)
+    );
+    eprintln!(
+        "pipeline replay: {N} events twice, handler runs {}, duplicates {}, statements {}",
+        runs.len(),
+        m.events_duplicates_total,
+        m.statements_total
+    );
 }

@@ -270,3 +270,13 @@ fn the_handler_hears_of_its_assignment() {
         (0..3).map(|p| ("hooks".to_owned(), p)).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn an_idempotency_store_without_a_runtime_fails_at_start_naming_it() {
+    let err = Pipeline::builder(KafkaConsumerConfig::new("127.0.0.1:1", "t", "svc"))
+        .idempotency(xzepr_consumer::idempotency::MemoryStore::new())
+        .start(|_: &CloudEvent<'_>, _: &mut Work| -> Result<(), String> { Ok(()) })
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("runtime"), "{text}");
+}

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{json, Value};
 
 use crate::handler::{BoxFuture, HandlerError};
+use crate::idempotency::Claim;
 use crate::metrics::Metrics;
 
 /// A message as the execution and completion stages see it (the source's
@@ -83,6 +84,9 @@ pub(crate) struct Pending<D: Delivery> {
     remaining: AtomicU8,
     failed: AtomicBool,
     delivery: Mutex<Option<D>>,
+    /// The event's idempotency claim, marked processed only once everything
+    /// was acknowledged (a crash before that replays the work and its posts).
+    mark: Mutex<Option<Mark>>,
     metrics: Arc<Metrics>,
 }
 
@@ -92,12 +96,17 @@ impl<D: Delivery> Pending<D> {
             remaining: AtomicU8::new(3),
             failed: AtomicBool::new(false),
             delivery: Mutex::new(None),
+            mark: Mutex::new(None),
             metrics,
         })
     }
 
-    /// The handler returned: hand over the delivery and count down.
-    fn handler_done(self: &Arc<Self>, delivery: D) {
+    /// The handler returned: hand over the delivery (and the claim to mark
+    /// once the posts are acknowledged), and count down.
+    fn handler_done(self: &Arc<Self>, delivery: D, mark: Option<Mark>) {
+        if let (Some(mark), Ok(mut slot)) = (mark, self.mark.lock()) {
+            *slot = Some(mark);
+        }
         if let Ok(mut slot) = self.delivery.lock() {
             *slot = Some(delivery);
         }
@@ -129,7 +138,12 @@ impl<D: Delivery> Pending<D> {
         let Some(d) = self.delivery.lock().ok().and_then(|mut s| s.take()) else {
             return;
         };
+        let mark = self.mark.lock().ok().and_then(|mut s| s.take());
         if self.failed.load(Acquire) {
+            // Not reported, so not processed: the replay runs the work again.
+            if let Some(mark) = mark {
+                mark.release();
+            }
             // Held on purpose: the commit point stays before this offset and a
             // restart replays it. Never finish what was not reported.
             tracing::error!(
@@ -140,7 +154,7 @@ impl<D: Delivery> Pending<D> {
             );
             d.hold();
         } else {
-            finish_now(d, &self.metrics);
+            finish_marked(d, mark, &self.metrics);
         }
     }
 
@@ -153,6 +167,56 @@ impl<D: Delivery> Pending<D> {
 pub(crate) fn finish_now<D: Delivery>(d: D, metrics: &Metrics) {
     d.finish();
     Metrics::add(&metrics.finished, 1);
+}
+
+/// Finishes `d` once its idempotency claim (if any) is marked processed.
+fn finish_marked<D: Delivery>(d: D, mark: Option<Mark>, metrics: &Arc<Metrics>) {
+    match mark {
+        Some(mark) => {
+            let metrics = Arc::clone(metrics);
+            mark.complete_then(move || finish_now(d, &metrics));
+        }
+        None => finish_now(d, metrics),
+    }
+}
+
+/// An event's idempotency claim, settled on the runtime that drives the store
+/// (sync workers have none of their own).
+pub(crate) struct Mark {
+    pub(crate) claim: Claim,
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+impl Mark {
+    /// Marks the key processed, then runs `then` (which finishes the offset).
+    ///
+    /// A mark that cannot be written still finishes the offset: the work ran and
+    /// was reported, and committing past it is right; only a later replay of the
+    /// same key (another group, an old offset) would run it again.
+    fn complete_then(self, then: impl FnOnce() + Send + 'static) {
+        let Mark { claim, runtime } = self;
+        // A runtime shutting down drops the task and with it the delivery,
+        // which then holds its offset: a replay, never a skip.
+        runtime.spawn(async move {
+            let key = claim.key().to_owned();
+            if let Err(e) = claim.complete().await {
+                tracing::warn!(key, error = %e, "Could not mark an event processed.");
+            }
+            then();
+        });
+    }
+
+    /// Gives the key back (the work failed or was not reported): a retry or a
+    /// replay runs it. Without a runtime the claim's lease frees it.
+    pub(crate) fn release(self) {
+        let Mark { claim, runtime } = self;
+        runtime.spawn(async move {
+            let key = claim.key().to_owned();
+            if let Err(e) = claim.release().await {
+                tracing::warn!(key, error = %e, "Could not release a failed event's claim.");
+            }
+        });
+    }
 }
 
 /// What the work is, for its lifecycle posts.
@@ -204,6 +268,9 @@ pub(crate) struct Outcome {
     pub(crate) platform_id: String,
     pub(crate) result: Result<(), HandlerError>,
     pub(crate) details: Value,
+    /// The event's idempotency claim: marked processed after a success (and its
+    /// posts), released after a failure.
+    pub(crate) mark: Option<Mark>,
 }
 
 impl Outcome {
@@ -228,10 +295,20 @@ impl Outcome {
     }
 }
 
-/// Counts the outcome and logs a failure; returns the terminal record to post.
-fn account<D: Delivery>(metrics: &Metrics, d: &D, outcome: Outcome, reported: bool) -> Lifecycle {
+/// Counts the outcome and logs a failure; returns the terminal record to post
+/// and the claim still to mark (a failure's claim is released at once).
+fn account<D: Delivery>(
+    metrics: &Metrics,
+    d: &D,
+    mut outcome: Outcome,
+    reported: bool,
+) -> (Lifecycle, Option<Mark>) {
     Metrics::add(&metrics.handled, 1);
+    let mut mark = outcome.mark.take();
     if let Err(e) = &outcome.result {
+        if let Some(m) = mark.take() {
+            m.release();
+        }
         Metrics::add(&metrics.handler_failed, 1);
         tracing::warn!(
             topic = d.topic(),
@@ -242,45 +319,45 @@ fn account<D: Delivery>(metrics: &Metrics, d: &D, outcome: Outcome, reported: bo
             "Handler failed; the offset finishes once its outcome is reported."
         );
     }
-    outcome.terminal()
+    (outcome.terminal(), mark)
 }
 
 /// From a worker thread, after the handler: posts the terminal record and
 /// finishes the offset (now, or once the posts are acknowledged).
 pub(crate) fn complete_blocking<D: Delivery>(
     sink: Option<&SharedSink>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     pending: Option<Arc<Pending<D>>>,
     d: D,
     outcome: Outcome,
 ) {
-    let record = account(metrics, &d, outcome, sink.is_some());
+    let (record, mark) = account(metrics, &d, outcome, sink.is_some());
     match (sink, pending) {
         (Some(sink), Some(p)) => {
             let ack = p.acker(record.status);
             sink.submit_blocking(record, ack);
-            p.handler_done(d);
+            p.handler_done(d, mark);
         }
-        _ => finish_now(d, metrics),
+        _ => finish_marked(d, mark, metrics),
     }
 }
 
 /// [`complete_blocking`] from a task.
 pub(crate) async fn complete<D: Delivery>(
     sink: Option<&SharedSink>,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     pending: Option<Arc<Pending<D>>>,
     d: D,
     outcome: Outcome,
 ) {
-    let record = account(metrics, &d, outcome, sink.is_some());
+    let (record, mark) = account(metrics, &d, outcome, sink.is_some());
     match (sink, pending) {
         (Some(sink), Some(p)) => {
             let ack = p.acker(record.status);
             sink.submit(record, ack).await;
-            p.handler_done(d);
+            p.handler_done(d, mark);
         }
-        _ => finish_now(d, metrics),
+        _ => finish_marked(d, mark, metrics),
     }
 }
 

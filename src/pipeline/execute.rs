@@ -26,6 +26,7 @@ use super::complete::{
     begin, begin_blocking, complete, complete_blocking, finish_now, malformed, Delivery,
     MalformedPolicy, Outcome, SharedSink, WorkStart,
 };
+use super::guard::Guard;
 use crate::decode::{CloudEvent, Decoder, DecoderConfig};
 use crate::dispatch::TypeFilter;
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
@@ -43,6 +44,8 @@ pub(crate) struct Shared {
     /// Past it an async handler is cancelled and its event fails with code
     /// `timeout`; a sync handler cannot be cancelled (see the builder).
     pub(crate) handler_timeout: Option<Duration>,
+    /// Runs each key's work once across replays.
+    pub(crate) idempotency: Option<Guard>,
 }
 
 impl Shared {
@@ -110,6 +113,19 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
         finish_now(delivery, metrics);
         return;
     }
+    let mark = match &shared.idempotency {
+        Some(guard) => {
+            match guard.admit_blocking(guard.key.of(&headers, ev.id()), &delivery, metrics) {
+                Ok(mark) => Some(mark),
+                Err(skip) => {
+                    drop((ev, headers));
+                    skip.apply(delivery, metrics);
+                    return;
+                }
+            }
+        }
+        None => None,
+    };
     let mut work = Work::new(
         format!("work-{}", ev.id()),
         delivery.topic_arc(),
@@ -164,6 +180,7 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
             platform_id,
             result,
             details,
+            mark,
         },
     );
 }
@@ -223,23 +240,26 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
     if !shared.take(&delivery) {
         return;
     }
-    // Decode and own the event before the first await: the decoder goes back
-    // to the pool at once.
+    // Decode and own the event (and its idempotency key) before the first
+    // await: the decoder goes back to the pool at once.
     let decoded = decoders
         .with(|decoder| {
             let headers = delivery.headers();
             decoder
                 .decode_message(headers.iter().copied(), delivery.payload())
                 .and_then(|ev| {
-                    if shared.wanted(&ev) {
-                        ev.to_owned_message().map(Some)
-                    } else {
-                        Ok(None)
+                    if !shared.wanted(&ev) {
+                        return Ok(None);
                     }
+                    let key = shared
+                        .idempotency
+                        .as_ref()
+                        .map(|g| g.key.of(&headers, ev.id()).to_owned());
+                    ev.to_owned_message().map(|m| Some((m, key)))
                 })
         })
         .and_then(|r| r);
-    let message = match decoded {
+    let (message, key) = match decoded {
         Ok(Some(m)) => m,
         Ok(None) => {
             finish_now(delivery, metrics);
@@ -249,6 +269,16 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
             malformed(delivery, &e, metrics, shared.malformed);
             return;
         }
+    };
+    let mark = match (&shared.idempotency, key) {
+        (Some(guard), Some(key)) => match guard.admit(&key, &delivery, metrics).await {
+            Ok(mark) => Some(mark),
+            Err(skip) => {
+                skip.apply(delivery, metrics);
+                return;
+            }
+        },
+        _ => None,
     };
     let work = Work::new(
         format!("work-{}", message.id),
@@ -284,6 +314,7 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
             platform_id,
             result,
             details,
+            mark,
         },
     )
     .await;
@@ -448,6 +479,7 @@ mod tests {
             metrics: Arc::new(Metrics::default()),
             malformed: policy,
             handler_timeout: None,
+            idempotency: None,
         }
     }
 
@@ -577,6 +609,90 @@ mod tests {
         let finished = run_sync(vec![b"{broken".to_vec(), event("ok", "x")], &sh);
         assert_eq!(*finished.lock().unwrap(), vec![(0, false), (1, true)]);
         assert_eq!(sh.metrics.snapshot().malformed, 1);
+    }
+
+    /// Waits until exactly `offsets` finished (marks settle on the runtime).
+    fn wait_done(f: &Finished, offsets: &[i64]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while done(f) != offsets {
+            assert!(Instant::now() < deadline, "finished {:?}", done(f));
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn guarded(sh: &mut Shared, rt: &tokio::runtime::Runtime) -> crate::idempotency::MemoryStore {
+        let store = crate::idempotency::MemoryStore::new();
+        sh.idempotency = Some(Guard {
+            store: Arc::new(store.clone()),
+            key: super::super::IdempotencyKey::EventId,
+            runtime: rt.handle().clone(),
+        });
+        store
+    }
+
+    fn begin_now(
+        rt: &tokio::runtime::Runtime,
+        store: &crate::idempotency::MemoryStore,
+    ) -> crate::idempotency::Begin {
+        use crate::idempotency::IdempotencyStore;
+        rt.block_on(store.begin("e1")).unwrap()
+    }
+
+    #[test]
+    fn a_guarded_key_runs_once_and_is_marked_only_after_its_posts() {
+        use crate::idempotency::Begin;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sink = Arc::new(HeldSink::default());
+        let mut sh = shared(
+            Some(Arc::clone(&sink)),
+            TypeFilter::any(),
+            MalformedPolicy::Skip,
+        );
+        let store = guarded(&mut sh, &rt);
+        // Every test event has the id `e1`: the first is handled; while its
+        // posts are unacknowledged the key stays claimed, not processed.
+        let finished = run_sync(vec![event("ok", "x")], &sh);
+        assert!(matches!(begin_now(&rt, &store), Begin::Busy));
+        for (_, ack) in std::mem::take(&mut *sink.held.lock().unwrap()) {
+            ack(true);
+        }
+        // The mark is written on the runtime, then the offset finishes.
+        wait_done(&finished, &[0]);
+        assert!(matches!(begin_now(&rt, &store), Begin::AlreadyProcessed));
+        // Replays finish at once: no handler, no posts.
+        let replay = run_sync(vec![event("ok", "x"), event("fail", "x")], &sh);
+        assert_eq!(done(&replay), vec![0, 1]);
+        assert!(sink.held.lock().unwrap().is_empty());
+        let m = sh.metrics.snapshot();
+        assert_eq!((m.handled, m.duplicates), (1, 2));
+    }
+
+    #[test]
+    fn a_failed_guarded_work_releases_its_key_for_the_replay() {
+        use crate::idempotency::Begin;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut sh = shared(None, TypeFilter::any(), MalformedPolicy::Skip);
+        let store = guarded(&mut sh, &rt);
+        let finished = run_sync(vec![event("fail", "x")], &sh);
+        // Failed and (without a lifecycle) finished at once; the key is free.
+        assert_eq!(done(&finished), vec![0]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match begin_now(&rt, &store) {
+                Begin::Run(claim) => {
+                    drop(claim);
+                    break;
+                }
+                other => {
+                    assert!(Instant::now() < deadline, "key not released: {other:?}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let replay = run_sync(vec![event("ok", "x")], &sh);
+        let m = sh.metrics.snapshot();
+        assert_eq!((m.handled, m.handler_failed, m.duplicates), (2, 1, 0));
+        wait_done(&replay, &[0]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -23,6 +23,7 @@
 
 mod complete;
 mod execute;
+mod guard;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -32,12 +33,14 @@ use crate::config::KafkaConsumerConfig;
 use crate::decode::{Decoder, DecoderConfig};
 use crate::dispatch::{Ordering, TypeFilter};
 use crate::handler::{AsyncHandler, BoxFuture, Handler};
+use crate::idempotency::IdempotencyStore;
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::source::{Executor, Message, Source, SourceError, SourceHandle, SourceOptions};
 
 pub use complete::MalformedPolicy;
 use complete::{AckFn, Delivery, Lifecycle, LifecycleSink, SharedSink};
 use execute::{AsyncExecutor, DecoderPool, Shared};
+pub use guard::IdempotencyKey;
 
 impl Delivery for Message {
     fn topic(&self) -> &str {
@@ -111,6 +114,8 @@ pub struct PipelineBuilder {
     malformed: MalformedPolicy,
     workers: usize,
     handler_timeout: Option<Duration>,
+    idempotency: Option<Arc<dyn IdempotencyStore>>,
+    idempotency_key: IdempotencyKey,
 }
 
 /// `Debug` placeholder for the type-erased sink.
@@ -223,6 +228,8 @@ impl Pipeline {
             malformed: MalformedPolicy::Skip,
             workers: std::thread::available_parallelism().map_or(2, usize::from),
             handler_timeout: None,
+            idempotency: None,
+            idempotency_key: IdempotencyKey::default(),
         }
     }
 }
@@ -369,6 +376,48 @@ impl PipelineBuilder {
         self
     }
 
+    /// Runs each event's work at most once per idempotency key, across replays,
+    /// rebalances and consumers sharing the store (see [`crate::idempotency`]).
+    ///
+    /// Before the handler, the event's key ([`PipelineBuilder::idempotency_key`])
+    /// is claimed in `store`:
+    /// - processed before: the event finishes at once, without the handler and
+    ///   without lifecycle posts, counted in `duplicates`;
+    /// - held by another worker, or the store unreachable: only this event's
+    ///   lane waits (polling with backoff up to 1 s), until the store answers or
+    ///   the partition is revoked;
+    /// - claimed: the handler runs. After a success the key is marked processed
+    ///   once the lifecycle posts were acknowledged (so a crash before that
+    ///   replays the work and its posts), and then the offset finishes; after a
+    ///   failure the claim is released, so a replay runs it again.
+    ///
+    /// Both stores are `Clone` and share their state: keep a clone to read its
+    /// [`metrics`](IdempotencyStore::metrics). The store's futures run on the
+    /// pipeline's runtime ([`PipelineBuilder::runtime`] or the current one),
+    /// also for sync handlers.
+    pub fn idempotency<S: IdempotencyStore + 'static>(mut self, store: S) -> Self {
+        self.idempotency = Some(Arc::new(store));
+        self
+    }
+
+    /// Where the idempotency key comes from (default: the `idempotency_key`
+    /// header, falling back to the CloudEvent `id`).
+    pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
+        self.idempotency_key = key;
+        self
+    }
+
+    /// The runtime the async parts run on: the one set, else the current one.
+    fn runtime_for(&self, what: &'static str) -> Result<tokio::runtime::Handle, SourceError> {
+        match &self.runtime {
+            Some(r) => Ok(r.clone()),
+            None => tokio::runtime::Handle::try_current().map_err(|_| SourceError::InvalidOption {
+                field: "runtime",
+                reason: what,
+            }),
+        }
+    }
+
     /// Checks what spans fields, before any thread starts.
     fn validate(&self) -> Result<(), crate::Error> {
         Decoder::new(self.decoder.clone())?;
@@ -411,7 +460,11 @@ impl PipelineBuilder {
 
     /// What an executor (or one sync worker, so hot counters never share a
     /// cache line) needs, counting into `metrics`.
-    fn shared(&self, metrics: &Arc<Metrics>) -> Arc<Shared> {
+    fn shared(
+        &self,
+        metrics: &Arc<Metrics>,
+        runtime: Option<&tokio::runtime::Handle>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             filter: self.filter.clone(),
             own_receiver: self.own_receivers(),
@@ -419,6 +472,15 @@ impl PipelineBuilder {
             metrics: Arc::clone(metrics),
             malformed: self.malformed,
             handler_timeout: self.handler_timeout,
+            idempotency: self
+                .idempotency
+                .as_ref()
+                .zip(runtime)
+                .map(|(store, runtime)| guard::Guard {
+                    store: Arc::clone(store),
+                    key: self.idempotency_key.clone(),
+                    runtime: runtime.clone(),
+                }),
         })
     }
 
@@ -437,6 +499,12 @@ impl PipelineBuilder {
             .into());
         }
         self.validate()?;
+        let guard_runtime = match self.idempotency {
+            Some(_) => Some(self.runtime_for(
+                "the idempotency store needs a tokio runtime (start from one, or set `runtime`)",
+            )?),
+            None => None,
+        };
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
@@ -451,7 +519,7 @@ impl PipelineBuilder {
         let mut metrics = Vec::with_capacity(self.workers);
         for i in 0..self.workers {
             let m = Arc::new(Metrics::default());
-            let shared = self.shared(&m);
+            let shared = self.shared(&m, guard_runtime.as_ref());
             metrics.push(m);
             let (rx, handler) = (rx.clone(), Arc::clone(&handler));
             let decoder = Decoder::new(self.decoder.clone())?;
@@ -477,21 +545,14 @@ impl PipelineBuilder {
     /// As [`PipelineBuilder::start`]; also [`SourceError::InvalidOption`] when there
     /// is no tokio runtime to drive the handler.
     pub fn start_async<H: AsyncHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
-        let runtime = match &self.runtime {
-            Some(r) => r.clone(),
-            None => {
-                tokio::runtime::Handle::try_current().map_err(|_| SourceError::InvalidOption {
-                    field: "runtime",
-                    reason: "async handlers need a tokio runtime (call from one, or set `runtime`)",
-                })?
-            }
-        };
+        let runtime = self
+            .runtime_for("async handlers need a tokio runtime (call from one, or set `runtime`)")?;
         self.validate()?;
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
+            shared: self.shared(&metrics, Some(&runtime)),
             runtime,
             handler: Arc::new(handler),
-            shared: self.shared(&metrics),
             decoders: Arc::new(DecoderPool::new(self.decoder.clone())),
         });
         let source = Source::start_with(&self.kafka, self.source.clone(), None, executor)?;

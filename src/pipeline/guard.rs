@@ -1,0 +1,164 @@
+//! The idempotency step: before an event's work runs, its key is claimed in the
+//! store; a key already processed finishes without the handler or any post.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::complete::{finish_now, Delivery, Mark};
+use crate::idempotency::{Begin, IdempotencyStore, IDEMPOTENCY_KEY_HEADER};
+use crate::metrics::Metrics;
+
+/// Where an event's idempotency key comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IdempotencyKey {
+    /// The value of this Kafka header (UTF-8), falling back to the CloudEvent
+    /// `id` when the header is absent or not UTF-8. The default uses the guide's
+    /// header, [`IDEMPOTENCY_KEY_HEADER`] (`idempotency_key`).
+    Header(String),
+    /// Always the CloudEvent `id`.
+    EventId,
+}
+
+impl Default for IdempotencyKey {
+    fn default() -> Self {
+        IdempotencyKey::Header(IDEMPOTENCY_KEY_HEADER.to_owned())
+    }
+}
+
+impl IdempotencyKey {
+    /// The key of an event with these headers and this id.
+    pub(crate) fn of<'a>(&self, headers: &[(&str, &'a [u8])], id: &'a str) -> &'a str {
+        match self {
+            IdempotencyKey::Header(name) => headers
+                .iter()
+                .find(|(k, _)| *k == name)
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+                .filter(|v| !v.is_empty())
+                .unwrap_or(id),
+            IdempotencyKey::EventId => id,
+        }
+    }
+}
+
+/// Why an event's work does not run: [`Guard::admit`]'s error.
+pub(crate) enum Skip {
+    /// Processed before: finish it without running anything.
+    Duplicate,
+    /// The store is gone for good: hold the offset (a restart replays it).
+    Hold,
+}
+
+impl Skip {
+    /// Settles the event's offset accordingly.
+    pub(crate) fn apply<D: Delivery>(self, d: D, metrics: &Metrics) {
+        match self {
+            Skip::Duplicate => finish_now(d, metrics),
+            Skip::Hold => d.hold(),
+        }
+    }
+}
+
+/// The pipeline's idempotency store and key choice.
+pub(crate) struct Guard {
+    pub(crate) store: Arc<dyn IdempotencyStore>,
+    pub(crate) key: IdempotencyKey,
+    /// Drives the store's futures and settles claims, also for sync workers.
+    pub(crate) runtime: tokio::runtime::Handle,
+}
+
+/// First pause before asking again about a busy key or after a store error
+/// (doubling up to [`MAX_PAUSE`]): a few handler runs.
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+/// Longest pause: a store back from an outage is noticed within a second.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+impl Guard {
+    /// Claims `key` for this event, waiting while another worker holds it or
+    /// the store is unreachable: nothing can be decided then, so only this
+    /// event's lane waits (other lanes go on), until the store answers or the
+    /// partition is revoked (which cancels the wait).
+    pub(crate) async fn admit<D: Delivery>(
+        &self,
+        key: &str,
+        d: &D,
+        metrics: &Metrics,
+    ) -> Result<Mark, Skip> {
+        let mut pause = FIRST_PAUSE;
+        let mut logged = false;
+        loop {
+            match self.store.begin(key).await {
+                Ok(Begin::Run(claim)) => {
+                    return Ok(Mark {
+                        claim,
+                        runtime: self.runtime.clone(),
+                    })
+                }
+                Ok(Begin::AlreadyProcessed) => {
+                    Metrics::add(&metrics.duplicates, 1);
+                    return Err(Skip::Duplicate);
+                }
+                Ok(Begin::Busy) => {}
+                Err(e) if e.is_retryable() => {
+                    Metrics::add(&metrics.idempotency_errors, 1);
+                    if !logged {
+                        logged = true;
+                        tracing::warn!(
+                            topic = d.topic(),
+                            partition = d.partition(),
+                            offset = d.offset(),
+                            key,
+                            error = %e,
+                            "Idempotency store failed; retrying, the event waits."
+                        );
+                    }
+                }
+                Err(e) => {
+                    Metrics::add(&metrics.idempotency_errors, 1);
+                    tracing::error!(
+                        topic = d.topic(),
+                        partition = d.partition(),
+                        offset = d.offset(),
+                        key,
+                        error = %e,
+                        "Idempotency store closed; offset held."
+                    );
+                    return Err(Skip::Hold);
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// [`Guard::admit`] from a sync worker thread (outside the runtime): the
+    /// worker waits as it would for any blocking call in a sync handler.
+    pub(crate) fn admit_blocking<D: Delivery>(
+        &self,
+        key: &str,
+        d: &D,
+        metrics: &Metrics,
+    ) -> Result<Mark, Skip> {
+        self.runtime.block_on(self.admit(key, d, metrics))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_the_header_else_the_event_id() {
+        let default = IdempotencyKey::default();
+        let h: [(&str, &[u8]); 2] = [("other", b"x"), ("idempotency_key", b"order-7")];
+        assert_eq!(default.of(&h, "ev-1"), "order-7");
+        assert_eq!(default.of(&h[..1], "ev-1"), "ev-1");
+        // Empty or not UTF-8: not a key.
+        assert_eq!(default.of(&[("idempotency_key", b"")], "ev-1"), "ev-1");
+        assert_eq!(default.of(&[("idempotency_key", b"\xff")], "ev-1"), "ev-1");
+        assert_eq!(IdempotencyKey::EventId.of(&h, "ev-1"), "ev-1");
+        let custom = IdempotencyKey::Header("dedup".to_owned());
+        assert_eq!(custom.of(&[("dedup", b"k")], "ev-1"), "k");
+        assert_eq!(custom.of(&h, "ev-1"), "ev-1");
+    }
+}
