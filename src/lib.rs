@@ -19,6 +19,7 @@
 //! | report | [`client`], [`report`] | pooled XZepr REST client; bounded, coalescing, retrying lifecycle reporter |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets |
+//! | observe | [`observe`] | Prometheus metrics read from the stages' counters at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
 //!
 //! Configuration lives in [`config`]; every module has its own error enum, gathered in [`Error`].
 #![deny(unsafe_code)]
@@ -44,6 +45,7 @@ pub mod generate;
 pub mod handler;
 pub mod idempotency;
 pub mod metrics;
+pub mod observe;
 pub mod offsets;
 pub mod pipeline;
 pub mod report;

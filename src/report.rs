@@ -274,6 +274,9 @@ pub struct ReporterStats {
     pub failed: std::sync::atomic::AtomicU64,
     /// Times the breaker opened.
     pub breaker_opened: std::sync::atomic::AtomicU64,
+    /// True from the breaker's opening until a post gets an answer again (while
+    /// it is open and while its probe is out): XZepr is taken to be unreachable.
+    pub breaker_open: std::sync::atomic::AtomicBool,
     /// Posts re-sent after a lost response: the previous attempt was handed in
     /// full to XZepr and no answer came, so XZepr may have recorded it. Each
     /// duplicate XZepr holds is one of these (and carries the same `post_key`).
@@ -416,6 +419,11 @@ impl Reporter {
     /// The reporter's counters.
     pub fn stats(&self) -> &ReporterStats {
         &self.stats
+    }
+
+    /// The counters, shared (for the pipeline's metrics and health).
+    pub(crate) fn stats_shared(&self) -> Arc<ReporterStats> {
+        Arc::clone(&self.stats)
     }
 
     /// The receiver ids this service reports under, kept current by the
@@ -939,6 +947,7 @@ impl Breaker {
             if *st != BreakerState::Closed {
                 *st = BreakerState::Closed;
                 self.closed.store(true, Release);
+                stats.breaker_open.store(false, Relaxed);
                 tracing::info!("XZepr breaker closed.");
                 self.probe_done.notify_waiters();
             }
@@ -954,6 +963,7 @@ impl Breaker {
             }
             *st = BreakerState::Open { until: open };
             self.closed.store(false, Release);
+            stats.breaker_open.store(true, Relaxed);
             self.probe_done.notify_waiters();
         }
     }
@@ -999,6 +1009,7 @@ mod tests {
             b.record(p, true, &cfg, &stats);
         }
         assert_eq!(stats.breaker_opened.load(Relaxed), 1);
+        assert!(stats.breaker_open.load(Relaxed));
         let t0 = tokio::time::Instant::now();
         let probe = b.admit(&cfg).await;
         assert!(probe.probe, "the first post after the cool-down probes");
@@ -1012,12 +1023,17 @@ mod tests {
         assert!(!waiting.is_finished());
         // The probe fails: open again, for another cool-down.
         b.record(probe, true, &cfg, &stats);
+        assert!(
+            stats.breaker_open.load(Relaxed),
+            "still open after a failed probe"
+        );
         let reprobe = waiting.await.unwrap();
         assert!(reprobe, "after the second cool-down the waiter probes");
         // It succeeds: closed, and posts go straight out.
         b.record(Permit { probe: true }, false, &cfg, &stats);
         assert!(!b.admit(&cfg).await.probe);
         assert_eq!(stats.breaker_opened.load(Relaxed), 1);
+        assert!(!stats.breaker_open.load(Relaxed));
     }
 
     fn record(work_id: &str, status: Status, acks: &Arc<Mutex<Vec<String>>>) -> Record {

@@ -126,6 +126,14 @@ impl<D: Delivery> Pending<D> {
             );
         } else {
             Metrics::add(&m.report_failed, 1);
+            Metrics::add(
+                match status {
+                    Status::Started => &m.report_failed_started,
+                    Status::Completed => &m.report_failed_completed,
+                    Status::Failed => &m.report_failed_failed,
+                },
+                1,
+            );
             self.failed.store(true, Release);
         }
         self.count_down();

@@ -146,9 +146,11 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
         },
     );
     let start = shared.handler_timeout.map(|t| (t, Instant::now()));
+    let began = Instant::now();
     // The handler is user code: a panic fails this event, never the worker.
     let mut result = catch_unwind(AssertUnwindSafe(|| handler.handle(&ev, &mut work)))
         .unwrap_or_else(|_| Err(panicked()));
+    metrics.handler_latency.observe(began.elapsed());
     if let Some((limit, start)) = start {
         let took = start.elapsed();
         if took > limit {
@@ -299,7 +301,9 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
         },
     )
     .await;
+    let began = Instant::now();
     let result = run_handler(handler, message, &work, shared).await;
+    metrics.handler_latency.observe(began.elapsed());
     let (result, details) = match result {
         Ok(details) => (Ok(()), details),
         Err(e) => (Err(e), Value::Object(Default::default())),

@@ -85,6 +85,15 @@ pub enum PipelineError {
         /// The panic's message.
         message: String,
     },
+    /// The metrics endpoint's address could not be bound (see
+    /// [`PipelineBuilder::metrics_addr`]); nothing was started.
+    #[error("cannot serve metrics on {addr}: {source}")]
+    MetricsBind {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why not (in use, not permitted, ...).
+        source: std::io::Error,
+    },
     /// Worker threads still ran a handler when `join` gave up waiting (the
     /// drain timeout after the poll thread stopped); they are detached, and
     /// their offsets were not committed.
@@ -116,6 +125,10 @@ pub struct PipelineBuilder {
     handler_timeout: Option<Duration>,
     idempotency: Option<Arc<dyn IdempotencyStore>>,
     idempotency_key: IdempotencyKey,
+    /// Where `/metrics`, `/health` and `/ready` are served, if anywhere.
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// The lifecycle reporter's counters (breaker state), for metrics and health.
+    reporter_stats: Option<Arc<crate::report::ReporterStats>>,
 }
 
 /// `Debug` placeholder for the type-erased sink.
@@ -207,6 +220,9 @@ impl LifecycleSink for ReporterSink {
     }
 }
 
+/// The metrics endpoint's listener, with the address asked for.
+type Bound = (std::net::SocketAddr, std::net::TcpListener);
+
 /// Entry point: `Pipeline::builder(kafka_config)`.
 #[derive(Debug)]
 pub struct Pipeline;
@@ -230,6 +246,8 @@ impl Pipeline {
             handler_timeout: None,
             idempotency: None,
             idempotency_key: IdempotencyKey::default(),
+            metrics_addr: None,
+            reporter_stats: None,
         }
     }
 }
@@ -371,6 +389,7 @@ impl PipelineBuilder {
         let own = reporter.own_receivers();
         own.insert(&work.receiver_id);
         self.own_set = Some(own);
+        self.reporter_stats = Some(reporter.stats_shared());
         self.work = Some(work.clone());
         self.sink = Some(SinkDebug(Arc::new(ReporterSink { reporter, work })));
         self
@@ -405,6 +424,49 @@ impl PipelineBuilder {
     pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
         self.idempotency_key = key;
         self
+    }
+
+    /// Serves `GET /metrics` (Prometheus or OpenMetrics text), `GET /health`
+    /// and `GET /ready` on `addr` (default: not served; see
+    /// [`crate::observe`] and `docs/metrics.md`). The address is bound when the
+    /// pipeline starts (port 0 picks a free one: read it from
+    /// [`RunningPipeline::metrics_addr`]); the endpoint runs on a thread of its
+    /// own until [`RunningPipeline::join`] returns or the pipeline is dropped.
+    ///
+    /// A start fails with [`PipelineError::MetricsBind`] when `addr` cannot be
+    /// bound, before anything else starts.
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_addr = Some(addr);
+        self
+    }
+
+    /// Binds the metrics endpoint's address, if one is set.
+    fn bind_metrics(&self) -> Result<Option<Bound>, PipelineError> {
+        self.metrics_addr
+            .map(|addr| match crate::observe::Server::bind(addr) {
+                Ok(listener) => Ok((addr, listener)),
+                Err(source) => Err(PipelineError::MetricsBind { addr, source }),
+            })
+            .transpose()
+    }
+
+    /// The running pipeline, serving its endpoint on `listener` if bound. On
+    /// an error the pipeline is dropped, which stops it.
+    fn running(
+        &self,
+        source: SourceHandle,
+        workers: Vec<JoinHandle<()>>,
+        metrics: Vec<Arc<Metrics>>,
+        listener: Option<Bound>,
+    ) -> Result<RunningPipeline, crate::Error> {
+        let mut running = RunningPipeline::new(source, workers, metrics, &self.source);
+        running.reporter = self.reporter_stats.clone();
+        if let Some((addr, listener)) = listener {
+            let server = crate::observe::Server::start(listener, running.observed())
+                .map_err(|source| PipelineError::MetricsBind { addr, source })?;
+            running.server = std::sync::Mutex::new(Some(server));
+        }
+        Ok(running)
     }
 
     /// The runtime the async parts run on: the one set, else the current one.
@@ -505,6 +567,7 @@ impl PipelineBuilder {
             )?),
             None => None,
         };
+        let listener = self.bind_metrics()?;
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
@@ -534,7 +597,7 @@ impl PipelineBuilder {
                 }
             }
         }
-        Ok(RunningPipeline::new(source, workers, metrics, &self.source))
+        self.running(source, workers, metrics, listener)
     }
 
     /// Starts the pipeline with an async handler: each job runs as a task on the
@@ -548,6 +611,7 @@ impl PipelineBuilder {
         let runtime = self
             .runtime_for("async handlers need a tokio runtime (call from one, or set `runtime`)")?;
         self.validate()?;
+        let listener = self.bind_metrics()?;
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
             shared: self.shared(&metrics, Some(&runtime)),
@@ -556,12 +620,7 @@ impl PipelineBuilder {
             decoders: Arc::new(DecoderPool::new(self.decoder.clone())),
         });
         let source = Source::start_with(&self.kafka, self.source.clone(), None, executor)?;
-        Ok(RunningPipeline::new(
-            source,
-            Vec::new(),
-            vec![metrics],
-            &self.source,
-        ))
+        self.running(source, Vec::new(), vec![metrics], listener)
     }
 }
 
@@ -584,6 +643,10 @@ pub struct RunningPipeline {
     workers: std::sync::Mutex<Vec<JoinHandle<()>>>,
     metrics: Vec<Arc<Metrics>>,
     drain_timeout: Duration,
+    /// The lifecycle reporter's counters, when it reports.
+    reporter: Option<Arc<crate::report::ReporterStats>>,
+    /// The metrics and health endpoint, when served.
+    server: std::sync::Mutex<Option<crate::observe::Server>>,
 }
 
 impl RunningPipeline {
@@ -598,6 +661,53 @@ impl RunningPipeline {
             workers: std::sync::Mutex::new(workers),
             metrics,
             drain_timeout: options.drain_timeout,
+            reporter: None,
+            server: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn observed(&self) -> crate::observe::Observed {
+        crate::observe::Observed {
+            source: self.source.clone(),
+            metrics: self.metrics.clone(),
+            reporter: self.reporter.clone(),
+        }
+    }
+
+    /// Whether the pipeline is alive and ready, with the facts behind it (what
+    /// `GET /health` and `GET /ready` answer). See [`crate::observe::Health`].
+    pub fn health(&self) -> crate::observe::Health {
+        self.observed().health()
+    }
+
+    /// The address the metrics endpoint listens on, when
+    /// [`PipelineBuilder::metrics_addr`] was set (and until [`RunningPipeline::join`]
+    /// returns).
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.server
+            .lock()
+            .ok()
+            .and_then(|s| s.as_ref().map(crate::observe::Server::addr))
+    }
+
+    /// The pipeline's metrics as a `prometheus-client` collector, for a
+    /// registry the service serves itself (see [`crate::observe`]).
+    pub fn prometheus_collector(&self) -> crate::observe::PipelineCollector {
+        crate::observe::PipelineCollector {
+            observed: self.observed(),
+        }
+    }
+
+    /// The pipeline's metrics as text in `format`, as `GET /metrics` answers.
+    pub fn encode_metrics(&self, format: crate::observe::MetricsFormat) -> String {
+        self.prometheus_collector().encode(format)
+    }
+
+    /// Stops the metrics endpoint, if it runs.
+    fn stop_server(&self) {
+        let server = self.server.lock().ok().and_then(|mut s| s.take());
+        if let Some(mut server) = server {
+            server.stop();
         }
     }
 
@@ -619,6 +729,8 @@ impl RunningPipeline {
     /// handler at the deadline (they are detached).
     pub fn join(&self) -> Result<(), crate::Error> {
         let source = self.source.join();
+        // The endpoint answered (not ready, then not alive) through the drain.
+        self.stop_server();
         let workers = self
             .workers
             .lock()
@@ -674,6 +786,7 @@ impl Drop for RunningPipeline {
     /// [`RunningPipeline::join`] first to wait for that.
     fn drop(&mut self) {
         self.source.shutdown();
+        self.stop_server();
     }
 }
 

@@ -34,6 +34,7 @@
 //! do not wait for it.
 
 mod poll;
+mod watch;
 
 use std::sync::atomic::{
     AtomicBool, AtomicU64,
@@ -51,6 +52,7 @@ use crate::dispatch::lanes::{Item, LaneId};
 use crate::dispatch::Ordering;
 
 pub(crate) use poll::RebalanceHooks;
+pub use watch::PartitionProgress;
 
 /// Source-stage errors.
 #[derive(Debug, thiserror::Error)]
@@ -520,6 +522,16 @@ pub struct SourceStats {
     pub peak_buffered_bytes: AtomicU64,
     /// Lanes alive now.
     pub lanes: AtomicU64,
+    // For health and metrics (see `watch`).
+    /// Messages buffered now (see [`SourceOptions::max_buffered`]).
+    pub buffered: AtomicU64,
+    /// True once the consumer joined its group: an assignment came, even an
+    /// empty one (more members than partitions).
+    pub group_joined: AtomicBool,
+    /// True while no broker is reachable: set by librdkafka's
+    /// `ALL_BROKERS_DOWN` event and by statistics without a broker up, cleared
+    /// by the next statistics with one.
+    pub brokers_down: AtomicBool,
 }
 
 /// The running source: its executor's receiving end is handed out once.
@@ -542,6 +554,8 @@ pub struct SourceHandle {
     stats: Arc<SourceStats>,
     committed: Committed,
     thread: Arc<Mutex<Option<PollThread>>>,
+    /// The assigned partitions' progress, from librdkafka's statistics.
+    progress: Arc<Mutex<Vec<PartitionProgress>>>,
 }
 
 impl Source {
@@ -624,6 +638,18 @@ impl SourceHandle {
     /// next offset to read)`.
     pub fn committed(&self) -> Vec<(Arc<str>, i32, i64)> {
         self.committed.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// The assigned partitions' committed offsets, high watermarks and lag,
+    /// sorted by topic and partition, as of librdkafka's last statistics (at
+    /// most a second old while the poll thread runs).
+    pub fn partitions(&self) -> Vec<PartitionProgress> {
+        self.progress.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// True once [`SourceHandle::shutdown`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.load(Acquire)
     }
 }
 

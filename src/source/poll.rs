@@ -240,6 +240,7 @@ impl State {
         s.peak_buffered_bytes
             .store(self.sched.peak_buffered_bytes() as u64, Relaxed);
         s.lanes.store(self.sched.lanes() as u64, Relaxed);
+        s.buffered.store(self.sched.buffered() as u64, Relaxed);
     }
 }
 
@@ -257,10 +258,19 @@ struct Context {
     drain_timeout: Duration,
     fatal: Mutex<Option<SourceError>>,
     stats: Arc<SourceStats>,
+    /// Published from librdkafka's statistics (see `watch`).
+    progress: Arc<Mutex<Vec<super::PartitionProgress>>>,
 }
 
 impl ClientContext for Context {
+    fn stats_raw(&self, statistics: &[u8]) {
+        super::watch::on_statistics(statistics, &self.stats, &self.progress);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            super::watch::all_brokers_down(&self.stats);
+        }
         let auth = matches!(
             error.rdkafka_error_code(),
             Some(rdkafka::types::RDKafkaErrorCode::Authentication)
@@ -336,6 +346,7 @@ impl ConsumerContext for Context {
                 );
             }
             self.stats.assigned.store(st.parts.len() as u64, Relaxed);
+            self.stats.group_joined.store(true, Relaxed);
             drop(st);
             tracing::debug!(partitions = tpl.count(), "Partitions assigned.");
             if let Some(hooks) = &self.hooks {
@@ -398,10 +409,17 @@ pub(super) fn start(
     hooks: Option<Arc<dyn RebalanceHooks>>,
     executor: Box<dyn Executor>,
 ) -> Result<SourceHandle, SourceError> {
-    let client_config = config.to_client_config()?;
+    let mut client_config = config.to_client_config()?;
+    if client_config.get("statistics.interval.ms").is_none() {
+        client_config.set(
+            "statistics.interval.ms",
+            super::watch::STATISTICS_INTERVAL_MS,
+        );
+    }
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let stats = Arc::new(SourceStats::default());
     let committed = Arc::new(Mutex::new(Vec::new()));
+    let progress = Arc::new(Mutex::new(Vec::new()));
     let context = Context {
         hooks,
         state: Mutex::new(State {
@@ -421,6 +439,7 @@ pub(super) fn start(
         drain_timeout: options.drain_timeout,
         fatal: Mutex::new(None),
         stats: Arc::clone(&stats),
+        progress: Arc::clone(&progress),
     };
     let consumer: BaseConsumer<Context> = client_config.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
@@ -437,6 +456,7 @@ pub(super) fn start(
         stats,
         committed,
         thread: Arc::new(Mutex::new(Some(thread))),
+        progress,
     })
 }
 
