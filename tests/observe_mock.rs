@@ -25,7 +25,7 @@ use xzepr_consumer::decode::CloudEvent;
 use xzepr_consumer::generate::xzepr_event;
 use xzepr_consumer::handler::Work;
 use xzepr_consumer::observe::MetricsFormat;
-use xzepr_consumer::pipeline::{MalformedPolicy, Pipeline, WorkTemplate};
+use xzepr_consumer::pipeline::{MalformedPolicy, Pipeline, PipelineError, WorkTemplate};
 use xzepr_consumer::report::{Reporter, ReporterConfig};
 
 use kafka_support::*;
@@ -367,6 +367,8 @@ fn ready_follows_the_assignment_the_broker_and_the_breaker() {
         "{h:?}"
     );
 
+    assert_eq!(get(addr, "/nowhere", "*/*").unwrap().0, 404);
+
     // The only broker down: alive, not ready; back up: ready again.
     cluster.broker_down(1).unwrap();
     wait_for("not ready without a broker", || {
@@ -403,4 +405,21 @@ fn ready_follows_the_assignment_the_broker_and_the_breaker() {
     assert!(h.stopping && !h.ready, "{h:?}");
     running.join().unwrap();
     assert!(get(addr, "/ready", "*/*").is_err());
+}
+
+#[test]
+fn a_taken_metrics_address_fails_the_start_before_anything_runs() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    // No broker: the start must fail on the address before it would need one.
+    let result = Pipeline::builder(KafkaConsumerConfig::new("127.0.0.1:1", "t", "taken"))
+        .workers(1)
+        .metrics_addr(addr)
+        .start(|_: &CloudEvent<'_>, _: &mut Work| -> Result<(), String> { Ok(()) });
+    match result {
+        Err(xzepr_consumer::Error::Pipeline(PipelineError::MetricsBind { addr: at, .. })) => {
+            assert_eq!(at, addr)
+        }
+        other => panic!("expected MetricsBind, got {other:?}"),
+    }
 }

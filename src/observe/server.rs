@@ -104,8 +104,13 @@ async fn serve(listener: TcpListener, observed: Observed, mut stopped: oneshot::
     let collector = Arc::new(PipelineCollector { observed });
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        // Waiting for a free slot must not keep a stop waiting.
+        let slot = tokio::select! {
+            _ = &mut stopped => return,
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
         };
         let stream = tokio::select! {
             _ = &mut stopped => return,
