@@ -7,6 +7,7 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyModule;
 use xzepr_consumer::client::ClientError;
 use xzepr_consumer::decode::Error as DecodeError;
+use xzepr_consumer::source::SourceError;
 
 static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
@@ -77,6 +78,9 @@ pub(crate) fn config_error(py: Python<'_>, message: String) -> PyErr {
 pub(crate) fn consumer_error(e: &xzepr_consumer::Error) -> PyErr {
     Python::attach(|py| match e {
         xzepr_consumer::Error::Config(c) => config_error(py, c.to_string()),
+        xzepr_consumer::Error::Source(s @ SourceError::InvalidOption { .. }) => {
+            config_error(py, s.to_string())
+        }
         other => raise(py, "XzeprConsumerError", (other.to_string(),)),
     })
 }
