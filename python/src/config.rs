@@ -113,13 +113,11 @@ pub(crate) fn kafka_config_from_env<'py>(
 }
 
 /// Checks a configuration as the consumer will (`to_client_config`), and
-/// returns librdkafka's properties (with the password only if `reveal`).
+/// returns librdkafka's properties, the password redacted.
 #[pyfunction]
-#[pyo3(signature = (config, reveal = false))]
 pub(crate) fn check_kafka_config(
     py: Python<'_>,
     config: KafkaArgs,
-    reveal: bool,
 ) -> PyResult<Vec<(String, String)>> {
     let c = config.to_config(py)?;
     let client = c
@@ -129,7 +127,7 @@ pub(crate) fn check_kafka_config(
         .config_map()
         .iter()
         .map(|(k, v)| {
-            let secret = !reveal && k.contains("password");
+            let secret = k.contains("password");
             let v: &str = if secret { "<redacted>" } else { v };
             (k.to_string(), v.to_owned())
         })

@@ -5,6 +5,7 @@ topic, as XZepr does), commits checked on the broker."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections import defaultdict
 from typing import Callable
@@ -184,12 +185,14 @@ def test_stop_mid_stream_then_restart_loses_nothing(
         seen.add(message.id)
 
     async def main() -> None:
-        config = kafka_config()
+        # A short session: the mock broker rebalances to the second consumer only
+        # once the first one's session is over.
+        config = dataclasses.replace(kafka_config(), session_timeout_ms=6000)
         first = XzeprConsumer(config, max_in_flight=32, drain_timeout=5)
         await run_until(first, lambda: first.run_with_callback(handle), lambda: len(seen) >= stop_after)
         partial, end = committed(stack, config.group_id)
         assert partial <= end
-        second = XzeprConsumer(config, max_in_flight=32)
+        second = XzeprConsumer(config, max_in_flight=32, drain_timeout=5)
         await run_until(
             second,
             lambda: second.run_with_callback(handle),

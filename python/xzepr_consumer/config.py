@@ -125,7 +125,10 @@ class KafkaConsumerConfig:
         Raises:
             ConfigError: a setting the consumer refuses, named in the message.
         """
-        return dict(_native.check_kafka_config(self._to_native(), reveal=True))
+        props = dict(_native.check_kafka_config(self._to_native()))
+        if self.sasl_config is not None:
+            props["sasl.password"] = self.sasl_config.password
+        return props
 
     def _to_native(self) -> Dict[str, Any]:
         if self.enable_auto_commit:
