@@ -23,7 +23,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_defaults_from_an_empty_environment() -> None:
     c = KafkaConsumerConfig.from_env("svc")
-    assert (c.brokers, c.topic, c.group_id) == ("localhost:9092", "xzepr.dev.events", "xzepr-consumer-svc")
+    assert (c.brokers, c.topic, c.group_id) == (
+        "localhost:9092",
+        "xzepr.dev.events",
+        "xzepr-consumer-svc",
+    )
     assert c.security_protocol is SecurityProtocol.PLAINTEXT
     assert c.sasl_config is None and c.ssl_config is None
 
@@ -75,7 +79,7 @@ def test_settings_that_would_break_at_least_once_are_refused() -> None:
     c = KafkaConsumerConfig(
         brokers="b", topic="t", service_name="s", extra={"enable.auto.commit": "true"}
     )
-    with pytest.raises(ConfigError, match="enable.auto.commit"):
+    with pytest.raises(ConfigError, match=r"enable\.auto\.commit"):
         c.to_confluent_config()
     c = KafkaConsumerConfig(
         brokers="b", topic="t", service_name="s", security_protocol=SecurityProtocol.SASL_SSL

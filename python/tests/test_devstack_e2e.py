@@ -8,7 +8,7 @@ import asyncio
 import dataclasses
 import json
 from collections import defaultdict
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from conftest import committed, run_until
@@ -32,7 +32,11 @@ async def lifecycle_consumer(
         "py-test", "worker", "1.0.0", "pytest", {"type": "object"}
     )
     consumer = XzeprConsumer(
-        config, client=client, receiver_id=receiver, work_name="py-work", **options  # type: ignore[arg-type]
+        config,
+        client=client,
+        receiver_id=receiver,
+        work_name="py-work",
+        **options,  # type: ignore[arg-type]
     )
     return client, consumer
 
@@ -57,7 +61,9 @@ def test_every_event_handled_reported_and_committed(
 
     async def main() -> None:
         config = kafka_config()
-        _, consumer = await lifecycle_consumer(stack, config, ordering="unordered", max_in_flight=64)
+        _, consumer = await lifecycle_consumer(
+            stack, config, ordering="unordered", max_in_flight=64
+        )
 
         def done() -> bool:
             m = consumer.metrics()
@@ -90,7 +96,10 @@ def test_a_handler_exception_is_posted_failed_and_the_consumer_goes_on(
     stack: DevStack, kafka_config: Callable[[], KafkaConsumerConfig]
 ) -> None:
     msgs = [
-        (f"k{i}".encode(), json.dumps(_event(f"E{i:025d}", "bad" if i % 3 == 0 else "good")).encode())
+        (
+            f"k{i}".encode(),
+            json.dumps(_event(f"E{i:025d}", "bad" if i % 3 == 0 else "good")).encode(),
+        )
         for i in range(30)
     ]
     produce(stack.brokers, stack.topic, msgs)
@@ -189,7 +198,9 @@ def test_stop_mid_stream_then_restart_loses_nothing(
         # once the first one's session is over.
         config = dataclasses.replace(kafka_config(), session_timeout_ms=6000)
         first = XzeprConsumer(config, max_in_flight=32, drain_timeout=5)
-        await run_until(first, lambda: first.run_with_callback(handle), lambda: len(seen) >= stop_after)
+        await run_until(
+            first, lambda: first.run_with_callback(handle), lambda: len(seen) >= stop_after
+        )
         partial, end = committed(stack, config.group_id)
         assert partial <= end
         second = XzeprConsumer(config, max_in_flight=32, drain_timeout=5)

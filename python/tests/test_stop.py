@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 from conftest import committed

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -35,7 +34,7 @@ TOPIC = "secure"
 EVENTS = 200
 
 
-def tansu_binary() -> Optional[str]:
+def tansu_binary() -> str | None:
     if os.environ.get("TANSU_BIN"):
         p = os.environ["TANSU_BIN"]
         return p if Path(p).exists() else None
@@ -54,7 +53,7 @@ class Broker:
             self.port = s.getsockname()[1]
         self.url = f"tcp://127.0.0.1:{self.port}"
         self.brokers = f"127.0.0.1:{self.port}"
-        self.child: Optional[subprocess.Popen[bytes]] = None
+        self.child: subprocess.Popen[bytes] | None = None
 
     def start(self, authentication: bool) -> None:
         args = [self.binary, "broker", "--listener-url", self.url]
@@ -107,7 +106,9 @@ def broker() -> Iterator[Broker]:
     b.dir.cleanup()
 
 
-def sasl_config(broker: Broker, mechanism: SaslMechanism, user: str, password: str) -> KafkaConsumerConfig:
+def sasl_config(
+    broker: Broker, mechanism: SaslMechanism, user: str, password: str
+) -> KafkaConsumerConfig:
     return KafkaConsumerConfig(
         brokers=broker.brokers,
         topic=TOPIC,
@@ -163,7 +164,7 @@ def test_a_wrong_password_stops_the_consumer_with_an_error(broker: Broker) -> No
 
     async def main() -> None:
         consumer = XzeprConsumer(config, drain_timeout=5)
-        with pytest.raises(XzeprConsumerError, match="(?i)auth"):
+        with pytest.raises(XzeprConsumerError, match=r"(?i)auth"):
             await asyncio.wait_for(consumer.run_with_callback(handle), 120)
 
     asyncio.run(main())

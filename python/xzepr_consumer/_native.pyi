@@ -2,15 +2,13 @@
 
 from collections.abc import Awaitable
 from datetime import datetime
-from typing import Any, Optional
+from typing import Any
 
 from .message import CloudEventMessage
 
 __version__: str
 
-def decode(
-    payload: bytes, headers: Optional[list[tuple[str, bytes]]] = None
-) -> CloudEventMessage: ...
+def decode(payload: bytes, headers: list[tuple[str, bytes]] | None = None) -> CloudEventMessage: ...
 def parse_timestamp(text: str) -> datetime: ...
 def kafka_config_from_env(service_name: str, env: dict[str, str]) -> dict[str, Any]: ...
 def check_kafka_config(config: dict[str, Any]) -> list[tuple[str, str]]: ...
@@ -24,12 +22,12 @@ class Client:
         receiver_type: str,
         version: str,
         description: str,
-        schema: Optional[dict[str, Any]],
+        schema: dict[str, Any] | None,
     ) -> Awaitable[str]: ...
     def list_event_receivers(
         self,
-        name: Optional[str] = None,
-        receiver_type: Optional[str] = None,
+        name: str | None = None,
+        receiver_type: str | None = None,
         limit: int = 50,
         offset: int = 0,
     ) -> Awaitable[list[dict[str, Any]]]: ...
@@ -40,7 +38,7 @@ class Client:
         receiver_type: str,
         version: str,
         description: str,
-        schema: Optional[dict[str, Any]],
+        schema: dict[str, Any] | None,
     ) -> Awaitable[str]: ...
     def create_event(
         self,
@@ -50,7 +48,7 @@ class Client:
         platform_id: str,
         package: str,
         description: str,
-        payload: Optional[dict[str, Any]],
+        payload: dict[str, Any] | None,
         success: bool,
         event_receiver_id: str,
     ) -> Awaitable[str]: ...
@@ -62,7 +60,7 @@ class Client:
         version: str,
         platform_id: str,
         package: str,
-        payload: Optional[dict[str, Any]] = None,
+        payload: dict[str, Any] | None = None,
     ) -> Awaitable[str]: ...
     def post_work_completed(
         self,
@@ -73,7 +71,7 @@ class Client:
         platform_id: str,
         package: str,
         success: bool,
-        payload: Optional[dict[str, Any]] = None,
+        payload: dict[str, Any] | None = None,
     ) -> Awaitable[str]: ...
     def post_work_failed(
         self,
@@ -85,7 +83,7 @@ class Client:
         package: str,
         error: str,
         error_code: str,
-        payload: Optional[dict[str, Any]] = None,
+        payload: dict[str, Any] | None = None,
     ) -> Awaitable[str]: ...
 
 class Token:
@@ -97,7 +95,7 @@ class Token:
     def partition(self) -> int: ...
     @property
     def offset(self) -> int: ...
-    def done(self, details: Optional[dict[str, Any]] = None) -> bool: ...
+    def done(self, details: dict[str, Any] | None = None) -> bool: ...
     def fail(self, error_type: str, message: str) -> bool: ...
 
 class Consumer:
@@ -105,13 +103,13 @@ class Consumer:
         self,
         config: dict[str, Any],
         *,
-        client: Optional[Client] = None,
-        receiver_id: Optional[str] = None,
-        work_name: Optional[str] = None,
+        client: Client | None = None,
+        receiver_id: str | None = None,
+        work_name: str | None = None,
         work_version: str = "1.0.0",
         ordering: str = "partition",
         max_in_flight: int = 1024,
-        handler_timeout: Optional[float] = None,
+        handler_timeout: float | None = None,
         drain_timeout: float = 10.0,
         commit_interval: float = 1.0,
         type_prefixes: list[str] = ...,
@@ -159,8 +157,8 @@ class DevStack:
 def produce(
     brokers: str,
     topic: str,
-    messages: list[tuple[Optional[bytes], bytes]],
-    partition: Optional[int] = None,
+    messages: list[tuple[bytes | None, bytes]],
+    partition: int | None = None,
     config: list[tuple[str, str]] = ...,
 ) -> int: ...
 def generate_events(

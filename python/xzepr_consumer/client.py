@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Dict, List, Optional, Type
+from typing import Any
 
 from . import _native
 from .errors import XzeprClientError
@@ -25,12 +25,12 @@ class EventReceiverResponse:
     receiver_type: str
     version: str
     description: str
-    schema: Dict[str, Any]
+    schema: dict[str, Any]
     fingerprint: str
     created_at: str
 
     @classmethod
-    def _from_wire(cls, r: Dict[str, Any]) -> EventReceiverResponse:
+    def _from_wire(cls, r: dict[str, Any]) -> EventReceiverResponse:
         return cls(
             id=r["id"],
             name=r["name"],
@@ -60,7 +60,7 @@ class XzeprClientConfig:
         ``XzeprAuthError``.
         """
         env = {k: v for k, v in os.environ.items() if k.startswith("XZEPR_")}
-        f: Dict[str, Any] = _native.client_config_from_env(env)
+        f: dict[str, Any] = _native.client_config_from_env(env)
         return cls(base_url=f["base_url"], token=f["token"], timeout=f["timeout"])
 
 
@@ -69,7 +69,7 @@ class XzeprClient:
 
     def __init__(self, config: XzeprClientConfig) -> None:
         self.config = config
-        self._native: Optional[_native.Client] = _native.Client(
+        self._native: _native.Client | None = _native.Client(
             config.base_url, config.token, float(config.timeout)
         )
 
@@ -84,9 +84,9 @@ class XzeprClient:
 
     async def __aexit__(
         self,
-        exc_type: Optional[Type[BaseException]],
-        exc_val: Optional[BaseException],
-        exc_tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -105,7 +105,7 @@ class XzeprClient:
         receiver_type: str,
         version: str,
         description: str,
-        schema: Dict[str, Any],
+        schema: dict[str, Any],
     ) -> str:
         """Create an event receiver; returns its id.
 
@@ -119,11 +119,11 @@ class XzeprClient:
 
     async def list_event_receivers(
         self,
-        name: Optional[str] = None,
-        receiver_type: Optional[str] = None,
+        name: str | None = None,
+        receiver_type: str | None = None,
         limit: int = 50,
         offset: int = 0,
-    ) -> List[EventReceiverResponse]:
+    ) -> list[EventReceiverResponse]:
         """One page of event receivers (the server may ignore the filters)."""
         rows = await self._client().list_event_receivers(name, receiver_type, limit, offset)
         return [EventReceiverResponse._from_wire(r) for r in rows]
@@ -143,7 +143,7 @@ class XzeprClient:
         receiver_type: str,
         version: str,
         description: str,
-        schema: Dict[str, Any],
+        schema: dict[str, Any],
     ) -> str:
         """The id of the receiver with exactly this name and type, created if none.
 
@@ -162,7 +162,7 @@ class XzeprClient:
         platform_id: str,
         package: str,
         description: str,
-        payload: Dict[str, Any],
+        payload: dict[str, Any],
         success: bool,
         event_receiver_id: str,
     ) -> str:
@@ -187,7 +187,7 @@ class XzeprClient:
         version: str,
         platform_id: str,
         package: str,
-        payload: Optional[Dict[str, Any]] = None,
+        payload: dict[str, Any] | None = None,
     ) -> str:
         """Post ``{work_name}.started``; returns the event id."""
         return await self._client().post_work_started(
@@ -203,7 +203,7 @@ class XzeprClient:
         platform_id: str,
         package: str,
         success: bool,
-        payload: Optional[Dict[str, Any]] = None,
+        payload: dict[str, Any] | None = None,
     ) -> str:
         """Post ``{work_name}.completed`` (or ``.failed`` when not ``success``)."""
         return await self._client().post_work_completed(
@@ -220,7 +220,7 @@ class XzeprClient:
         package: str,
         error: str,
         error_code: str = "handler_error",
-        payload: Optional[Dict[str, Any]] = None,
+        payload: dict[str, Any] | None = None,
     ) -> str:
         """Post ``{work_name}.failed`` with the error and its code."""
         return await self._client().post_work_failed(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 from . import _native
 from .errors import ConfigError
@@ -46,9 +46,9 @@ class SaslConfig:
 class SslConfig:
     """SSL/TLS configuration (PEM files)."""
 
-    ca_location: Optional[str] = None
-    certificate_location: Optional[str] = None
-    key_location: Optional[str] = None
+    ca_location: str | None = None
+    certificate_location: str | None = None
+    key_location: str | None = None
 
 
 @dataclass
@@ -66,12 +66,12 @@ class KafkaConsumerConfig:
     service_name: str
     group_id: str = ""
     security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
-    sasl_config: Optional[SaslConfig] = None
-    ssl_config: Optional[SslConfig] = None
+    sasl_config: SaslConfig | None = None
+    ssl_config: SslConfig | None = None
     auto_offset_reset: str = "earliest"
     enable_auto_commit: bool = False
     session_timeout_ms: int = 30000
-    extra: Dict[str, str] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Set the default group_id if not provided."""
@@ -86,7 +86,7 @@ class KafkaConsumerConfig:
             ConfigError: a variable holds a value the consumer refuses.
         """
         env = {k: v for k, v in os.environ.items() if k.startswith("XZEPR_")}
-        f: Dict[str, Any] = _native.kafka_config_from_env(service_name, env)
+        f: dict[str, Any] = _native.kafka_config_from_env(service_name, env)
         protocol = SecurityProtocol(f["security_protocol"])
         sasl = None
         if protocol in (SecurityProtocol.SASL_PLAINTEXT, SecurityProtocol.SASL_SSL):
@@ -119,7 +119,7 @@ class KafkaConsumerConfig:
             session_timeout_ms=f["session_timeout_ms"],
         )
 
-    def to_confluent_config(self) -> Dict[str, str]:
+    def to_confluent_config(self) -> dict[str, str]:
         """The librdkafka properties the consumer uses (password included).
 
         Raises:
@@ -130,14 +130,14 @@ class KafkaConsumerConfig:
             props["sasl.password"] = self.sasl_config.password
         return props
 
-    def _to_native(self) -> Dict[str, Any]:
+    def _to_native(self) -> dict[str, Any]:
         if self.enable_auto_commit:
             raise ConfigError(
                 "enable_auto_commit must stay False: the consumer commits only "
                 "finished, acknowledged offsets (at-least-once)"
             )
         sasl, ssl = self.sasl_config, self.ssl_config or SslConfig()
-        extra: List[Tuple[str, str]] = list(self.extra.items())
+        extra: list[tuple[str, str]] = list(self.extra.items())
         return {
             "brokers": self.brokers,
             "topic": self.topic,

@@ -16,8 +16,9 @@ import logging
 import signal
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
 from enum import Enum
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Set, Union
+from typing import Any
 
 from . import _native
 from .client import XzeprClient
@@ -27,9 +28,9 @@ from .message import CloudEventMessage
 logger = logging.getLogger(__name__)
 
 #: What a handler may return: None, or a dict of details for the ``completed`` post.
-HandlerResult = Optional[Dict[str, Any]]
+HandlerResult = dict[str, Any] | None
 #: A handler callable: ``async def f(message)`` or a plain ``def f(message)``.
-Callback = Callable[[CloudEventMessage], Union[Awaitable[HandlerResult], HandlerResult]]
+Callback = Callable[[CloudEventMessage], Awaitable[HandlerResult] | HandlerResult]
 
 # Events taken from Rust per call: one GIL crossing converts this many.
 _TAKE_MAX = 512
@@ -39,7 +40,7 @@ class MessageHandler(ABC):
     """Abstract base class for message handlers."""
 
     @abstractmethod
-    async def handle(self, message: CloudEventMessage) -> Optional[Dict[str, Any]]:
+    async def handle(self, message: CloudEventMessage) -> dict[str, Any] | None:
         """Handle one CloudEvents message.
 
         Return None, or a dict added to the ``details`` of the ``completed``
@@ -97,18 +98,18 @@ class XzeprConsumer:
         self,
         config: KafkaConsumerConfig,
         *,
-        client: Optional[XzeprClient] = None,
-        receiver_id: Optional[str] = None,
-        work_name: Optional[str] = None,
+        client: XzeprClient | None = None,
+        receiver_id: str | None = None,
+        work_name: str | None = None,
         work_version: str = "1.0.0",
-        ordering: Union[Ordering, str] = Ordering.PER_PARTITION,
+        ordering: Ordering | str = Ordering.PER_PARTITION,
         max_in_flight: int = 1024,
-        handler_timeout: Optional[float] = None,
+        handler_timeout: float | None = None,
         drain_timeout: float = 10.0,
         commit_interval: float = 1.0,
         type_prefixes: Sequence[str] = (),
         skip_own_events: bool = True,
-        executor: Optional[concurrent.futures.Executor] = None,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         lifecycle = (client, receiver_id, work_name)
         if any(x is not None for x in lifecycle) and not all(x is not None for x in lifecycle):
@@ -128,11 +129,11 @@ class XzeprConsumer:
         self._type_prefixes = list(type_prefixes)
         self._skip_own_events = skip_own_events
         self._executor = executor
-        self._native: Optional[_native.Consumer] = None
+        self._native: _native.Consumer | None = None
         self._stop_requested = False
         self._closed = False
-        self._interrupt: Optional[BaseException] = None
-        self._last_metrics: Dict[str, int] = {}
+        self._interrupt: BaseException | None = None
+        self._last_metrics: dict[str, int] = {}
 
     async def run(self, handler: MessageHandler, poll_timeout: float = 1.0) -> None:
         """Consume until ``stop()``, SIGINT or SIGTERM, running ``handler.handle``.
@@ -169,7 +170,7 @@ class XzeprConsumer:
         self._closed = True
         self.stop()
 
-    def metrics(self) -> Dict[str, int]:
+    def metrics(self) -> dict[str, int]:
         """The pipeline's counters: consumed, handled, handler_failed,
         posted_started, posted_completed, posted_failed, finished, ... (those
         of the last run once it ended)."""
@@ -202,7 +203,7 @@ class XzeprConsumer:
         if self._stop_requested:
             native.shutdown()
         restore = self._install_signal_handlers(loop)
-        tasks: Set[asyncio.Task[None]] = set()
+        tasks: set[asyncio.Task[None]] = set()
         inline = self._executor is None and not _is_async(call)
         logger.info(
             "Consuming %s as group %s (%s, max_in_flight=%d)",
@@ -241,7 +242,7 @@ class XzeprConsumer:
         native: _native.Consumer,
         call: Callback,
         inline: bool,
-        tasks: Set[asyncio.Task[None]],
+        tasks: set[asyncio.Task[None]],
     ) -> None:
         """Takes events from Rust and runs them until the pipeline stops."""
         while True:
@@ -265,7 +266,7 @@ class XzeprConsumer:
         call: Callback,
         message: CloudEventMessage,
         token: _native.Token,
-        tasks: Set[asyncio.Task[None]],
+        tasks: set[asyncio.Task[None]],
     ) -> None:
         try:
             result = call(message)
@@ -349,7 +350,7 @@ class XzeprConsumer:
         thread of a Unix loop only); the previous handlers come back after."""
         if threading.current_thread() is not threading.main_thread():
             return lambda: None
-        installed: List[Any] = []
+        installed: list[Any] = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.getsignal(sig)
             try:

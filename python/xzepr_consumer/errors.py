@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 
 class XzeprClientError(Exception):
     """Base exception for XZepr client errors (also: no answer, a timeout, a bad body)."""
@@ -21,7 +19,7 @@ class XzeprApiError(XzeprClientError):
 class XzeprAuthError(XzeprClientError):
     """401/403: the token was refused, or none was sent to a server that wants one."""
 
-    def __init__(self, message: str, status_code: Optional[int] = None) -> None:
+    def __init__(self, message: str, status_code: int | None = None) -> None:
         self.status_code = status_code
         super().__init__(message)
 
@@ -51,8 +49,8 @@ class DecodeError(ValueError):
         self,
         message: str,
         kind: str = "other",
-        field: Optional[str] = None,
-        offset: Optional[int] = None,
+        field: str | None = None,
+        offset: int | None = None,
     ) -> None:
         self.kind = kind
         self.field = field

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from . import _native
 
@@ -26,8 +26,8 @@ def _rfc3339(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
-def _extras(owner_id: Optional[str], resource_version: Optional[int]) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
+def _extras(owner_id: str | None, resource_version: int | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     if owner_id is not None:
         out["owner_id"] = owner_id
     if resource_version is not None:
@@ -46,15 +46,15 @@ class EventEntity:
     platform_id: str
     package: str
     description: str
-    payload: Dict[str, Any]
+    payload: dict[str, Any]
     success: bool
     event_receiver_id: str
     created_at: datetime
-    owner_id: Optional[str] = None
-    resource_version: Optional[int] = None
+    owner_id: str | None = None
+    resource_version: int | None = None
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> EventEntity:
+    def from_dict(cls, data: dict[str, Any]) -> EventEntity:
         """Create from a dictionary in the wire shape."""
         return cls(
             id=data["id"],
@@ -72,7 +72,7 @@ class EventEntity:
             resource_version=data.get("resource_version"),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Convert to a JSON-ready dictionary in the wire shape."""
         return {
             "id": self.id,
@@ -99,14 +99,14 @@ class EventReceiverEntity:
     receiver_type: str
     version: str
     description: str
-    schema: Dict[str, Any]
+    schema: dict[str, Any]
     fingerprint: str
     created_at: datetime
-    owner_id: Optional[str] = None
-    resource_version: Optional[int] = None
+    owner_id: str | None = None
+    resource_version: int | None = None
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> EventReceiverEntity:
+    def from_dict(cls, data: dict[str, Any]) -> EventReceiverEntity:
         """Create from a dictionary (``type`` or ``receiver_type``)."""
         return cls(
             id=data["id"],
@@ -121,7 +121,7 @@ class EventReceiverEntity:
             resource_version=data.get("resource_version"),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Convert to a JSON-ready dictionary in the wire shape."""
         return {
             "id": self.id,
@@ -146,14 +146,14 @@ class EventReceiverGroupEntity:
     version: str
     description: str
     enabled: bool
-    event_receiver_ids: List[str]
+    event_receiver_ids: list[str]
     created_at: datetime
     updated_at: datetime
-    owner_id: Optional[str] = None
-    resource_version: Optional[int] = None
+    owner_id: str | None = None
+    resource_version: int | None = None
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> EventReceiverGroupEntity:
+    def from_dict(cls, data: dict[str, Any]) -> EventReceiverGroupEntity:
         """Create from a dictionary (``type`` or ``group_type``)."""
         return cls(
             id=data["id"],
@@ -169,7 +169,7 @@ class EventReceiverGroupEntity:
             resource_version=data.get("resource_version"),
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Convert to a JSON-ready dictionary in the wire shape."""
         return {
             "id": self.id,
@@ -189,12 +189,12 @@ class EventReceiverGroupEntity:
 class CloudEventData:
     """Data payload for CloudEvents messages."""
 
-    events: List[EventEntity] = field(default_factory=list)
-    event_receivers: List[EventReceiverEntity] = field(default_factory=list)
-    event_receiver_groups: List[EventReceiverGroupEntity] = field(default_factory=list)
+    events: list[EventEntity] = field(default_factory=list)
+    event_receivers: list[EventReceiverEntity] = field(default_factory=list)
+    event_receiver_groups: list[EventReceiverGroupEntity] = field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> CloudEventData:
+    def from_dict(cls, data: dict[str, Any]) -> CloudEventData:
         """Create from a dictionary in the wire shape."""
         return cls(
             events=[EventEntity.from_dict(e) for e in data.get("events", [])],
@@ -202,12 +202,11 @@ class CloudEventData:
                 EventReceiverEntity.from_dict(r) for r in data.get("event_receivers", [])
             ],
             event_receiver_groups=[
-                EventReceiverGroupEntity.from_dict(g)
-                for g in data.get("event_receiver_groups", [])
+                EventReceiverGroupEntity.from_dict(g) for g in data.get("event_receiver_groups", [])
             ],
         )
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Convert to a JSON-ready dictionary in the wire shape."""
         return {
             "events": [e.to_dict() for e in self.events],
@@ -234,7 +233,7 @@ class CloudEventMessage:
     data: CloudEventData
 
     @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> CloudEventMessage:
+    def from_dict(cls, data: dict[str, Any]) -> CloudEventMessage:
         """Create from a dictionary in the wire shape (checked as the consumer checks)."""
         return cls.from_json(json.dumps(data))
 
@@ -248,7 +247,7 @@ class CloudEventMessage:
         payload = json_str.encode() if isinstance(json_str, str) else json_str
         return _native.decode(payload)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """Convert to a JSON-ready dictionary in the wire shape."""
         return {
             "success": self.success,
