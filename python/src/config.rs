@@ -102,7 +102,10 @@ pub(crate) fn kafka_config_from_env<'py>(
     d.set_item("sasl_password", &c.sasl_password)?;
     let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
     d.set_item("ssl_ca_location", path(&c.ssl_ca_location))?;
-    d.set_item("ssl_certificate_location", path(&c.ssl_certificate_location))?;
+    d.set_item(
+        "ssl_certificate_location",
+        path(&c.ssl_certificate_location),
+    )?;
     d.set_item("ssl_key_location", path(&c.ssl_key_location))?;
     d.set_item("auto_offset_reset", &c.auto_offset_reset)?;
     d.set_item(

@@ -61,7 +61,11 @@ impl Inbox {
 struct Bridge(Arc<Inbox>);
 
 impl AsyncHandler for Bridge {
-    fn handle(&self, message: CloudEventMessage, info: WorkInfo) -> BoxFuture<Result<Value, HandlerError>> {
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<Result<Value, HandlerError>> {
         let (reply, answer) = oneshot::channel();
         let parked = Parked {
             message,
@@ -367,8 +371,8 @@ pub(crate) fn decode<'py>(
     payload: &Bound<'py, PyBytes>,
     headers: Option<Vec<(String, Vec<u8>)>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let mut decoder = Decoder::new(DecoderConfig::default())
-        .map_err(|e| crate::errors::decode_error(py, &e))?;
+    let mut decoder =
+        Decoder::new(DecoderConfig::default()).map_err(|e| crate::errors::decode_error(py, &e))?;
     let headers = headers.unwrap_or_default();
     let pairs = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
     let message = decoder

@@ -250,7 +250,10 @@ pub(crate) fn message_to_py<'py>(
 /// An RFC 3339 timestamp as an aware `datetime` in UTC, parsed as the decoder
 /// does (nanoseconds truncated to Python's microseconds).
 #[pyfunction]
-pub(crate) fn parse_timestamp(py: Python<'_>, text: &str) -> PyResult<chrono::DateTime<chrono::Utc>> {
+pub(crate) fn parse_timestamp(
+    py: Python<'_>,
+    text: &str,
+) -> PyResult<chrono::DateTime<chrono::Utc>> {
     chrono::DateTime::parse_from_rfc3339(text)
         .map(|t| t.with_timezone(&chrono::Utc))
         .map_err(|e| {

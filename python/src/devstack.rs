@@ -280,9 +280,12 @@ pub(crate) fn produce(
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
-                    Err((rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ), r)) => {
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
                         record = r;
                         std::thread::sleep(Duration::from_millis(1));
                     }
@@ -301,7 +304,11 @@ pub(crate) fn produce(
 /// generator), keyed by event id, recorded under `receiver_id`.
 #[pyfunction]
 #[pyo3(signature = (count, start = 0, receiver_id = "01M82X4ET7AYGAEYSHF5AKVAVW"))]
-pub(crate) fn generate_events(count: u64, start: u64, receiver_id: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(crate) fn generate_events(
+    count: u64,
+    start: u64,
+    receiver_id: &str,
+) -> Vec<(Vec<u8>, Vec<u8>)> {
     (start..start + count)
         .map(|seq| {
             let (key, payload) = xzepr_event(seq, receiver_id);

@@ -12,9 +12,8 @@ use xzepr_consumer::source::SourceError;
 static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
 fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
-    let module = ERRORS.get_or_try_init(py, || {
-        py.import("xzepr_consumer.errors").map(Bound::unbind)
-    })?;
+    let module =
+        ERRORS.get_or_try_init(py, || py.import("xzepr_consumer.errors").map(Bound::unbind))?;
     module.bind(py).getattr(name)
 }
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from conftest import committed
@@ -47,7 +48,10 @@ CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_the_process_cleanly(
-    stack: DevStack, kafka_config: Callable[[], KafkaConsumerConfig], sig: signal.Signals
+    stack: DevStack,
+    kafka_config: Callable[[], KafkaConsumerConfig],
+    sig: signal.Signals,
+    tmp_path: Path,
 ) -> None:
     produce(stack.brokers, stack.topic, [(k, v) for k, v in generate_events(2000)])
     group = kafka_config().group_id
@@ -56,6 +60,8 @@ def test_a_signal_stops_the_process_cleanly(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Not the source tree: the child imports the installed package.
+        cwd=tmp_path,
     )
     assert child.stdout is not None
     assert child.stdout.readline().strip() == "ready"
