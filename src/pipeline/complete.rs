@@ -57,10 +57,35 @@ pub(crate) enum Acked {
     Failed,
     /// XZepr will never accept it; its response body.
     Rejected(String),
+    /// Not sent: the event's other post was rejected, so this one is moot.
+    Abandoned,
 }
 
-/// Called once with how the post ended.
-pub(crate) type AckFn = Box<dyn FnOnce(Acked) + Send>;
+/// Where a post's acknowledgement goes (the event's [`Pending`]).
+trait AckTarget: Send + Sync {
+    fn ack(&self, status: Status, acked: Acked);
+    /// False once sending the event's posts again cannot help.
+    fn wanted(&self) -> bool;
+}
+
+/// The acknowledgement of one lifecycle post: [`AckFn::send`] once.
+pub(crate) struct AckFn {
+    target: Arc<dyn AckTarget>,
+    status: Status,
+}
+
+impl AckFn {
+    /// Reports how the post ended.
+    pub(crate) fn send(self, acked: Acked) {
+        self.target.ack(self.status, acked);
+    }
+
+    /// Whether a post that failed for now is still worth sending again: not
+    /// once XZepr rejected the event's other post for good.
+    pub(crate) fn wanted(&self) -> bool {
+        self.target.wanted()
+    }
+}
 
 /// Where lifecycle records go.
 pub(crate) trait LifecycleSink: Send + Sync + 'static {
@@ -132,7 +157,7 @@ impl<D: Delivery> Pending<D> {
     /// The handler returned: hand over the delivery (and the claim to mark
     /// once the posts are acknowledged), and count down. `hold`: its dead
     /// letter failed, so the offset must not finish.
-    fn handler_done(self: &Arc<Self>, delivery: D, mark: Option<Mark>, hold: bool) {
+    fn handler_done(&self, delivery: D, mark: Option<Mark>, hold: bool) {
         if hold {
             self.hold.store(HOLD_DEAD_LETTER, Release);
         }
@@ -145,7 +170,7 @@ impl<D: Delivery> Pending<D> {
         self.count_down();
     }
 
-    fn ack(self: &Arc<Self>, status: Status, acked: Acked) {
+    fn on_ack(&self, status: Status, acked: Acked) {
         let m = &self.metrics;
         match acked {
             Acked::Ok => Metrics::add(
@@ -168,11 +193,12 @@ impl<D: Delivery> Pending<D> {
                     slot.get_or_insert(body);
                 }
             }
+            Acked::Abandoned => {}
         }
         self.count_down();
     }
 
-    fn count_down(self: &Arc<Self>) {
+    fn count_down(&self) {
         if self.remaining.fetch_sub(1, AcqRel) != 1 {
             return;
         }
@@ -238,8 +264,19 @@ impl<D: Delivery> Pending<D> {
     }
 
     fn acker(self: &Arc<Self>, status: Status) -> AckFn {
-        let p = Arc::clone(self);
-        Box::new(move |acked| p.ack(status, acked))
+        AckFn {
+            target: Arc::clone(self) as Arc<dyn AckTarget>,
+            status,
+        }
+    }
+}
+
+impl<D: Delivery> AckTarget for Pending<D> {
+    fn ack(&self, status: Status, acked: Acked) {
+        self.on_ack(status, acked);
+    }
+    fn wanted(&self) -> bool {
+        self.rejected.lock().map_or(true, |r| r.is_none())
     }
 }
 

@@ -706,13 +706,13 @@ mod tests {
         let mut acks = held.into_iter().map(|(_, a)| a);
         // Ack the first event's completed before its started: order does not matter.
         let (a0, a1) = (acks.next().unwrap(), acks.next().unwrap());
-        a1(Acked::Ok);
+        a1.send(Acked::Ok);
         assert!(finished.lock().unwrap().is_empty());
-        a0(Acked::Ok);
+        a0.send(Acked::Ok);
         assert_eq!(*finished.lock().unwrap(), vec![(0, true)]);
         // A post that exhausted its retries holds its offset.
-        acks.next().unwrap()(Acked::Ok);
-        acks.next().unwrap()(Acked::Failed);
+        acks.next().unwrap().send(Acked::Ok);
+        acks.next().unwrap().send(Acked::Failed);
         assert_eq!(*finished.lock().unwrap(), vec![(0, true), (1, false)]);
         let m = sh.metrics.snapshot();
         assert_eq!(
@@ -744,7 +744,7 @@ mod tests {
         assert_eq!(held.len(), 4);
         assert_eq!(held[3].0.error.as_ref().unwrap().1, "handler_panic");
         for (_, ack) in held {
-            ack(Acked::Ok);
+            ack.send(Acked::Ok);
         }
         assert_eq!(done(&finished), vec![0, 1, 2, 3, 4]);
     }
@@ -800,7 +800,7 @@ mod tests {
         let finished = run_sync(vec![event("ok", "x")], &sh);
         assert!(matches!(begin_now(&rt, &store), Begin::Busy));
         for (_, ack) in std::mem::take(&mut *sink.held.lock().unwrap()) {
-            ack(Acked::Ok);
+            ack.send(Acked::Ok);
         }
         // The mark is written on the runtime, then the offset finishes.
         wait_done(&finished, &[0]);
@@ -882,7 +882,7 @@ mod tests {
             ]
         );
         for (_, ack) in held {
-            ack(Acked::Ok);
+            ack.send(Acked::Ok);
         }
         assert_eq!(done(&finished), vec![0, 1, 2]);
         assert_eq!(sh.metrics.snapshot().handler_timeouts, 1);

@@ -217,8 +217,10 @@ impl SinkInner {
     ) {
         use crate::report::ReportError;
         match result {
-            Ok(_) => ack(Acked::Ok),
-            Err(ReportError::Rejected { body, .. }) => ack(Acked::Rejected(body.to_string())),
+            Ok(_) => ack.send(Acked::Ok),
+            Err(ReportError::Rejected { body, .. }) => ack.send(Acked::Rejected(body.to_string())),
+            // The event's other post was rejected: this one can never help.
+            Err(ReportError::Failed { .. }) if !ack.wanted() => ack.send(Acked::Abandoned),
             Err(ReportError::Failed { .. }) => match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
                     runtime.spawn(async move {
@@ -228,9 +230,9 @@ impl SinkInner {
                         let _ = self.reporter.send(again).await;
                     });
                 }
-                Err(_) => ack(Acked::Failed),
+                Err(_) => ack.send(Acked::Failed),
             },
-            Err(_) => ack(Acked::Failed),
+            Err(_) => ack.send(Acked::Failed),
         }
     }
 }
