@@ -482,7 +482,20 @@ impl PollLoop {
     }
 
     fn run(mut self) -> Result<(), SourceError> {
-        let result = loop {
+        // A panic in the loop (a bug, or user code it calls) becomes a clean
+        // stop: the shutdown below still drains and commits what finished.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.poll_until_stopped()))
+            .unwrap_or_else(|panic| {
+                let message = super::panic_message(&*panic);
+                tracing::error!(panic = %message, "Poll thread panicked; draining and committing what finished.");
+                Err(SourceError::Panicked(message))
+            });
+        self.shutdown();
+        result
+    }
+
+    fn poll_until_stopped(&mut self) -> Result<(), SourceError> {
+        loop {
             if let Some(end) = self.should_stop() {
                 break end;
             }
@@ -512,9 +525,7 @@ impl PollLoop {
                 break Ok(());
             }
             self.pause_marked();
-        };
-        self.shutdown();
-        result
+        }
     }
 
     /// `Some(result)` when the loop must end: asked to stop, a fatal client
@@ -660,10 +671,9 @@ impl PollLoop {
         }
         let ctx = consumer.context();
         let deadline = Instant::now() + self.options.drain_timeout;
-        let Ok(mut st) = ctx.state.lock() else {
-            consumer.unsubscribe();
-            return;
-        };
+        // Poisoned only by a panic on this thread, caught in `run`: what the
+        // tracker says finished is still finished, so commit it.
+        let mut st = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
         // No new jobs from here on; a sync executor's workers end once they have
         // run what they hold.
         st.executor = None;
