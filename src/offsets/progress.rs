@@ -179,6 +179,21 @@ impl CompletionMap {
 /// ([`Encoded::left_out`] counts the rest); when not even one offset fits, or
 /// the set is empty, the text is empty.
 pub fn encode(base: i64, finished: impl IntoIterator<Item = i64>, max_bytes: usize) -> Encoded {
+    encode_ranges(
+        base,
+        finished.into_iter().map(|o| o..o.saturating_add(1)),
+        max_bytes,
+    )
+}
+
+/// As [`encode`], from increasing ranges of finished offsets (work in the
+/// number of ranges, not of offsets). Parts at or below `base` or below the
+/// previous range's end are ignored; empty ranges too.
+pub fn encode_ranges(
+    base: i64,
+    finished: impl IntoIterator<Item = Range<i64>>,
+    max_bytes: usize,
+) -> Encoded {
     let runs = runs(base, finished);
     let total: u64 = runs.iter().map(|r| r.1).sum();
     let body_max = max_bytes.saturating_sub(HEADER) * 3 / 4;
@@ -259,18 +274,21 @@ pub fn decode(base: i64, text: &str) -> Result<CompletionMap, Error> {
 }
 
 /// Maximal runs `(start, len)` of the valid offsets.
-fn runs(base: i64, finished: impl IntoIterator<Item = i64>) -> Vec<(i64, u64)> {
+fn runs(base: i64, finished: impl IntoIterator<Item = Range<i64>>) -> Vec<(i64, u64)> {
     let mut runs: Vec<(i64, u64)> = Vec::new();
-    let mut last = base;
-    for o in finished {
-        if o <= last {
+    // One past the last offset taken.
+    let mut next = base.saturating_add(1);
+    for r in finished {
+        let start = r.start.max(next);
+        if start >= r.end {
             continue;
         }
+        let len = r.end.abs_diff(start);
         match runs.last_mut() {
-            Some((start, len)) if *start + *len as i64 == o => *len += 1,
-            _ => runs.push((o, 1)),
+            Some((s, l)) if s.checked_add_unsigned(*l) == Some(start) => *l += len,
+            _ => runs.push((start, len)),
         }
-        last = o;
+        next = r.end;
     }
     runs
 }
@@ -646,7 +664,7 @@ mod tests {
         eprintln!("pattern (1,000 offsets after the commit point) | run-length | bitset | kept");
         for (name, offsets) in patterns {
             let body = DEFAULT_MAX_BYTES * 3 / 4;
-            let runs = runs(0, offsets.iter().copied());
+            let runs = runs(0, offsets.iter().map(|&o| o..o + 1));
             let r = plan_run_length(0, &runs, body);
             let b = plan_bitset(0, &runs, body);
             let e = encode(0, offsets.iter().copied(), DEFAULT_MAX_BYTES);
