@@ -406,6 +406,10 @@ fn configuration_errors_name_the_field() {
     let err = Source::start(&config, o.clone()).unwrap_err().to_string();
     assert!(err.contains("buffer_budget"), "{err}");
     o.buffer_budget = 1 << 20;
+    o.completion_map_max_bytes = 4_097;
+    let err = Source::start(&config, o.clone()).unwrap_err().to_string();
+    assert!(err.contains("completion_map_max_bytes"), "{err}");
+    o.completion_map_max_bytes = 4_096;
     let sasl = KafkaConsumerConfig::from_env_with("s", |k| {
         (k == "XZEPR_KAFKA_SECURITY_PROTOCOL").then(|| "SASL_PLAINTEXT".to_owned())
     })
