@@ -3,7 +3,8 @@
 //! offsets across a broker restart.
 //!
 //! The broker binary is found through `TANSU_BIN`, `~/.cargo/bin/tansu` or `PATH`
-//! (`.ci/test` installs it). Without it each test prints `SKIPPED` and why.
+//! (`.ci/test` installs it). Without it each test prints `SKIPPED` and why; with
+//! `CI` set it fails instead.
 
 mod kafka_support;
 
@@ -35,15 +36,19 @@ fn tansu_binary() -> Option<PathBuf> {
     })
 }
 
+/// The broker binary, or return from the test saying why; with `CI` set, fail
+/// instead (`.ci/test` installs the broker, so CI must run these tests).
 macro_rules! require_tansu {
     () => {
         match tansu_binary() {
             Some(bin) => bin,
             None => {
-                eprintln!(
-                    "SKIPPED: the Tansu broker is not installed (set TANSU_BIN or run .ci/test, \
-                     which installs it)"
-                );
+                let reason = "the Tansu broker is not installed (set TANSU_BIN or run .ci/test, \
+                              which installs it)";
+                if std::env::var_os("CI").is_some() {
+                    panic!("Tansu is required in CI: {reason}");
+                }
+                eprintln!("SKIPPED: {reason}");
                 return;
             }
         }

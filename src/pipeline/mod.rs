@@ -399,6 +399,14 @@ impl PipelineBuilder {
         self
     }
 
+    /// Whether each commit carries the offsets finished above the commit point,
+    /// so a restart or the next owner after a rebalance skips them instead of
+    /// replaying them (default on; see [`SourceOptions::completion_map`]).
+    pub fn completion_map(mut self, on: bool) -> Self {
+        self.source.completion_map = on;
+        self
+    }
+
     /// The tokio runtime that drives async handlers (default: the current one).
     pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
         self.runtime = Some(handle);
