@@ -108,6 +108,7 @@ impl Work {
 pub struct HandlerError {
     message: String,
     code: Option<String>,
+    permanent: bool,
 }
 
 impl HandlerError {
@@ -116,6 +117,7 @@ impl HandlerError {
         HandlerError {
             message: message.into(),
             code: None,
+            permanent: false,
         }
     }
 
@@ -124,7 +126,21 @@ impl HandlerError {
         HandlerError {
             message: message.into(),
             code: Some(code.into()),
+            permanent: false,
         }
+    }
+
+    /// Marks the failure permanent: the retry policy never runs it again (bad
+    /// input, a rule it broke) and it goes straight to its terminal post (and
+    /// the dead-letter topic, if one is set).
+    pub fn permanent(mut self) -> Self {
+        self.permanent = true;
+        self
+    }
+
+    /// Whether it was marked [`HandlerError::permanent`].
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
     }
 
     /// The message.
@@ -170,16 +186,26 @@ pub trait Handler: Send + Sync + 'static {
     fn on_revoke(&self, _partitions: &[(String, i32)]) {}
 }
 
+/// A closure's error as a [`HandlerError`]: kept whole when it is one (its code
+/// and [`HandlerError::permanent`] mark count), else its text with `code`.
+fn to_handler_error<E: fmt::Display + 'static>(e: E, code: Option<String>) -> HandlerError {
+    if let Some(h) = (&e as &dyn std::any::Any).downcast_ref::<HandlerError>() {
+        return h.clone();
+    }
+    HandlerError {
+        message: e.to_string(),
+        code,
+        permanent: false,
+    }
+}
+
 impl<F, E> Handler for F
 where
     F: Fn(&CloudEvent<'_>, &mut Work) -> Result<(), E> + Send + Sync + 'static,
-    E: fmt::Display,
+    E: fmt::Display + 'static,
 {
     fn handle(&self, event: &CloudEvent<'_>, work: &mut Work) -> Result<(), HandlerError> {
-        self(event, work).map_err(|e| HandlerError {
-            message: e.to_string(),
-            code: work.error_code.clone(),
-        })
+        self(event, work).map_err(|e| to_handler_error(e, work.error_code.clone()))
     }
 }
 
@@ -212,7 +238,7 @@ where
         info: WorkInfo,
     ) -> BoxFuture<Result<Value, HandlerError>> {
         let fut = self(message, info);
-        Box::pin(async move { fut.await.map_err(|e| HandlerError::new(e.to_string())) })
+        Box::pin(async move { fut.await.map_err(|e| to_handler_error(e, None)) })
     }
 }
 

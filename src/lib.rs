@@ -18,7 +18,7 @@
 //! | complete | [`pipeline`] (`complete`) | lifecycle acks gate each offset; malformed-message policy |
 //! | report | [`client`], [`report`] | pooled XZepr REST client; bounded, coalescing, retrying lifecycle reporter |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
-//! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets |
+//! | offsets | [`offsets`], [`offsets::progress`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
 //! | observe | [`observe`] | Prometheus metrics read from the stages' counters at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
 //!
 //! Configuration lives in [`config`]; every module has its own error enum, gathered in [`Error`].

@@ -61,7 +61,9 @@ counters! {
     posted_completed,
     /// `failed` posts acknowledged by XZepr.
     posted_failed,
-    /// Lifecycle posts that exhausted their retries (their offsets stay uncommitted).
+    /// Lifecycle posts that failed and could not be submitted again (their
+    /// offsets stay uncommitted). Posts that fail for now are submitted again
+    /// after the reporter's longest backoff, as often as it takes.
     report_failed,
     /// Of `report_failed`: `started` posts.
     report_failed_started,
@@ -69,6 +71,15 @@ counters! {
     report_failed_completed,
     /// Of `report_failed`: `failed` posts.
     report_failed_failed,
+    /// Lifecycle posts XZepr refused for good (a 4xx other than 401, 403, 404,
+    /// 429): their events are dead-lettered with reason `report_rejected`.
+    report_rejected,
+    /// Handler attempts after the first (the retry policy's).
+    retried,
+    /// Events produced to the dead-letter topic and acknowledged by the broker.
+    dead_lettered,
+    /// Dead-letter produces that failed (their offsets are held).
+    dead_letter_failed,
     /// Events finished without running: the idempotency store had their key
     /// processed (by this consumer before a replay, or by another).
     duplicates,

@@ -82,9 +82,27 @@ pub enum ReportError {
         /// Whether the last error was retryable (retries ran out).
         retryable: bool,
     },
+    /// XZepr refused the post with a 4xx it will never accept (any but 401, 403,
+    /// 404 and 429): sending it again cannot help.
+    #[error("lifecycle post rejected with HTTP {status}: {reason}")]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The error.
+        reason: Arc<str>,
+        /// The response body, as XZepr sent it.
+        body: Arc<str>,
+    },
     /// The reporter was shut down before the record could be sent.
     #[error("the reporter is shut down")]
     Closed,
+}
+
+impl ReportError {
+    /// Whether XZepr will never accept the post ([`ReportError::Rejected`]).
+    pub fn is_rejected(&self) -> bool {
+        matches!(self, ReportError::Rejected { .. })
+    }
 }
 
 /// Limits and policies of the reporter. Every bound has a numeric default.
@@ -366,6 +384,9 @@ pub struct Reporter {
     tx: mpsc::Sender<Record>,
     stats: Arc<ReporterStats>,
     own: OwnReceivers,
+    /// The longest retry delay: how long a record that failed waits before it
+    /// is submitted again by the pipeline.
+    resubmit_after: Duration,
 }
 
 impl Reporter {
@@ -380,6 +401,7 @@ impl Reporter {
         let stats = Arc::new(ReporterStats::default());
         let own = OwnReceivers::new();
         let posters = config.max_in_flight.max(1);
+        let resubmit_after = config.backoff_max.max(Duration::from_millis(1));
         let shared = Arc::new(Shared {
             client,
             config,
@@ -396,7 +418,21 @@ impl Reporter {
             tasks.spawn(poster(Arc::clone(&shared)));
         }
         let task = tokio::spawn(async move { while tasks.join_next().await.is_some() {} });
-        (Reporter { tx, stats, own }, ReporterTask { task })
+        (
+            Reporter {
+                tx,
+                stats,
+                own,
+                resubmit_after,
+            },
+            ReporterTask { task },
+        )
+    }
+
+    /// How long a record that failed for now waits before it is submitted again
+    /// (the longest retry delay, [`ReporterConfig::backoff_max`]).
+    pub fn resubmit_after(&self) -> Duration {
+        self.resubmit_after
     }
 
     /// Submits a record, waiting while the queue is full.
@@ -818,10 +854,19 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
                 lost = e.is_response_lost();
                 if !retryable || attempt >= cfg.max_attempts {
                     let not_found = e.is_not_found();
-                    let err = ReportError::Failed {
-                        attempts: attempt,
-                        reason: e.to_string().into(),
-                        retryable,
+                    let err = match &e {
+                        ClientError::Api(api) if rejects_for_good(api.status) => {
+                            ReportError::Rejected {
+                                status: api.status,
+                                reason: e.to_string().into(),
+                                body: api.body.as_str().into(),
+                            }
+                        }
+                        _ => ReportError::Failed {
+                            attempts: attempt,
+                            reason: e.to_string().into(),
+                            retryable,
+                        },
                     };
                     if not_found {
                         return Err(Posted::NotFound(err));
@@ -835,6 +880,12 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
             }
         }
     }
+}
+
+/// A 4xx that sending again cannot fix. 401 and 403 are the credentials (fixed
+/// by the operator), 404 the receiver (found again), 429 the rate: all pass.
+fn rejects_for_good(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 403 | 404 | 429)
 }
 
 /// Exponential backoff with full jitter: attempt `n` waits a random time up to

@@ -280,3 +280,45 @@ fn an_idempotency_store_without_a_runtime_fails_at_start_naming_it() {
     let text = err.to_string();
     assert!(text.contains("runtime"), "{text}");
 }
+
+/// A handler whose rebalance hooks panic.
+struct PanickyHooks(Arc<std::sync::atomic::AtomicU64>);
+
+impl xzepr_consumer::handler::Handler for PanickyHooks {
+    fn handle(
+        &self,
+        _event: &CloudEvent<'_>,
+        _work: &mut Work,
+    ) -> Result<(), xzepr_consumer::handler::HandlerError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+    fn on_assign(&self, _partitions: &[(String, i32)]) {
+        panic!("a bug in on_assign");
+    }
+    fn on_revoke(&self, _partitions: &[(String, i32)]) {
+        panic!("a bug in on_revoke");
+    }
+}
+
+#[test]
+fn a_panicking_rebalance_hook_is_contained() {
+    let cluster = cluster("panicky", 2);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "panicky", 2, 40, |i| xzepr_event(i, RECEIVER).1);
+    let ends = end_offsets(&brokers, "panicky", 2);
+    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "panicky", "panicky"))
+        .workers(1)
+        .commit_interval(Duration::from_millis(50))
+        .start(PanickyHooks(Arc::clone(&handled)))
+        .unwrap();
+    wait_for("every event", || running.metrics().finished >= 40);
+    running.shutdown();
+    running.join().unwrap();
+    assert_eq!(handled.load(std::sync::atomic::Ordering::Relaxed), 40);
+    assert_eq!(
+        committed(&brokers, "xzepr-consumer-panicky", "panicky", 2),
+        ends
+    );
+}

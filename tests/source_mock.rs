@@ -28,11 +28,11 @@ fn options(max_in_flight: usize) -> SourceOptions {
 type Seen = Arc<Mutex<HashMap<i32, BTreeSet<i64>>>>;
 
 /// Worker threads that finish messages in a random order, after random delays.
-/// `skip` is never finished.
+/// The offsets in `skip` are never finished.
 fn shuffling_workers(
     source: &mut Source,
     seen: Seen,
-    skip: Option<(i32, i64)>,
+    skip: &'static [(i32, i64)],
 ) -> Vec<std::thread::JoinHandle<()>> {
     paced_shuffling_workers(source, seen, skip, Duration::ZERO)
 }
@@ -41,7 +41,7 @@ fn shuffling_workers(
 fn paced_shuffling_workers(
     source: &mut Source,
     seen: Seen,
-    skip: Option<(i32, i64)>,
+    skip: &'static [(i32, i64)],
     pace: Duration,
 ) -> Vec<std::thread::JoinHandle<()>> {
     let rx = source.take_receiver().unwrap();
@@ -78,7 +78,7 @@ fn paced_shuffling_workers(
                             if !pace.is_zero() {
                                 std::thread::sleep(pace);
                             }
-                            if skip == Some((m.partition, m.offset)) {
+                            if skip.contains(&(m.partition, m.offset)) {
                                 // Kept unfinished (not dropped, which would hold
                                 // it) until the worker ends.
                                 kept.push(m);
@@ -135,7 +135,7 @@ fn random_completion_order_commits_to_the_end() {
     let config = KafkaConsumerConfig::new(&brokers, "events", "order-test");
     let mut source = Source::start(&config, options(512)).unwrap();
     let seen: Seen = Arc::default();
-    let workers = shuffling_workers(&mut source, Arc::clone(&seen), None);
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), &[]);
     wait_for("every message", || total(&seen) as u64 >= N);
     stop(&source, workers);
     let seen = seen.lock().unwrap();
@@ -161,12 +161,16 @@ fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
     produce(&brokers, "poison", 2, 2_000, |i| {
         format!("{i}").into_bytes()
     });
-    let poison = (1, 300i64);
+    const POISON: (i32, i64) = (1, 300);
+    let poison = POISON;
+    // Without the completion map: the whole tail after the gap is replayed.
+    let mut opts = options(64);
+    opts.completion_map = false;
 
     let config = KafkaConsumerConfig::new(&brokers, "poison", "poison-test");
-    let mut source = Source::start(&config, options(64)).unwrap();
+    let mut source = Source::start(&config, opts.clone()).unwrap();
     let seen: Seen = Arc::default();
-    let workers = shuffling_workers(&mut source, Arc::clone(&seen), Some(poison));
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), &[POISON]);
     wait_for("every message", || total(&seen) >= 2_000);
     // Later offsets finished; the commit point must still be the poison offset.
     std::thread::sleep(Duration::from_millis(300));
@@ -176,9 +180,9 @@ fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
     assert_eq!(committed_now[&1], poison.1);
 
     // A new consumer in the group gets the poison offset and everything after it.
-    let mut again = Source::start(&config, options(64)).unwrap();
+    let mut again = Source::start(&config, opts).unwrap();
     let seen2: Seen = Arc::default();
-    let workers = shuffling_workers(&mut again, Arc::clone(&seen2), None);
+    let workers = shuffling_workers(&mut again, Arc::clone(&seen2), &[]);
     wait_for("the replay", || total(&seen2) >= 700);
     stop(&again, workers);
     let seen2 = seen2.lock().unwrap();
@@ -206,7 +210,7 @@ fn a_second_consumer_joining_mid_stream_loses_nothing() {
 
     let seen: Seen = Arc::default();
     let mut first = Source::start(&config, options(128)).unwrap();
-    let w1 = paced_shuffling_workers(&mut first, Arc::clone(&seen), None, pace);
+    let w1 = paced_shuffling_workers(&mut first, Arc::clone(&seen), &[], pace);
     wait_for(
         "a commit on every partition before the second member joins",
         || {
@@ -217,7 +221,7 @@ fn a_second_consumer_joining_mid_stream_loses_nothing() {
     let handled_before_join = total(&seen);
     let seen_b: Seen = Arc::default();
     let mut second = Source::start(&config, options(128)).unwrap();
-    let w2 = paced_shuffling_workers(&mut second, Arc::clone(&seen_b), None, pace);
+    let w2 = paced_shuffling_workers(&mut second, Arc::clone(&seen_b), &[], pace);
     wait_for("the second consumer to be assigned", || {
         second
             .handle()
@@ -402,6 +406,10 @@ fn configuration_errors_name_the_field() {
     let err = Source::start(&config, o.clone()).unwrap_err().to_string();
     assert!(err.contains("buffer_budget"), "{err}");
     o.buffer_budget = 1 << 20;
+    o.completion_map_max_bytes = 4_097;
+    let err = Source::start(&config, o.clone()).unwrap_err().to_string();
+    assert!(err.contains("completion_map_max_bytes"), "{err}");
+    o.completion_map_max_bytes = 4_096;
     let sasl = KafkaConsumerConfig::from_env_with("s", |k| {
         (k == "XZEPR_KAFKA_SECURITY_PROTOCOL").then(|| "SASL_PLAINTEXT".to_owned())
     })
@@ -468,4 +476,121 @@ fn a_held_offset_stops_its_partition_at_the_tracking_limit() {
         "nothing committed past the held offset 0: {committed:?}"
     );
     assert_eq!(committed[&1], 10_000);
+}
+
+/// Offsets of partition 1 the first consumer never finishes (gaps behind which
+/// the rest of the partition finishes, out of order).
+const GAPS: &[(i32, i64)] = &[(1, 300), (1, 450), (1, 451), (1, 777)];
+
+/// A first consumer finishes all of `gaps_topic` except [`GAPS`] and stops. Returns
+/// what it handled, and the brokers.
+fn stop_with_gaps(
+    cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    group: &str,
+) -> (Seen, KafkaConsumerConfig) {
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, topic, 2, 2_000, |i| format!("{i}").into_bytes());
+    let config = KafkaConsumerConfig::new(&brokers, topic, group);
+    let mut source = Source::start(&config, options(64)).unwrap();
+    let seen: Seen = Arc::default();
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), GAPS);
+    wait_for("every message", || total(&seen) >= 2_000);
+    stop(&source, workers);
+    (seen, config)
+}
+
+#[test]
+fn the_next_consumer_skips_exactly_what_finished_behind_a_gap() {
+    let cluster = cluster("gaps", 2);
+    let brokers = cluster.bootstrap_servers();
+    let (_, config) = stop_with_gaps(&cluster, "gaps", "gaps-test");
+    let group = "xzepr-consumer-gaps-test";
+    let (point, metadata) = committed_with_metadata(&brokers, group, "gaps", 1);
+    assert_eq!(point, 300, "the commit point stops at the first gap");
+    assert!(metadata.starts_with("xz1"), "{metadata:?}");
+    assert_eq!(committed(&brokers, group, "gaps", 2)[&0], 1_000);
+    // More arrives while nobody consumes: handled by the next consumer.
+    produce(&brokers, "gaps", 2, 200, |i| {
+        format!("new {i}").into_bytes()
+    });
+
+    let mut again = Source::start(&config, options(64)).unwrap();
+    let seen: Seen = Arc::default();
+    let workers = shuffling_workers(&mut again, Arc::clone(&seen), &[]);
+    let stats = again.handle();
+    wait_for("the gaps and the new messages", || total(&seen) >= 4 + 200);
+    wait_for("the skipped offsets", || {
+        stats
+            .stats()
+            .skipped_done
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 700 - 4
+    });
+    let handle = stop(&again, workers);
+    let seen = seen.lock().unwrap();
+    let handled1: Vec<i64> = seen[&1].iter().copied().collect();
+    let expected1: Vec<i64> = [300, 450, 451, 777]
+        .into_iter()
+        .chain(1_000..1_100)
+        .collect();
+    assert_eq!(handled1, expected1, "only the gaps and the new messages");
+    let handled0: Vec<i64> = seen[&0].iter().copied().collect();
+    assert_eq!(handled0, (1_000..1_100).collect::<Vec<_>>());
+    let s = handle.stats();
+    assert_eq!(
+        s.skipped_done.load(std::sync::atomic::Ordering::Relaxed),
+        700 - 4
+    );
+    assert_eq!(
+        s.completion_maps_ignored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(
+        committed(&brokers, group, "gaps", 2),
+        end_offsets(&brokers, "gaps", 2)
+    );
+}
+
+#[test]
+fn a_corrupt_completion_map_means_a_full_replay() {
+    let cluster = cluster("corrupt", 2);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "corrupt", 2, 2_000, |i| {
+        format!("{i}").into_bytes()
+    });
+    let group = "xzepr-consumer-corrupt-test";
+    // A valid map of partition 1 (301..1000 finished at commit point 300), with
+    // one character changed: the checksum no longer matches.
+    let valid = xzepr_consumer::offsets::progress::encode(300, 301..1_000, 2_048).text;
+    let mut bytes = valid.into_bytes();
+    let last = bytes.len() - 1;
+    bytes[last] = if bytes[last] == b'A' { b'B' } else { b'A' };
+    let corrupt = String::from_utf8(bytes).unwrap();
+    commit_with_metadata(&brokers, group, "corrupt", 1, 300, &corrupt);
+    assert_eq!(
+        committed_with_metadata(&brokers, group, "corrupt", 1),
+        (300, corrupt)
+    );
+
+    let config = KafkaConsumerConfig::new(&brokers, "corrupt", "corrupt-test");
+    let mut source = Source::start(&config, options(64)).unwrap();
+    let seen: Seen = Arc::default();
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), &[]);
+    wait_for("the replay", || total(&seen) >= 1_000 + 700);
+    let handle = stop(&source, workers);
+    let replayed: Vec<i64> = seen.lock().unwrap()[&1].iter().copied().collect();
+    assert_eq!(
+        replayed,
+        (300..1_000).collect::<Vec<_>>(),
+        "everything from the commit point"
+    );
+    let s = handle.stats();
+    assert_eq!(s.skipped_done.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        s.completion_maps_ignored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }

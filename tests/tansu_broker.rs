@@ -3,7 +3,8 @@
 //! offsets across a broker restart.
 //!
 //! The broker binary is found through `TANSU_BIN`, `~/.cargo/bin/tansu` or `PATH`
-//! (`.ci/test` installs it). Without it each test prints `SKIPPED` and why.
+//! (`.ci/test` installs it). Without it each test prints `SKIPPED` and why; with
+//! `CI` set it fails instead.
 
 mod kafka_support;
 
@@ -35,15 +36,19 @@ fn tansu_binary() -> Option<PathBuf> {
     })
 }
 
+/// The broker binary, or return from the test saying why; with `CI` set, fail
+/// instead (`.ci/test` installs the broker, so CI must run these tests).
 macro_rules! require_tansu {
     () => {
         match tansu_binary() {
             Some(bin) => bin,
             None => {
-                eprintln!(
-                    "SKIPPED: the Tansu broker is not installed (set TANSU_BIN or run .ci/test, \
-                     which installs it)"
-                );
+                let reason = "the Tansu broker is not installed (set TANSU_BIN or run .ci/test, \
+                              which installs it)";
+                if std::env::var_os("CI").is_some() {
+                    panic!("Tansu is required in CI: {reason}");
+                }
+                eprintln!("SKIPPED: {reason}");
                 return;
             }
         }
@@ -352,5 +357,86 @@ fn consume_commit_restart_resumes_at_the_committed_offsets() {
     assert!(
         !again.contains_key(&1),
         "partition 1 was committed to its end"
+    );
+}
+
+/// The pipeline rides through a broker restart mid-stream: it reconnects on its
+/// own, every event is handled, and it commits to the end.
+#[test]
+fn the_pipeline_rides_through_a_broker_restart_mid_stream() {
+    use xzepr_consumer::decode::CloudEventMessage;
+    use xzepr_consumer::handler::WorkInfo;
+    use xzepr_consumer::pipeline::Pipeline;
+
+    const N: u64 = 3_000;
+    let bin = require_tansu!();
+    let mut broker = Broker::start(bin);
+    let url = broker.url();
+    broker.tansu(&[
+        "topic",
+        "create",
+        "--broker",
+        &url,
+        "--partitions",
+        "2",
+        "ride",
+    ]);
+    kafka_support::produce(&broker.brokers(), "ride", 2, N, |i| {
+        xzepr_consumer::generate::xzepr_event(i, "01SOMEONEELSE").1
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let seen: Arc<Mutex<BTreeSet<(i32, i64)>>> = Arc::default();
+    let s = Arc::clone(&seen);
+    let running = Pipeline::builder(KafkaConsumerConfig::new(&broker.brokers(), "ride", "ride"))
+        .commit_interval(Duration::from_millis(100))
+        .max_in_flight(64)
+        .runtime(rt.handle().clone())
+        .start_async(move |_m: CloudEventMessage, info: WorkInfo| {
+            s.lock().unwrap().insert((info.partition, info.offset));
+            async {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                Ok::<_, String>(serde_json::Value::Null)
+            }
+        })
+        .unwrap();
+    let wait = |what: &str, done: &dyn Fn() -> bool| {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(240),
+                "gave up waiting for {what}: {:?}",
+                running.metrics()
+            );
+            assert!(!running.source().is_finished(), "the pipeline stopped");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait("a third", &|| running.metrics().finished >= N / 3);
+    broker.restart(false);
+    let after_restart = running.metrics().finished;
+    wait("every event", &|| running.metrics().finished >= N);
+    // The last commits reach the broker.
+    std::thread::sleep(Duration::from_millis(500));
+    running.shutdown();
+    running.join().unwrap();
+    let seen = seen.lock().unwrap();
+    let expected: BTreeSet<(i32, i64)> = (0..2)
+        .flat_map(|p| (0..(N / 2) as i64).map(move |o| (p, o)))
+        .collect();
+    assert_eq!(*seen, expected, "nothing missing");
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "xzepr-consumer-ride");
+    assert_eq!(
+        committed_with(&config, "ride", 2),
+        HashMap::from([(0, (N / 2) as i64), (1, (N / 2) as i64)])
+    );
+    eprintln!(
+        "broker restart: {after_restart} of {N} finished when the broker restarted; all {N} after"
     );
 }

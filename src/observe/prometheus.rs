@@ -163,6 +163,36 @@ impl Collector for PipelineCollector {
         )?;
         counter(
             e,
+            "xzepr_consumer_handler_retries",
+            "Handler attempts after the first, per the retry policy.",
+            m.retried,
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_messages_dead_lettered",
+            "Events produced to the dead-letter topic and acknowledged by the broker.",
+            m.dead_lettered,
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_dead_letter_failures",
+            "Dead-letter produces that failed (their offsets are held).",
+            m.dead_letter_failed,
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_messages_skipped_done",
+            "Messages finished without dispatch: a previous owner's completion map said they were done.",
+            load(&s.skipped_done),
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_completion_maps_ignored",
+            "Committed completion maps ignored because they did not decode (their offsets are replayed).",
+            load(&s.completion_maps_ignored),
+        )?;
+        counter(
+            e,
             "xzepr_consumer_idempotency_errors",
             "Idempotency store calls that failed (retried; the event waited).",
             m.idempotency_errors,
@@ -186,7 +216,7 @@ impl Collector for PipelineCollector {
         {
             let mut f = e.encode_descriptor(
                 "xzepr_consumer_lifecycle_posts",
-                "Lifecycle posts by status and outcome: acknowledged by XZepr, or failed after every retry (their offsets stay uncommitted).",
+                "Lifecycle posts by status and outcome: acknowledged by XZepr, or failed and not submitted again (their offsets stay uncommitted).",
                 None,
                 MetricType::Counter,
             )?;
@@ -201,6 +231,12 @@ impl Collector for PipelineCollector {
                 }
             }
         }
+        counter(
+            e,
+            "xzepr_consumer_lifecycle_posts_rejected",
+            "Lifecycle posts XZepr refused for good (a 4xx other than 401, 403, 404, 429); their events are dead-lettered.",
+            m.report_rejected,
+        )?;
         if let Some(r) = &o.reporter {
             counter(
                 e,

@@ -9,26 +9,31 @@
 //! the next event of its key may start while XZepr acknowledges the last one.
 
 use std::sync::atomic::{
-    AtomicBool, AtomicU8,
+    AtomicU8,
     Ordering::{AcqRel, Acquire, Release},
 };
 use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Value};
 
+use super::deadletter::{DeadLetters, Placed, Reason, Why};
 use crate::handler::{BoxFuture, HandlerError};
 use crate::idempotency::Claim;
 use crate::metrics::Metrics;
 
 /// A message as the execution and completion stages see it (the source's
 /// [`Message`](crate::source::Message), or a test double).
-pub(crate) trait Delivery: Send + 'static {
+pub(crate) trait Delivery: Send + Sync + 'static {
     fn topic(&self) -> &str;
     /// The topic, shared (no allocation per message).
     fn topic_arc(&self) -> Arc<str>;
     fn partition(&self) -> i32;
     fn offset(&self) -> i64;
     fn payload(&self) -> Option<&[u8]>;
+    /// The Kafka key.
+    fn key(&self) -> Option<&[u8]> {
+        None
+    }
     /// Kafka headers as `(key, value)` pairs (binary-mode CloudEvents).
     fn headers(&self) -> Vec<(&str, &[u8])>;
     /// False when the partition was revoked after this was handed over: drop it
@@ -43,8 +48,44 @@ pub(crate) trait Delivery: Send + 'static {
     fn hold(self);
 }
 
-/// Called once with `true` after a 2xx, `false` when the post failed for good.
-pub(crate) type AckFn = Box<dyn FnOnce(bool) + Send>;
+/// How a lifecycle post ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Acked {
+    /// XZepr answered 2xx.
+    Ok,
+    /// It failed and will not be sent again (the reporter shut down).
+    Failed,
+    /// XZepr will never accept it; its response body.
+    Rejected(String),
+    /// Not sent: the event's other post was rejected, so this one is moot.
+    Abandoned,
+}
+
+/// Where a post's acknowledgement goes (the event's [`Pending`]).
+trait AckTarget: Send + Sync {
+    fn ack(&self, status: Status, acked: Acked);
+    /// False once sending the event's posts again cannot help.
+    fn wanted(&self) -> bool;
+}
+
+/// The acknowledgement of one lifecycle post: [`AckFn::send`] once.
+pub(crate) struct AckFn {
+    target: Arc<dyn AckTarget>,
+    status: Status,
+}
+
+impl AckFn {
+    /// Reports how the post ended.
+    pub(crate) fn send(self, acked: Acked) {
+        self.target.ack(self.status, acked);
+    }
+
+    /// Whether a post that failed for now is still worth sending again: not
+    /// once XZepr rejected the event's other post for good.
+    pub(crate) fn wanted(&self) -> bool {
+        self.target.wanted()
+    }
+}
 
 /// Where lifecycle records go.
 pub(crate) trait LifecycleSink: Send + Sync + 'static {
@@ -82,28 +123,44 @@ pub(crate) enum Status {
 /// whoever counts last finds it.
 pub(crate) struct Pending<D: Delivery> {
     remaining: AtomicU8,
-    failed: AtomicBool,
+    /// Why the offset must be held ([`HOLD_NONE`] while it need not).
+    hold: AtomicU8,
     delivery: Mutex<Option<D>>,
     /// The event's idempotency claim, marked processed only once everything
     /// was acknowledged (a crash before that replays the work and its posts).
     mark: Mutex<Option<Mark>>,
+    /// XZepr's body when it refused a post for good.
+    rejected: Mutex<Option<String>>,
+    dead_letters: Option<Arc<DeadLetters>>,
     metrics: Arc<Metrics>,
 }
 
+const HOLD_NONE: u8 = 0;
+/// A post failed and could not be submitted again (the reporter shut down).
+const HOLD_REPORT: u8 = 1;
+/// The event's dead letter was not acknowledged.
+const HOLD_DEAD_LETTER: u8 = 2;
+
 impl<D: Delivery> Pending<D> {
-    fn new(metrics: Arc<Metrics>) -> Arc<Self> {
+    fn new(metrics: Arc<Metrics>, dead_letters: Option<Arc<DeadLetters>>) -> Arc<Self> {
         Arc::new(Pending {
             remaining: AtomicU8::new(3),
-            failed: AtomicBool::new(false),
+            hold: AtomicU8::new(HOLD_NONE),
             delivery: Mutex::new(None),
             mark: Mutex::new(None),
+            rejected: Mutex::new(None),
+            dead_letters,
             metrics,
         })
     }
 
     /// The handler returned: hand over the delivery (and the claim to mark
-    /// once the posts are acknowledged), and count down.
-    fn handler_done(self: &Arc<Self>, delivery: D, mark: Option<Mark>) {
+    /// once the posts are acknowledged), and count down. `hold`: its dead
+    /// letter failed, so the offset must not finish.
+    fn handler_done(&self, delivery: D, mark: Option<Mark>, hold: bool) {
+        if hold {
+            self.hold.store(HOLD_DEAD_LETTER, Release);
+        }
         if let (Some(mark), Ok(mut slot)) = (mark, self.mark.lock()) {
             *slot = Some(mark);
         }
@@ -113,33 +170,43 @@ impl<D: Delivery> Pending<D> {
         self.count_down();
     }
 
-    fn ack(self: &Arc<Self>, status: Status, ok: bool) {
+    fn on_ack(&self, status: Status, acked: Acked) {
         let m = &self.metrics;
-        if ok {
-            Metrics::add(
+        match acked {
+            Acked::Ok => Metrics::add(
                 match status {
                     Status::Started => &m.posted_started,
                     Status::Completed => &m.posted_completed,
                     Status::Failed => &m.posted_failed,
                 },
                 1,
-            );
-        } else {
-            Metrics::add(&m.report_failed, 1);
-            Metrics::add(
-                match status {
-                    Status::Started => &m.report_failed_started,
-                    Status::Completed => &m.report_failed_completed,
-                    Status::Failed => &m.report_failed_failed,
-                },
-                1,
-            );
-            self.failed.store(true, Release);
+            ),
+            Acked::Failed => {
+                Metrics::add(&m.report_failed, 1);
+                Metrics::add(
+                    match status {
+                        Status::Started => &m.report_failed_started,
+                        Status::Completed => &m.report_failed_completed,
+                        Status::Failed => &m.report_failed_failed,
+                    },
+                    1,
+                );
+                let _ = self
+                    .hold
+                    .compare_exchange(HOLD_NONE, HOLD_REPORT, AcqRel, Acquire);
+            }
+            Acked::Rejected(body) => {
+                Metrics::add(&m.report_rejected, 1);
+                if let Ok(mut slot) = self.rejected.lock() {
+                    slot.get_or_insert(body);
+                }
+            }
+            Acked::Abandoned => {}
         }
         self.count_down();
     }
 
-    fn count_down(self: &Arc<Self>) {
+    fn count_down(&self) {
         if self.remaining.fetch_sub(1, AcqRel) != 1 {
             return;
         }
@@ -147,34 +214,145 @@ impl<D: Delivery> Pending<D> {
             return;
         };
         let mark = self.mark.lock().ok().and_then(|mut s| s.take());
-        if self.failed.load(Acquire) {
-            // Not reported, so not processed: the replay runs the work again.
-            if let Some(mark) = mark {
-                mark.release();
-            }
+        let hold = self.hold.load(Acquire);
+        if hold != HOLD_NONE {
             // Held on purpose: the commit point stays before this offset and a
-            // restart replays it. Never finish what was not reported.
+            // restart replays it. Never finish what was not reported (or not
+            // dead-lettered when it had to be).
             tracing::error!(
                 topic = d.topic(),
                 partition = d.partition(),
                 offset = d.offset(),
-                "Lifecycle post failed after retries; offset held."
+                "{}; offset held.",
+                if hold == HOLD_REPORT {
+                    "Lifecycle post failed and the reporter is gone"
+                } else {
+                    "Dead letter not acknowledged"
+                }
             );
-            d.hold();
-        } else {
-            finish_marked(d, mark, &self.metrics);
+            hold_unmarked(d, mark);
+            return;
+        }
+        match self.rejected.lock().ok().and_then(|mut s| s.take()) {
+            Some(body) => self.rejected(d, mark, body),
+            None => finish_marked(d, mark, &self.metrics),
         }
     }
 
+    /// XZepr will never accept this event's post: dead-letter it with reason
+    /// `report_rejected` and XZepr's answer, then finish; without a dead-letter
+    /// topic, log it loudly and finish (sending it again cannot help, and
+    /// holding it would stop the partition for good).
+    fn rejected(&self, d: D, mark: Option<Mark>, body: String) {
+        let metrics = Arc::clone(&self.metrics);
+        let runtime = tokio::runtime::Handle::try_current();
+        let (Some(dlq), Ok(runtime)) = (self.dead_letters.clone(), runtime) else {
+            tracing::error!(
+                topic = d.topic(),
+                partition = d.partition(),
+                offset = d.offset(),
+                response = %body,
+                "XZepr rejected a lifecycle post for good; no dead-letter topic is set, offset finished."
+            );
+            finish_marked(d, mark, &metrics);
+            return;
+        };
+        runtime.spawn(async move {
+            let reason = Reason {
+                why: Why::ReportRejected,
+                message: &body,
+                code: "report_rejected",
+                attempts: 1,
+            };
+            match dead_letter(&dlq, &d, &reason, &metrics).await {
+                Some(_) => finish_marked(d, mark, &metrics),
+                None => hold_unmarked(d, mark),
+            }
+        });
+    }
+
     fn acker(self: &Arc<Self>, status: Status) -> AckFn {
-        let p = Arc::clone(self);
-        Box::new(move |ok| p.ack(status, ok))
+        AckFn {
+            target: Arc::clone(self) as Arc<dyn AckTarget>,
+            status,
+        }
+    }
+}
+
+impl<D: Delivery> AckTarget for Pending<D> {
+    fn ack(&self, status: Status, acked: Acked) {
+        self.on_ack(status, acked);
+    }
+    fn wanted(&self) -> bool {
+        self.rejected.lock().map_or(true, |r| r.is_none())
     }
 }
 
 pub(crate) fn finish_now<D: Delivery>(d: D, metrics: &Metrics) {
     d.finish();
     Metrics::add(&metrics.finished, 1);
+}
+
+/// Holds `d`, releasing its claim: not done, so a replay runs it again.
+fn hold_unmarked<D: Delivery>(d: D, mark: Option<Mark>) {
+    if let Some(mark) = mark {
+        mark.release();
+    }
+    d.hold();
+}
+
+/// Produces `d` to the dead-letter topic, counting and logging the outcome;
+/// `None` when the broker did not acknowledge it (the caller holds the offset).
+pub(crate) async fn dead_letter<D: Delivery>(
+    dlq: &DeadLetters,
+    d: &D,
+    reason: &Reason<'_>,
+    metrics: &Metrics,
+) -> Option<Placed> {
+    dead_lettered(d, dlq.send(d, reason).await, metrics)
+}
+
+/// [`dead_letter`] from a worker thread.
+pub(crate) fn dead_letter_blocking<D: Delivery>(
+    dlq: &DeadLetters,
+    d: &D,
+    reason: &Reason<'_>,
+    metrics: &Metrics,
+) -> Option<Placed> {
+    dead_lettered(d, dlq.send_blocking(d, reason), metrics)
+}
+
+fn dead_lettered<D: Delivery>(
+    d: &D,
+    sent: Result<Placed, String>,
+    metrics: &Metrics,
+) -> Option<Placed> {
+    match sent {
+        Ok(placed) => {
+            Metrics::add(&metrics.dead_lettered, 1);
+            tracing::warn!(
+                topic = d.topic(),
+                partition = d.partition(),
+                offset = d.offset(),
+                dead_letter_topic = %placed.topic,
+                dead_letter_partition = placed.partition,
+                dead_letter_offset = placed.offset,
+                "Event dead-lettered."
+            );
+            Some(placed)
+        }
+        Err(e) => {
+            Metrics::add(&metrics.dead_letter_failed, 1);
+            tracing::error!(
+                topic = d.topic(),
+                partition = d.partition(),
+                offset = d.offset(),
+                error = %e,
+                "Dead-letter produce failed: the offset is held, the partition will not commit past it."
+            );
+            None
+        }
+    }
 }
 
 /// Finishes `d` once its idempotency claim (if any) is marked processed.
@@ -250,10 +428,11 @@ fn started(w: &WorkStart<'_>) -> Lifecycle {
 pub(crate) fn begin_blocking<D: Delivery>(
     sink: Option<&SharedSink>,
     metrics: &Arc<Metrics>,
+    dead_letters: Option<&Arc<DeadLetters>>,
     w: &WorkStart<'_>,
 ) -> Option<Arc<Pending<D>>> {
     let sink = sink?;
-    let p = Pending::new(Arc::clone(metrics));
+    let p = Pending::new(Arc::clone(metrics), dead_letters.cloned());
     sink.submit_blocking(started(w), p.acker(Status::Started));
     Some(p)
 }
@@ -262,10 +441,11 @@ pub(crate) fn begin_blocking<D: Delivery>(
 pub(crate) async fn begin<D: Delivery>(
     sink: Option<&SharedSink>,
     metrics: &Arc<Metrics>,
+    dead_letters: Option<&Arc<DeadLetters>>,
     w: &WorkStart<'_>,
 ) -> Option<Arc<Pending<D>>> {
     let sink = sink?;
-    let p = Pending::new(Arc::clone(metrics));
+    let p = Pending::new(Arc::clone(metrics), dead_letters.cloned());
     sink.submit(started(w), p.acker(Status::Started)).await;
     Some(p)
 }
@@ -279,6 +459,8 @@ pub(crate) struct Outcome {
     /// The event's idempotency claim: marked processed after a success (and its
     /// posts), released after a failure.
     pub(crate) mark: Option<Mark>,
+    /// Its dead letter was not acknowledged: hold the offset.
+    pub(crate) hold: bool,
 }
 
 impl Outcome {
@@ -339,13 +521,15 @@ pub(crate) fn complete_blocking<D: Delivery>(
     d: D,
     outcome: Outcome,
 ) {
+    let hold = outcome.hold;
     let (record, mark) = account(metrics, &d, outcome, sink.is_some());
     match (sink, pending) {
         (Some(sink), Some(p)) => {
             let ack = p.acker(record.status);
             sink.submit_blocking(record, ack);
-            p.handler_done(d, mark);
+            p.handler_done(d, mark, hold);
         }
+        _ if hold => hold_unmarked(d, mark),
         _ => finish_marked(d, mark, metrics),
     }
 }
@@ -358,13 +542,15 @@ pub(crate) async fn complete<D: Delivery>(
     d: D,
     outcome: Outcome,
 ) {
+    let hold = outcome.hold;
     let (record, mark) = account(metrics, &d, outcome, sink.is_some());
     match (sink, pending) {
         (Some(sink), Some(p)) => {
             let ack = p.acker(record.status);
             sink.submit(record, ack).await;
-            p.handler_done(d, mark);
+            p.handler_done(d, mark, hold);
         }
+        _ if hold => hold_unmarked(d, mark),
         _ => finish_marked(d, mark, metrics),
     }
 }
@@ -381,17 +567,26 @@ pub enum MalformedPolicy {
     /// Hold its offset: nothing after it in its partition is committed, and a
     /// restart reads it again.
     Hold,
+    /// Produce it, unchanged, to the dead-letter topic
+    /// ([`PipelineBuilder::dead_letter`](super::PipelineBuilder::dead_letter), which
+    /// this policy needs) with reason `malformed`; its offset finishes once the
+    /// broker acknowledged that, and is held if it did not.
+    DeadLetter,
 }
 
-/// Logs and counts a malformed message, then applies the configured policy.
+/// Logs and counts a malformed message, then applies the configured policy;
+/// under [`MalformedPolicy::DeadLetter`] hands the message back, for the caller
+/// to dead-letter ([`malformed_dead_lettered`]).
+#[must_use]
 pub(crate) fn malformed<D: Delivery>(
     d: D,
     err: &crate::decode::Error,
     metrics: &Metrics,
     policy: MalformedPolicy,
-) {
+) -> Option<D> {
     Metrics::add(&metrics.malformed, 1);
     match policy {
+        MalformedPolicy::DeadLetter => return Some(d),
         MalformedPolicy::Skip => {
             tracing::warn!(
                 topic = d.topic(),
@@ -414,5 +609,28 @@ pub(crate) fn malformed<D: Delivery>(
             );
             d.hold();
         }
+    }
+    None
+}
+
+/// The dead-letter reason of a malformed message.
+pub(crate) fn malformed_reason(message: &str) -> Reason<'_> {
+    Reason {
+        why: Why::Malformed,
+        message,
+        code: "malformed",
+        attempts: 0,
+    }
+}
+
+/// Settles a malformed message by whether its dead letter was acknowledged.
+pub(crate) fn malformed_dead_lettered<D: Delivery>(
+    d: D,
+    placed: Option<Placed>,
+    metrics: &Metrics,
+) {
+    match placed {
+        Some(_) => finish_now(d, metrics),
+        None => d.hold(),
     }
 }

@@ -23,10 +23,13 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 
 use super::complete::{
-    begin, begin_blocking, complete, complete_blocking, finish_now, malformed, Delivery,
-    MalformedPolicy, Outcome, SharedSink, WorkStart,
+    begin, begin_blocking, complete, complete_blocking, dead_letter, dead_letter_blocking,
+    finish_now, malformed, malformed_dead_lettered, malformed_reason, Delivery, MalformedPolicy,
+    Outcome, SharedSink, WorkStart,
 };
+use super::deadletter::{DeadLetters, Placed, Reason, Why};
 use super::guard::Guard;
+use super::retry::{RetryPolicy, PANIC_CODE, TIMEOUT_CODE};
 use crate::decode::{CloudEvent, Decoder, DecoderConfig};
 use crate::dispatch::TypeFilter;
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
@@ -46,6 +49,9 @@ pub(crate) struct Shared {
     pub(crate) handler_timeout: Option<Duration>,
     /// Runs each key's work once across replays.
     pub(crate) idempotency: Option<Guard>,
+    pub(crate) retry: RetryPolicy,
+    /// Where events that failed for good go.
+    pub(crate) dead_letters: Option<Arc<DeadLetters>>,
 }
 
 impl Shared {
@@ -79,13 +85,72 @@ impl Shared {
         Metrics::add(&self.metrics.handler_timeouts, 1);
         HandlerError::with_code(
             format!("handler timed out after {} ms", after.as_millis()),
-            "timeout",
+            TIMEOUT_CODE,
         )
+    }
+
+    /// Whether a failed attempt runs again; counts it and logs it if so.
+    fn retries<D: Delivery>(&self, d: &D, err: &HandlerError, attempt: u32) -> bool {
+        if !self.retry.retries(err, attempt) || !d.is_current() {
+            return false;
+        }
+        Metrics::add(&self.metrics.retried, 1);
+        tracing::debug!(
+            topic = d.topic(),
+            partition = d.partition(),
+            offset = d.offset(),
+            attempt,
+            error = %err,
+            "Handler failed; retrying."
+        );
+        true
+    }
+
+    /// After the last attempt: records the attempts (when retries are on) and,
+    /// for a failure, dead-letters the event. Returns whether the offset must be
+    /// held (its dead letter was not acknowledged).
+    fn settle_failure<D: Delivery>(
+        &self,
+        d: &D,
+        result: &Result<(), HandlerError>,
+        details: &mut Value,
+        attempts: u32,
+        send: impl FnOnce(&DeadLetters, &D, &Reason<'_>) -> Option<Placed>,
+    ) -> bool {
+        if self.retry.max_attempts() > 1 {
+            annotate(details, "attempts", attempts.into());
+        }
+        let (Err(e), Some(dlq)) = (result, &self.dead_letters) else {
+            return false;
+        };
+        let reason = Reason {
+            why: Why::HandlerFailed,
+            message: e.message(),
+            code: e.code().unwrap_or("handler_error"),
+            attempts,
+        };
+        match send(dlq, d, &reason) {
+            Some(placed) => {
+                annotate(details, "dead_letter", placed.to_json());
+                false
+            }
+            None => true,
+        }
+    }
+}
+
+/// Adds `key` to a terminal post's details (an object; a `null` becomes one).
+fn annotate(details: &mut Value, key: &str, value: Value) {
+    if details.is_null() {
+        *details = Value::Object(Default::default());
+    }
+    if let Some(map) = details.as_object_mut() {
+        map.insert(key.to_owned(), value);
     }
 }
 
 fn panicked() -> HandlerError {
-    HandlerError::with_code("handler panicked", "handler_panic")
+    HandlerError::with_code("handler panicked", PANIC_CODE)
 }
 
 /// Handles one event with a sync handler, on the calling thread.
@@ -104,7 +169,13 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
         Ok(ev) => ev,
         Err(e) => {
             drop(headers);
-            malformed(delivery, &e, metrics, shared.malformed);
+            if let Some(d) = malformed(delivery, &e, metrics, shared.malformed) {
+                let message = e.to_string();
+                let placed = shared.dead_letters.as_ref().and_then(|dlq| {
+                    dead_letter_blocking(dlq, &d, &malformed_reason(&message), metrics)
+                });
+                malformed_dead_lettered(d, placed, metrics);
+            }
             return;
         }
     };
@@ -138,6 +209,7 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
     let pending = begin_blocking(
         sink,
         metrics,
+        shared.dead_letters.as_ref(),
         &WorkStart {
             work_id: work.id(),
             platform_id: &platform_id,
@@ -145,12 +217,55 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
             event_type: ev.event_type(),
         },
     );
+    let mut attempt = 1;
+    let result = loop {
+        let result = call_sync(handler, &ev, &mut work, shared, &delivery);
+        match result {
+            Err(e) if shared.retries(&delivery, &e, attempt) => {
+                // A sync worker waits out the backoff itself: sync handlers
+                // are for CPU-bound work, whose retries are rare.
+                std::thread::sleep(shared.retry.delay(attempt));
+                attempt += 1;
+                work.details.clear();
+            }
+            result => break result,
+        }
+    };
+    drop((ev, headers));
+    let mut details = Value::Object(std::mem::take(&mut work.details));
+    let hold = shared.settle_failure(&delivery, &result, &mut details, attempt, |q, d, r| {
+        dead_letter_blocking(q, d, r, metrics)
+    });
+    complete_blocking(
+        sink,
+        metrics,
+        pending,
+        delivery,
+        Outcome {
+            work_id: work.id,
+            platform_id,
+            result,
+            details,
+            mark,
+            hold,
+        },
+    );
+}
+
+/// One call of a sync handler: panics caught, the timeout applied after the fact.
+fn call_sync<D: Delivery, H: Handler + ?Sized>(
+    handler: &H,
+    ev: &CloudEvent<'_>,
+    work: &mut Work,
+    shared: &Shared,
+    delivery: &D,
+) -> Result<(), HandlerError> {
     let start = shared.handler_timeout.map(|t| (t, Instant::now()));
     let began = Instant::now();
     // The handler is user code: a panic fails this event, never the worker.
-    let mut result = catch_unwind(AssertUnwindSafe(|| handler.handle(&ev, &mut work)))
+    let mut result = catch_unwind(AssertUnwindSafe(|| handler.handle(ev, work)))
         .unwrap_or_else(|_| Err(panicked()));
-    metrics.handler_latency.observe(began.elapsed());
+    shared.metrics.handler_latency.observe(began.elapsed());
     if let Some((limit, start)) = start {
         let took = start.elapsed();
         if took > limit {
@@ -170,21 +285,7 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
             }
         }
     }
-    drop((ev, headers));
-    let details = Value::Object(std::mem::take(&mut work.details));
-    complete_blocking(
-        sink,
-        metrics,
-        pending,
-        delivery,
-        Outcome {
-            work_id: work.id,
-            platform_id,
-            result,
-            details,
-            mark,
-        },
-    );
+    result
 }
 
 /// Polls a future, turning a panic into `Err`: a handler's bug fails its
@@ -268,7 +369,14 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
             return;
         }
         Err(e) => {
-            malformed(delivery, &e, metrics, shared.malformed);
+            if let Some(d) = malformed(delivery, &e, metrics, shared.malformed) {
+                let message = e.to_string();
+                let placed = match &shared.dead_letters {
+                    Some(dlq) => dead_letter(dlq, &d, &malformed_reason(&message), metrics).await,
+                    None => None,
+                };
+                malformed_dead_lettered(d, placed, metrics);
+            }
             return;
         }
     };
@@ -293,6 +401,7 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
     let pending = begin(
         sink,
         metrics,
+        shared.dead_letters.as_ref(),
         &WorkStart {
             work_id: work.id(),
             platform_id: &platform_id,
@@ -301,12 +410,47 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
         },
     )
     .await;
-    let began = Instant::now();
-    let result = run_handler(handler, message, &work, shared).await;
-    metrics.handler_latency.observe(began.elapsed());
-    let (result, details) = match result {
+    // Every attempt but the last gets a copy; the last takes the message.
+    let mut message = Some(message);
+    let mut attempt = 1;
+    let result = loop {
+        let last = attempt >= shared.retry.max_attempts();
+        let m = if last {
+            message.take()
+        } else {
+            message.clone()
+        };
+        let Some(m) = m else {
+            break Err(panicked());
+        };
+        let began = Instant::now();
+        let ran = run_handler(handler, m, &work, shared).await;
+        metrics.handler_latency.observe(began.elapsed());
+        match ran {
+            Err(e) if shared.retries(&delivery, &e, attempt) => {
+                // Only this task waits: its lane, no thread, no other lane.
+                tokio::time::sleep(shared.retry.delay(attempt)).await;
+                attempt += 1;
+            }
+            result => break result,
+        }
+    };
+    let (result, mut details) = match result {
         Ok(details) => (Ok(()), details),
         Err(e) => (Err(e), Value::Object(Default::default())),
+    };
+    let hold = match (&result, &shared.dead_letters) {
+        (Err(e), Some(dlq)) => {
+            let reason = Reason {
+                why: Why::HandlerFailed,
+                message: e.message(),
+                code: e.code().unwrap_or("handler_error"),
+                attempts: attempt,
+            };
+            let placed = dead_letter(dlq, &delivery, &reason, metrics).await;
+            shared.settle_failure(&delivery, &result, &mut details, attempt, |_, _, _| placed)
+        }
+        _ => shared.settle_failure(&delivery, &result, &mut details, attempt, |_, _, _| None),
     };
     complete(
         sink,
@@ -319,6 +463,7 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
             result,
             details,
             mark,
+            hold,
         },
     )
     .await;
@@ -411,7 +556,7 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
 
 #[cfg(test)]
 mod tests {
-    use super::super::complete::{AckFn, Lifecycle, LifecycleSink, Status};
+    use super::super::complete::{AckFn, Acked, Lifecycle, LifecycleSink, Status};
     use super::*;
     use crate::handler::BoxFuture;
     use serde_json::json;
@@ -484,6 +629,8 @@ mod tests {
             malformed: policy,
             handler_timeout: None,
             idempotency: None,
+            retry: RetryPolicy::none(),
+            dead_letters: None,
         }
     }
 
@@ -564,13 +711,13 @@ mod tests {
         let mut acks = held.into_iter().map(|(_, a)| a);
         // Ack the first event's completed before its started: order does not matter.
         let (a0, a1) = (acks.next().unwrap(), acks.next().unwrap());
-        a1(true);
+        a1.send(Acked::Ok);
         assert!(finished.lock().unwrap().is_empty());
-        a0(true);
+        a0.send(Acked::Ok);
         assert_eq!(*finished.lock().unwrap(), vec![(0, true)]);
         // A post that exhausted its retries holds its offset.
-        acks.next().unwrap()(true);
-        acks.next().unwrap()(false);
+        acks.next().unwrap().send(Acked::Ok);
+        acks.next().unwrap().send(Acked::Failed);
         assert_eq!(*finished.lock().unwrap(), vec![(0, true), (1, false)]);
         let m = sh.metrics.snapshot();
         assert_eq!(
@@ -602,7 +749,7 @@ mod tests {
         assert_eq!(held.len(), 4);
         assert_eq!(held[3].0.error.as_ref().unwrap().1, "handler_panic");
         for (_, ack) in held {
-            ack(true);
+            ack.send(Acked::Ok);
         }
         assert_eq!(done(&finished), vec![0, 1, 2, 3, 4]);
     }
@@ -658,7 +805,7 @@ mod tests {
         let finished = run_sync(vec![event("ok", "x")], &sh);
         assert!(matches!(begin_now(&rt, &store), Begin::Busy));
         for (_, ack) in std::mem::take(&mut *sink.held.lock().unwrap()) {
-            ack(true);
+            ack.send(Acked::Ok);
         }
         // The mark is written on the runtime, then the offset finishes.
         wait_done(&finished, &[0]);
@@ -740,7 +887,7 @@ mod tests {
             ]
         );
         for (_, ack) in held {
-            ack(true);
+            ack.send(Acked::Ok);
         }
         assert_eq!(done(&finished), vec![0, 1, 2]);
         assert_eq!(sh.metrics.snapshot().handler_timeouts, 1);

@@ -22,8 +22,10 @@
 //! ```
 
 mod complete;
+mod deadletter;
 mod execute;
 mod guard;
+mod retry;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,9 +40,13 @@ use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::source::{Executor, Message, Source, SourceError, SourceHandle, SourceOptions};
 
 pub use complete::MalformedPolicy;
-use complete::{AckFn, Delivery, Lifecycle, LifecycleSink, SharedSink};
+use complete::{AckFn, Acked, Delivery, Lifecycle, LifecycleSink, SharedSink};
+pub use deadletter::{
+    headers as dead_letter_headers, DeadLetterConfig, DEFAULT_DEAD_LETTER_SUFFIX,
+};
 use execute::{AsyncExecutor, DecoderPool, Shared};
 pub use guard::IdempotencyKey;
+pub use retry::RetryPolicy;
 
 impl Delivery for Message {
     fn topic(&self) -> &str {
@@ -57,6 +63,9 @@ impl Delivery for Message {
     }
     fn payload(&self) -> Option<&[u8]> {
         Message::payload(self)
+    }
+    fn key(&self) -> Option<&[u8]> {
+        Message::key(self)
     }
     fn headers(&self) -> Vec<(&str, &[u8])> {
         self.header_pairs().collect()
@@ -129,6 +138,8 @@ pub struct PipelineBuilder {
     metrics_addr: Option<std::net::SocketAddr>,
     /// The lifecycle reporter's counters (breaker state), for metrics and health.
     reporter_stats: Option<Arc<crate::report::ReporterStats>>,
+    retry: RetryPolicy,
+    dead_letter: Option<DeadLetterConfig>,
 }
 
 /// `Debug` placeholder for the type-erased sink.
@@ -173,15 +184,19 @@ impl WorkTemplate {
 }
 
 /// The reporter as the workers' lifecycle sink.
-struct ReporterSink {
+struct ReporterSink(Arc<SinkInner>);
+
+struct SinkInner {
     reporter: crate::report::Reporter,
     work: WorkTemplate,
 }
 
-impl ReporterSink {
-    fn record(&self, record: Lifecycle, ack: AckFn) -> crate::report::Record {
+impl SinkInner {
+    fn record(self: &Arc<Self>, record: Lifecycle, ack: AckFn) -> crate::report::Record {
         use crate::report::{OwnedWork, Record, Status as S};
         let w = &self.work;
+        let again = record.clone();
+        let me = Arc::clone(self);
         Record {
             work: OwnedWork::new(
                 w.receiver_id.clone(),
@@ -198,7 +213,39 @@ impl ReporterSink {
             },
             details: record.details,
             error: record.error,
-            ack: crate::report::Ack::new(move |r| ack(r.is_ok())),
+            ack: crate::report::Ack::new(move |r| me.acknowledged(r, again, ack)),
+        }
+    }
+
+    /// A post that failed for now (XZepr down past the reporter's retries, its
+    /// breaker open, a 401) is submitted again after the reporter's longest
+    /// backoff, for as long as it takes: its offset waits, and the commit point
+    /// moves on as soon as XZepr answers, without a restart. Only a reporter
+    /// that is gone (shutdown) ends it as failed, which holds the offset.
+    fn acknowledged(
+        self: Arc<Self>,
+        result: Result<String, crate::report::ReportError>,
+        record: Lifecycle,
+        ack: AckFn,
+    ) {
+        use crate::report::ReportError;
+        match result {
+            Ok(_) => ack.send(Acked::Ok),
+            Err(ReportError::Rejected { body, .. }) => ack.send(Acked::Rejected(body.to_string())),
+            // The event's other post was rejected: this one can never help.
+            Err(ReportError::Failed { .. }) if !ack.wanted() => ack.send(Acked::Abandoned),
+            Err(ReportError::Failed { .. }) => match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        tokio::time::sleep(self.reporter.resubmit_after()).await;
+                        let again = self.record(record, ack);
+                        // A closed reporter drops it, which acknowledges `Closed`.
+                        let _ = self.reporter.send(again).await;
+                    });
+                }
+                Err(_) => ack.send(Acked::Failed),
+            },
+            Err(_) => ack.send(Acked::Failed),
         }
     }
 }
@@ -208,12 +255,12 @@ impl LifecycleSink for ReporterSink {
         // Blocks while the reporter's queue is full: backpressure onto the worker.
         // A closed reporter hands the record back; dropping it acknowledges
         // `Closed`, so the offset is held.
-        let _ = self.reporter.send_blocking(self.record(record, ack));
+        let _ = self.0.reporter.send_blocking(self.0.record(record, ack));
     }
 
     fn submit(&self, record: Lifecycle, ack: AckFn) -> BoxFuture<()> {
-        let record = self.record(record, ack);
-        let reporter = self.reporter.clone();
+        let record = self.0.record(record, ack);
+        let reporter = self.0.reporter.clone();
         Box::pin(async move {
             let _ = reporter.send(record).await;
         })
@@ -248,6 +295,8 @@ impl Pipeline {
             idempotency_key: IdempotencyKey::default(),
             metrics_addr: None,
             reporter_stats: None,
+            retry: RetryPolicy::default(),
+            dead_letter: None,
         }
     }
 }
@@ -368,6 +417,14 @@ impl PipelineBuilder {
         self
     }
 
+    /// Whether each commit carries the offsets finished above the commit point,
+    /// so a restart or the next owner after a rebalance skips them instead of
+    /// replaying them (default on; see [`SourceOptions::completion_map`]).
+    pub fn completion_map(mut self, on: bool) -> Self {
+        self.source.completion_map = on;
+        self
+    }
+
     /// The tokio runtime that drives async handlers (default: the current one).
     pub fn runtime(mut self, handle: tokio::runtime::Handle) -> Self {
         self.runtime = Some(handle);
@@ -391,7 +448,10 @@ impl PipelineBuilder {
         self.own_set = Some(own);
         self.reporter_stats = Some(reporter.stats_shared());
         self.work = Some(work.clone());
-        self.sink = Some(SinkDebug(Arc::new(ReporterSink { reporter, work })));
+        self.sink = Some(SinkDebug(Arc::new(ReporterSink(Arc::new(SinkInner {
+            reporter,
+            work,
+        })))));
         self
     }
 
@@ -416,6 +476,32 @@ impl PipelineBuilder {
     /// also for sync handlers.
     pub fn idempotency<S: IdempotencyStore + 'static>(mut self, store: S) -> Self {
         self.idempotency = Some(Arc::new(store));
+        self
+    }
+
+    /// How failed handler calls are retried (default: not at all; see
+    /// [`RetryPolicy`]). An async handler's retry waits as a timer in its task:
+    /// only the event's lane waits. A sync worker sleeps through the backoff
+    /// itself (sync handlers are for CPU-bound work); give it more workers if
+    /// its retries are frequent.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// A dead-letter topic (default: none). An event whose handler failed on
+    /// its last attempt, a malformed message under
+    /// [`MalformedPolicy::DeadLetter`], and an event whose lifecycle post XZepr
+    /// refused for good (reason `report_rejected`) are produced to it with
+    /// their key, payload and headers unchanged, plus headers saying why (Kafka
+    /// Connect's `__connect.errors.*` and [`dead_letter_headers`]). The event's
+    /// offset finishes only once the broker acknowledged the dead letter; if
+    /// it did not, the offset is held (the partition commits no further) and
+    /// the failure is logged as an error and counted (`dead_letter_failed`).
+    /// The `failed` post of a dead-lettered event names the letter's topic,
+    /// partition and offset in `details.dead_letter`.
+    pub fn dead_letter(mut self, config: DeadLetterConfig) -> Self {
+        self.dead_letter = Some(config);
         self
     }
 
@@ -483,6 +569,14 @@ impl PipelineBuilder {
     /// Checks what spans fields, before any thread starts.
     fn validate(&self) -> Result<(), crate::Error> {
         Decoder::new(self.decoder.clone())?;
+        if self.malformed == MalformedPolicy::DeadLetter && self.dead_letter.is_none() {
+            return Err(crate::config::ConfigError::Invalid {
+                name: "malformed",
+                value: "DeadLetter".to_owned(),
+                expected: "a dead-letter topic set with `dead_letter` for this policy",
+            }
+            .into());
+        }
         if let Some(w) = &self.work {
             crate::report::validate_work_fields(
                 &w.work_name,
@@ -526,6 +620,7 @@ impl PipelineBuilder {
         &self,
         metrics: &Arc<Metrics>,
         runtime: Option<&tokio::runtime::Handle>,
+        dead_letters: Option<&Arc<deadletter::DeadLetters>>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             filter: self.filter.clone(),
@@ -543,7 +638,17 @@ impl PipelineBuilder {
                     key: self.idempotency_key.clone(),
                     runtime: runtime.clone(),
                 }),
+            retry: self.retry.clone(),
+            dead_letters: dead_letters.cloned(),
         })
+    }
+
+    /// The dead-letter producer, if one is set.
+    fn dead_letters(&self) -> Result<Option<Arc<deadletter::DeadLetters>>, crate::Error> {
+        self.dead_letter
+            .as_ref()
+            .map(|c| deadletter::DeadLetters::new(&self.kafka, c.clone()).map(Arc::new))
+            .transpose()
     }
 
     /// Starts the pipeline with a sync handler, run on [`PipelineBuilder::workers`]
@@ -568,6 +673,7 @@ impl PipelineBuilder {
             None => None,
         };
         let listener = self.bind_metrics()?;
+        let dead_letters = self.dead_letters()?;
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
@@ -582,7 +688,7 @@ impl PipelineBuilder {
         let mut metrics = Vec::with_capacity(self.workers);
         for i in 0..self.workers {
             let m = Arc::new(Metrics::default());
-            let shared = self.shared(&m, guard_runtime.as_ref());
+            let shared = self.shared(&m, guard_runtime.as_ref(), dead_letters.as_ref());
             metrics.push(m);
             let (rx, handler) = (rx.clone(), Arc::clone(&handler));
             let decoder = Decoder::new(self.decoder.clone())?;
@@ -612,9 +718,10 @@ impl PipelineBuilder {
             .runtime_for("async handlers need a tokio runtime (call from one, or set `runtime`)")?;
         self.validate()?;
         let listener = self.bind_metrics()?;
+        let dead_letters = self.dead_letters()?;
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
-            shared: self.shared(&metrics, Some(&runtime)),
+            shared: self.shared(&metrics, Some(&runtime), dead_letters.as_ref()),
             runtime,
             handler: Arc::new(handler),
             decoders: Arc::new(DecoderPool::new(self.decoder.clone())),
@@ -629,10 +736,23 @@ struct HandlerHooks<H>(Arc<H>);
 
 impl<H: Handler> crate::source::RebalanceHooks for HandlerHooks<H> {
     fn assigned(&self, partitions: &[(String, i32)]) {
-        self.0.on_assign(partitions);
+        contain("on_assign", || self.0.on_assign(partitions));
     }
     fn revoked(&self, partitions: &[(String, i32)]) {
-        self.0.on_revoke(partitions);
+        contain("on_revoke", || self.0.on_revoke(partitions));
+    }
+}
+
+/// Runs a rebalance hook (user code, on the poll thread): a panic in it is
+/// logged and the rebalance goes on, so the poll thread never unwinds through
+/// librdkafka's callback.
+fn contain(hook: &'static str, f: impl FnOnce()) {
+    if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        tracing::error!(
+            hook,
+            panic = %crate::source::panic_message(&*panic),
+            "Rebalance hook panicked; the rebalance goes on."
+        );
     }
 }
 

@@ -147,6 +147,19 @@ pub struct SourceOptions {
     /// one offset that never finishes (a held message, a report that failed for
     /// good) bounds memory and the replay instead of growing both without end.
     pub max_tracked: usize,
+    /// Whether each commit carries, in its metadata, the offsets above the
+    /// commit point that already finished (see [`crate::offsets::progress`]),
+    /// and whether an assigned partition's committed map is read, so a restart
+    /// or the next owner skips them (counted in [`SourceStats::skipped_done`])
+    /// instead of replaying them. Default on. A map that does not decode is
+    /// ignored with a warning: its offsets are replayed, never skipped.
+    pub completion_map: bool,
+    /// Most bytes of one partition's map. Default 2,048
+    /// ([`crate::offsets::progress::DEFAULT_MAX_BYTES`], where the reason is);
+    /// at most 4,096, the broker's default `offset.metadata.max.bytes`, past
+    /// which the broker refuses the whole commit. A map that does not fit is
+    /// cut to its longest prefix that does; the rest is replayed.
+    pub completion_map_max_bytes: usize,
 }
 
 impl Default for SourceOptions {
@@ -162,6 +175,8 @@ impl Default for SourceOptions {
             drain_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(50),
             max_tracked: 100_000,
+            completion_map: true,
+            completion_map_max_bytes: crate::offsets::progress::DEFAULT_MAX_BYTES,
         }
     }
 }
@@ -183,6 +198,12 @@ impl SourceOptions {
         }
         if self.max_tracked == 0 {
             return bad("max_tracked", "must be at least 1");
+        }
+        if self.completion_map_max_bytes > crate::offsets::progress::BROKER_DEFAULT_MAX_BYTES {
+            return bad(
+                "completion_map_max_bytes",
+                "must be at most 4,096 (the broker's default offset.metadata.max.bytes)",
+            );
         }
         if self.pause_after >= session_timeout {
             return bad("pause_after", "must be shorter than the session timeout");
@@ -532,6 +553,12 @@ pub struct SourceStats {
     /// `ALL_BROKERS_DOWN` event and by statistics without a broker up, cleared
     /// by the next statistics with one.
     pub brokers_down: AtomicBool,
+    /// Messages finished without dispatch: a previous owner's completion map
+    /// said they were done (see [`SourceOptions::completion_map`]).
+    pub skipped_done: AtomicU64,
+    /// Committed completion maps ignored because they did not decode (their
+    /// offsets are replayed).
+    pub completion_maps_ignored: AtomicU64,
 }
 
 /// The running source: its executor's receiving end is handed out once.

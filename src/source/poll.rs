@@ -21,7 +21,7 @@ use super::{
 };
 use crate::config::KafkaConsumerConfig;
 use crate::dispatch::lanes::{Job, Scheduler};
-use crate::offsets::PartitionTracker;
+use crate::offsets::{progress, PartitionTracker};
 
 /// Called on the poll thread around rebalances (the handler's `on_assign` and
 /// `on_revoke`).
@@ -45,6 +45,12 @@ const STALL: Duration = Duration::from_millis(100);
 /// messages wait at most this long.
 const COMPLETION_WAIT: Duration = Duration::from_millis(1);
 
+/// Longest wait for the committed offsets and their completion maps when
+/// partitions are assigned (the poll thread waits; heartbeats go on in
+/// librdkafka's threads). The coordinator answers in milliseconds; past this,
+/// the maps are ignored and their offsets replayed.
+const COMMITTED_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// One assigned partition, as the poll thread sees it.
 struct Part {
     tracker: PartitionTracker,
@@ -53,6 +59,42 @@ struct Part {
     shared: Arc<PartShared>,
     paused: bool,
     committed: Option<i64>,
+    /// `tracker.finished_count()` when `committed` was sent: the map changed
+    /// since when it differs.
+    committed_done: usize,
+    /// Offsets a previous owner's completion map says finished, not yet reached.
+    skip: Option<Skip>,
+}
+
+/// The completion map read on assignment, consumed as offsets arrive.
+struct Skip {
+    /// The committed offset the map was written for.
+    base: i64,
+    ranges: std::collections::VecDeque<std::ops::Range<i64>>,
+    started: bool,
+}
+
+impl Skip {
+    /// Whether `offset` (arriving in increasing order) finished before.
+    fn take(&mut self, offset: i64) -> bool {
+        if !self.started {
+            self.started = true;
+            // Reading from before the map's commit point (an offset reset, a
+            // recreated topic): the map is about other messages.
+            if offset < self.base {
+                tracing::warn!(
+                    offset,
+                    base = self.base,
+                    "Completion map ignored: reading before its commit point."
+                );
+                self.ranges.clear();
+            }
+        }
+        while self.ranges.front().is_some_and(|r| r.end <= offset) {
+            self.ranges.pop_front();
+        }
+        self.ranges.front().is_some_and(|r| r.start <= offset)
+    }
 }
 
 type PartKey = (Arc<str>, i32);
@@ -78,6 +120,8 @@ struct State {
     last_progress: Instant,
     /// Message buffers given back by finished messages, reused by the copy.
     recycle: Arc<super::Recycler>,
+    /// The completion map's byte cap, when commits carry one.
+    map_cap: Option<usize>,
 }
 
 impl State {
@@ -198,11 +242,23 @@ impl State {
             if only.is_some_and(|o| !o.iter().any(|(t, q)| t == topic && q == partition)) {
                 continue;
             }
-            if let Some(point) = p.tracker.commit_point() {
-                if force || p.committed != Some(point) {
-                    let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(point));
-                    p.committed = Some(point);
+            let Some(point) = p.tracker.commit_point() else {
+                continue;
+            };
+            let done = p.tracker.finished_count();
+            // A straggler holds the point while work behind it finishes: the
+            // map changes, and is worth committing, though the point did not move.
+            let map_moved = self.map_cap.is_some() && p.committed_done != done;
+            if force || p.committed != Some(point) || map_moved {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(point));
+                if let Some(cap) = self.map_cap {
+                    let map = completion_map(p, point, cap);
+                    if let Some(mut el) = tpl.find_partition(topic, *partition) {
+                        el.set_metadata(map);
+                    }
                 }
+                p.committed = Some(point);
+                p.committed_done = done;
             }
         }
         (tpl.count() > 0).then_some(tpl)
@@ -244,6 +300,85 @@ impl State {
     }
 }
 
+/// The metadata text for committing `p` at `point`: its finished offsets
+/// above the point, and what is left of a previous owner's map beyond them.
+fn completion_map(p: &Part, point: i64, cap: usize) -> String {
+    let finished = p.tracker.finished_above().map(|o| o..o + 1);
+    let inherited = p.skip.iter().flat_map(|s| s.ranges.iter().cloned());
+    let e = progress::encode_ranges(point, finished.chain(inherited), cap);
+    if e.left_out > 0 {
+        tracing::debug!(
+            point,
+            encoded = e.encoded,
+            left_out = e.left_out,
+            "Completion map cut to its cap."
+        );
+    }
+    e.text
+}
+
+/// Reads the committed offsets of `tpl`'s partitions and decodes their
+/// completion maps. A map that does not decode is ignored with a warning
+/// (replayed, never skipped); a failed fetch ignores them all.
+fn read_completion_maps(
+    consumer: &BaseConsumer<Context>,
+    tpl: &TopicPartitionList,
+    stats: &SourceStats,
+) -> HashMap<PartKey, Skip> {
+    let mut ask = TopicPartitionList::with_capacity(tpl.count());
+    for e in tpl.elements() {
+        ask.add_partition(e.topic(), e.partition());
+    }
+    let got = match consumer.committed_offsets(ask, COMMITTED_FETCH_TIMEOUT) {
+        Ok(got) => got,
+        Err(e) => {
+            tracing::warn!(error = %e, "Committed offsets not read: completion maps ignored, their offsets replayed.");
+            return HashMap::new();
+        }
+    };
+    let mut maps = HashMap::new();
+    for e in got.elements() {
+        let Offset::Offset(base) = e.offset() else {
+            continue;
+        };
+        // rdkafka panics on metadata that is not UTF-8 (another client's bytes).
+        let text =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| e.metadata().to_owned()));
+        let (topic, partition) = (e.topic(), e.partition());
+        match text
+            .map_err(|_| None)
+            .and_then(|t| progress::decode(base, &t).map_err(Some))
+        {
+            Ok(map) if map.is_empty() => {}
+            Ok(map) => {
+                tracing::debug!(
+                    topic,
+                    partition,
+                    base,
+                    finished = map.len(),
+                    "Completion map read."
+                );
+                maps.insert(
+                    (Arc::from(topic), partition),
+                    Skip {
+                        base,
+                        ranges: map.into_ranges().into(),
+                        started: false,
+                    },
+                );
+            }
+            Err(error) => {
+                stats.completion_maps_ignored.fetch_add(1, Relaxed);
+                let error = error.map_or_else(|| "not UTF-8".to_owned(), |e| e.to_string());
+                tracing::warn!(topic, partition, base, %error, "Completion map ignored: its offsets are replayed.");
+            }
+        }
+    }
+    // The list goes before the consumer can: a live list makes its destroy hang.
+    drop(got);
+    maps
+}
+
 fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
@@ -254,6 +389,8 @@ fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 /// Our `ConsumerContext`: rebalances drain and commit; errors are recorded.
 struct Context {
     hooks: Option<Arc<dyn RebalanceHooks>>,
+    /// Whether assigned partitions' completion maps are read.
+    read_maps: bool,
     state: Mutex<State>,
     drain_timeout: Duration,
     fatal: Mutex<Option<SourceError>>,
@@ -318,8 +455,15 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // Before any message of these partitions is routed (this runs
+            // inside `poll`, on the poll thread), so none runs that the map skips.
+            let mut maps = if self.read_maps && tpl.count() > 0 {
+                read_completion_maps(consumer, tpl, &self.stats)
+            } else {
+                HashMap::new()
+            };
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
@@ -333,6 +477,7 @@ impl ConsumerContext for Context {
                     cancel: tokio_util::sync::CancellationToken::new(),
                     recycle: Arc::clone(&st.recycle),
                 });
+                let skip = maps.remove(&key);
                 // librdkafka resumes assigned partitions from the committed offsets.
                 st.parts.insert(
                     key,
@@ -342,6 +487,8 @@ impl ConsumerContext for Context {
                         shared,
                         paused: false,
                         committed: None,
+                        committed_done: 0,
+                        skip,
                     },
                 );
             }
@@ -435,7 +582,11 @@ pub(super) fn start(
             committed: Arc::clone(&committed),
             recycle: Arc::new(super::Recycler::new(options.buffer_budget)),
             last_progress: Instant::now(),
+            map_cap: options
+                .completion_map
+                .then_some(options.completion_map_max_bytes),
         }),
+        read_maps: options.completion_map,
         drain_timeout: options.drain_timeout,
         fatal: Mutex::new(None),
         stats: Arc::clone(&stats),
@@ -502,7 +653,20 @@ impl PollLoop {
     }
 
     fn run(mut self) -> Result<(), SourceError> {
-        let result = loop {
+        // A panic in the loop (a bug, or user code it calls) becomes a clean
+        // stop: the shutdown below still drains and commits what finished.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.poll_until_stopped()))
+            .unwrap_or_else(|panic| {
+                let message = super::panic_message(&*panic);
+                tracing::error!(panic = %message, "Poll thread panicked; draining and committing what finished.");
+                Err(SourceError::Panicked(message))
+            });
+        self.shutdown();
+        result
+    }
+
+    fn poll_until_stopped(&mut self) -> Result<(), SourceError> {
+        loop {
             if let Some(end) = self.should_stop() {
                 break end;
             }
@@ -532,9 +696,7 @@ impl PollLoop {
                 break Ok(());
             }
             self.pause_marked();
-        };
-        self.shutdown();
-        result
+        }
     }
 
     /// `Some(result)` when the loop must end: asked to stop, a fatal client
@@ -680,10 +842,9 @@ impl PollLoop {
         }
         let ctx = consumer.context();
         let deadline = Instant::now() + self.options.drain_timeout;
-        let Ok(mut st) = ctx.state.lock() else {
-            consumer.unsubscribe();
-            return;
-        };
+        // Poisoned only by a panic on this thread, caught in `run`: what the
+        // tracker says finished is still finished, so commit it.
+        let mut st = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
         // No new jobs from here on; a sync executor's workers end once they have
         // run what they hold.
         st.executor = None;
@@ -739,6 +900,18 @@ fn route(
             continue;
         };
         let partition = m.partition();
+        if let Some(skip) = &mut p.skip {
+            if skip.take(m.offset()) {
+                // Finished by a previous owner: finished here, never dispatched.
+                let _ = p.tracker.dispatched(m.offset());
+                p.tracker.finished(m.offset());
+                st.stats.skipped_done.fetch_add(1, Relaxed);
+                continue;
+            }
+            if skip.ranges.is_empty() {
+                p.skip = None;
+            }
+        }
         let buf = st.recycle.take();
         let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);
@@ -831,5 +1004,33 @@ fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part, mut data: Ve
         epoch: p.epoch,
         shared: Arc::clone(&p.shared),
         completed: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Skip;
+
+    fn skip(base: i64, ranges: &[std::ops::Range<i64>]) -> Skip {
+        Skip {
+            base,
+            ranges: ranges.iter().cloned().collect(),
+            started: false,
+        }
+    }
+
+    #[test]
+    fn skips_exactly_the_recorded_offsets_as_they_arrive() {
+        let mut s = skip(10, &[12..14, 20..21]);
+        let taken: Vec<i64> = (10..25).filter(|&o| s.take(o)).collect();
+        assert_eq!(taken, vec![12, 13, 20]);
+        assert!(s.ranges.is_empty());
+    }
+
+    #[test]
+    fn reading_from_before_the_commit_point_ignores_the_map() {
+        // An offset reset to an earlier position: the map is about other messages.
+        let mut s = skip(10, &[12..14, 16..17]);
+        assert!((0..20).all(|o| !s.take(o)));
     }
 }

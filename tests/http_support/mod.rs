@@ -37,6 +37,13 @@ pub struct Seen {
     pub accepted: Mutex<Vec<serde_json::Value>>,
     /// The `Authorization` header of every request (`None`: not sent).
     pub authorization: Mutex<Vec<Option<String>>>,
+    /// While set, every request is answered 503 (an outage).
+    pub outage: std::sync::atomic::AtomicBool,
+    /// Requests answered 503 by the outage.
+    pub refused: AtomicU64,
+    /// Posts whose body contains this text are answered 400 (a post XZepr
+    /// will never accept).
+    pub reject_containing: Mutex<Option<String>>,
 }
 
 pub struct Server {
@@ -94,6 +101,29 @@ async fn handle(
     }
     if chaos.slow > 0.0 && rand::random::<f64>() < chaos.slow {
         tokio::time::sleep(chaos.delay).await;
+    }
+    if s.outage.load(Relaxed) {
+        s.refused.fetch_add(1, Relaxed);
+        return Ok(Response::builder()
+            .status(503)
+            .body(Full::new(Bytes::from_static(
+                b"{\"error\":\"unavailable\"}",
+            )))
+            .unwrap());
+    }
+    let rejected = s
+        .reject_containing
+        .lock()
+        .unwrap()
+        .as_deref()
+        .is_some_and(|needle| String::from_utf8_lossy(&body).contains(needle));
+    if rejected {
+        return Ok(Response::builder()
+            .status(400)
+            .body(Full::new(Bytes::from_static(
+                b"{\"error\":\"validation\",\"message\":\"never\"}",
+            )))
+            .unwrap());
     }
     let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let started = value["name"]

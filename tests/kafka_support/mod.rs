@@ -118,6 +118,67 @@ pub fn committed(brokers: &str, group: &str, topic: &str, partitions: i32) -> Ha
     out
 }
 
+/// The group's committed offset and its metadata for one partition.
+pub fn committed_with_metadata(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+) -> (i64, String) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    let out = {
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        let els = got.elements();
+        let o = match els[0].offset() {
+            Offset::Offset(o) => o,
+            _ => -1,
+        };
+        let out = (o, els[0].metadata().to_owned());
+        drop(els);
+        drop(got);
+        out
+    };
+    drop(c);
+    out
+}
+
+/// Commits `offset` with `metadata` for `group` from outside it, as an admin
+/// tool would (the mock broker takes that only from a group that never had a
+/// member).
+pub fn commit_with_metadata(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    metadata: &str,
+) {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .expect("offset");
+    tpl.find_partition(topic, partition)
+        .expect("partition")
+        .set_metadata(metadata);
+    c.commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .expect("commit");
+    drop(tpl);
+    drop(c);
+}
+
 /// Resident memory of this process in KiB (Linux).
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -21,6 +21,11 @@
 //! t.finished(12);
 //! assert_eq!(t.commit_point(), Some(15));  // all done: resume after the last
 //! ```
+//!
+//! [`progress`] encodes the offsets finished above the commit point into the
+//! commit's metadata, so a restart or the next owner skips them.
+
+pub mod progress;
 
 use std::collections::VecDeque;
 
@@ -145,6 +150,22 @@ impl PartitionTracker {
         }
     }
 
+    /// The finished offsets above the commit point (waiting behind an
+    /// unfinished one), in order: what [`progress::encode`] puts in the commit.
+    pub fn finished_above(&self) -> impl Iterator<Item = i64> + '_ {
+        self.pending.iter().filter(|e| e.1 == DONE).map(|e| e.0)
+    }
+
+    /// How many offsets [`PartitionTracker::finished_above`] yields (O(1)).
+    pub fn finished_count(&self) -> usize {
+        self.done
+    }
+
+    /// One past the last offset dispatched; `None` before any dispatch.
+    pub fn next_offset(&self) -> Option<i64> {
+        self.next
+    }
+
     /// How many dispatched offsets have not finished.
     pub fn in_flight(&self) -> usize {
         self.pending.len() - self.done - self.held
@@ -173,6 +194,8 @@ mod tests {
         }
         assert_eq!(t.commit_point(), Some(42));
         assert_eq!(t.in_flight(), 1);
+        assert!(t.finished_above().eq(43..100));
+        assert_eq!(t.finished_count(), 57);
         assert!(t.finished(42));
         assert_eq!(t.commit_point(), Some(100));
         assert_eq!(t.tracked(), 0);

@@ -1,0 +1,69 @@
+"""Fixtures: the embedded dev stack (in-process broker + XZepr stand-in)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from xzepr_consumer import KafkaConsumerConfig, XzeprConsumer
+from xzepr_consumer.devstack import DevStack, committed_offsets
+
+DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
+_groups = itertools.count()
+
+
+@pytest.fixture
+def stack() -> Iterator[DevStack]:
+    s = DevStack(partitions=3, api_latency_ms=5, token="test-token")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def kafka_config(stack: DevStack) -> Callable[[], KafkaConsumerConfig]:
+    """A config for a fresh consumer group on the stack (one per test)."""
+    group = f"py-test-{next(_groups)}-{time.monotonic_ns()}"
+
+    def make() -> KafkaConsumerConfig:
+        return KafkaConsumerConfig(
+            brokers=stack.brokers,
+            topic=stack.topic,
+            service_name="py-test",
+            group_id=group,
+        )
+
+    return make
+
+
+def committed(stack: DevStack, group: str) -> tuple[int, int]:
+    """(offsets committed, end offsets), summed over partitions."""
+    offs = committed_offsets(stack.brokers, group, stack.topic)
+    return sum(max(c, 0) for c, _ in offs.values()), sum(e for _, e in offs.values())
+
+
+async def run_until(
+    consumer: XzeprConsumer,
+    run: Callable[[], object],
+    done: Callable[[], bool],
+    timeout: float = 120.0,
+) -> None:
+    """Runs the consumer until ``done()`` holds (checked while it runs), then stops
+    it and waits for the drain. Fails if ``done()`` never holds."""
+    task = asyncio.ensure_future(run())  # type: ignore[arg-type]
+    deadline = time.monotonic() + timeout
+    try:
+        while not done():
+            if task.done():
+                task.result()
+                raise AssertionError("the consumer stopped on its own")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not done after {timeout} s: {consumer.metrics()}")
+            await asyncio.sleep(0.05)
+    finally:
+        consumer.stop()
+        await asyncio.wait_for(task, 60)

@@ -1,0 +1,373 @@
+"""The XZepr consumer: the Rust pipeline, with handlers on your asyncio loop.
+
+Rust owns Kafka (one poll thread), decoding, the lanes that keep the ordering
+mode, the offsets and the lifecycle reporter. Each event whose lane may run is
+handed to this loop and run as an asyncio task (up to ``max_in_flight`` at
+once); its answer goes back to Rust, which posts ``completed``/``failed`` and
+commits the offset once it and every earlier one are finished and acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import logging
+import signal
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from enum import Enum
+from typing import Any
+
+from . import _native
+from .client import XzeprClient
+from .config import KafkaConsumerConfig
+from .message import CloudEventMessage
+
+logger = logging.getLogger(__name__)
+
+#: What a handler may return: None, or a dict of details for the ``completed`` post.
+HandlerResult = dict[str, Any] | None
+#: A handler callable: ``async def f(message)`` or a plain ``def f(message)``.
+Callback = Callable[[CloudEventMessage], Awaitable[HandlerResult] | HandlerResult]
+
+# Events taken from Rust per call: one GIL crossing converts this many.
+_TAKE_MAX = 512
+
+
+class MessageHandler(ABC):
+    """Abstract base class for message handlers."""
+
+    @abstractmethod
+    async def handle(self, message: CloudEventMessage) -> dict[str, Any] | None:
+        """Handle one CloudEvents message.
+
+        Return None, or a dict added to the ``details`` of the ``completed``
+        lifecycle post. An exception is posted as ``failed`` (its type and
+        message) and the offset still finishes: retrying is the handler's
+        business, a poison message must not stall its lane.
+        """
+
+
+class Ordering(str, Enum):
+    """What may run at once (the Rust pipeline's ordering modes)."""
+
+    #: One event of a partition at a time, in offset order (the default).
+    PER_PARTITION = "partition"
+    #: One event per message key at a time, in offset order within the key.
+    PER_KEY = "key"
+    #: Any event as soon as there is room under ``max_in_flight``.
+    UNORDERED = "unordered"
+
+
+class XzeprConsumer:
+    """Kafka consumer for XZepr CloudEvents messages.
+
+    Automatic lifecycle: given ``client``, ``receiver_id`` and ``work_name``, each
+    handled event is posted as ``{work_name}.started`` before its handler runs and
+    ``.completed`` or ``.failed`` after; its offset is committed only once both
+    posts were acknowledged. Without them, nothing is posted and an offset is
+    committed once its handler returned.
+
+    Args:
+        config: Kafka settings.
+        client: the XZepr client the lifecycle posts go through.
+        receiver_id: the service's receiver (see
+            ``XzeprClient.discover_or_create_event_receiver``).
+        work_name: lifecycle events are named ``{work_name}.started`` and so on.
+        work_version: the posts' version and release.
+        ordering: see ``Ordering``.
+        max_in_flight: most handlers running at once; past it, events wait in
+            Rust (and partitions pause when its buffers fill).
+        handler_timeout: seconds a handler may run; past it, it is cancelled and
+            its event posted ``failed`` with code ``timeout``. Default: no limit.
+        drain_timeout: seconds a stop waits for running handlers; those still
+            running then are cancelled and their events replayed by the next run.
+        commit_interval: seconds between commits of finished offsets.
+        type_prefixes: only event types starting with one of these reach the
+            handler (the rest are committed at once, without posts). Default: all.
+        skip_own_events: skip events whose source is ``receiver_id`` (XZepr
+            republishes every post, so the service would see its own).
+        executor: where a *sync* handler runs. None (the default) runs it on the
+            loop's thread, which suits quick, non-blocking work; give a
+            ``concurrent.futures.Executor`` for blocking work.
+    """
+
+    def __init__(
+        self,
+        config: KafkaConsumerConfig,
+        *,
+        client: XzeprClient | None = None,
+        receiver_id: str | None = None,
+        work_name: str | None = None,
+        work_version: str = "1.0.0",
+        ordering: Ordering | str = Ordering.PER_PARTITION,
+        max_in_flight: int = 1024,
+        handler_timeout: float | None = None,
+        drain_timeout: float = 10.0,
+        commit_interval: float = 1.0,
+        type_prefixes: Sequence[str] = (),
+        skip_own_events: bool = True,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        lifecycle = (client, receiver_id, work_name)
+        if any(x is not None for x in lifecycle) and not all(x is not None for x in lifecycle):
+            raise ValueError("automatic lifecycle needs client, receiver_id and work_name")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.config = config
+        self._client = client
+        self._receiver_id = receiver_id
+        self._work_name = work_name
+        self._work_version = work_version
+        self._ordering = Ordering(ordering)
+        self._max_in_flight = max_in_flight
+        self._handler_timeout = handler_timeout
+        self._drain_timeout = drain_timeout
+        self._commit_interval = commit_interval
+        self._type_prefixes = list(type_prefixes)
+        self._skip_own_events = skip_own_events
+        self._executor = executor
+        self._native: _native.Consumer | None = None
+        self._stop_requested = False
+        self._closed = False
+        self._interrupt: BaseException | None = None
+        self._last_metrics: dict[str, int] = {}
+
+    async def run(self, handler: MessageHandler, poll_timeout: float = 1.0) -> None:
+        """Consume until ``stop()``, SIGINT or SIGTERM, running ``handler.handle``.
+
+        Returns after the drain: running handlers finished (or were cancelled at
+        ``drain_timeout``), finished offsets committed, lifecycle posts sent.
+        ``poll_timeout`` is accepted for compatibility; polling is Rust's.
+
+        Raises:
+            XzeprConsumerError: the consumer stopped on an error (e.g. the broker
+                refused the credentials).
+            KeyboardInterrupt: raised in a handler; re-raised after the drain.
+        """
+        del poll_timeout
+        await self._consume(handler.handle)
+
+    async def run_with_callback(self, callback: Callback, poll_timeout: float = 1.0) -> None:
+        """As ``run``, with a callable: ``async def f(message)``, or a plain
+        function (run on the loop's thread, or in ``executor`` if one was given).
+        """
+        del poll_timeout
+        await self._consume(callback)
+
+    def stop(self) -> None:
+        """Ask the consumer to stop: no more fetching, then the drain. Thread-safe."""
+        self._stop_requested = True
+        native = self._native
+        if native is not None:
+            native.shutdown()
+            logger.info("Consumer stop requested")
+
+    def close(self) -> None:
+        """Stop (if running) and refuse further runs."""
+        self._closed = True
+        self.stop()
+
+    def metrics(self) -> dict[str, int]:
+        """The pipeline's counters: consumed, handled, handler_failed,
+        posted_started, posted_completed, posted_failed, finished, ... (those
+        of the last run once it ended)."""
+        native = self._native
+        if native is not None:
+            self._last_metrics = native.metrics()
+        return dict(self._last_metrics)
+
+    async def _consume(self, call: Callback) -> None:
+        if self._closed:
+            raise RuntimeError("the consumer is closed")
+        if self._native is not None:
+            raise RuntimeError("the consumer is already running")
+        loop = asyncio.get_running_loop()
+        native = _native.Consumer(
+            self.config._to_native(),
+            client=self._client._client() if self._client is not None else None,
+            receiver_id=self._receiver_id,
+            work_name=self._work_name,
+            work_version=self._work_version,
+            ordering=self._ordering.value,
+            max_in_flight=self._max_in_flight,
+            handler_timeout=self._handler_timeout,
+            drain_timeout=self._drain_timeout,
+            commit_interval=self._commit_interval,
+            type_prefixes=self._type_prefixes,
+            skip_own_events=self._skip_own_events,
+        )
+        self._native = native
+        if self._stop_requested:
+            native.shutdown()
+        restore = self._install_signal_handlers(loop)
+        tasks: set[asyncio.Task[None]] = set()
+        inline = self._executor is None and not _is_async(call)
+        logger.info(
+            "Consuming %s as group %s (%s, max_in_flight=%d)",
+            self.config.topic,
+            self.config.group_id,
+            self._ordering.value,
+            self._max_in_flight,
+        )
+        try:
+            await self._serve(native, call, inline, tasks)
+        finally:
+            native.shutdown()
+            try:
+                if not native.finished:
+                    # Interrupted (cancelled): keep serving the drain, so what
+                    # the pipeline hands over still runs and is committed.
+                    await self._serve(native, call, inline, tasks)
+                await native.join()
+            finally:
+                # What is left was abandoned by the pipeline (its offsets are
+                # not committed and will be replayed).
+                for t in tasks:
+                    t.cancel()
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                self._last_metrics = native.metrics()
+                self._native = None
+                self._stop_requested = False
+                restore()
+        interrupt, self._interrupt = self._interrupt, None
+        if interrupt is not None:
+            raise interrupt
+
+    async def _serve(
+        self,
+        native: _native.Consumer,
+        call: Callback,
+        inline: bool,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        """Takes events from Rust and runs them until the pipeline stops."""
+        while True:
+            batch = native.take(_TAKE_MAX)
+            if not batch:
+                if await native.wait():
+                    return
+                continue
+            for message, token in batch:
+                if inline:
+                    self._call_inline(call, message, token, tasks)
+                else:
+                    task = asyncio.ensure_future(self._run_one(call, message, token))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            # Let the handlers run before taking more.
+            await asyncio.sleep(0)
+
+    def _call_inline(
+        self,
+        call: Callback,
+        message: CloudEventMessage,
+        token: _native.Token,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        try:
+            result = call(message)
+        except Exception as exc:
+            self._failed(token, exc)
+            return
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: stop cleanly.
+            self._interrupted(exc)
+            return
+        if inspect.isawaitable(result):
+            # A sync-looking callable returned an awaitable: run it as a task.
+            task = asyncio.ensure_future(self._finish(result, token))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            return
+        self._done(token, result)
+
+    async def _run_one(
+        self, call: Callback, message: CloudEventMessage, token: _native.Token
+    ) -> None:
+        try:
+            if self._executor is not None and not _is_async(call):
+                loop = asyncio.get_running_loop()
+                result: Any = await loop.run_in_executor(self._executor, call, message)
+            else:
+                result = call(message)
+            if inspect.isawaitable(result):
+                result = await result
+        except asyncio.CancelledError:
+            # Abandoned: unanswered, so the event is replayed, never committed.
+            raise
+        except Exception as exc:
+            self._failed(token, exc)
+            return
+        except BaseException as exc:
+            self._interrupted(exc)
+            return
+        self._done(token, result)
+
+    async def _finish(self, awaitable: Awaitable[Any], token: _native.Token) -> None:
+        try:
+            result = await awaitable
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed(token, exc)
+            return
+        except BaseException as exc:
+            self._interrupted(exc)
+            return
+        self._done(token, result)
+
+    def _done(self, token: _native.Token, result: Any) -> None:
+        try:
+            token.done(result if isinstance(result, dict) else None)
+        except (TypeError, ValueError) as exc:
+            # Details that are not JSON: the work is reported failed, saying so.
+            self._failed(token, exc)
+
+    def _failed(self, token: _native.Token, exc: BaseException) -> None:
+        logger.warning(
+            "Handler raised %s for %s (topic %s, partition %d, offset %d): %s",
+            type(exc).__qualname__,
+            token.work_id,
+            token.topic,
+            token.partition,
+            token.offset,
+            exc,
+        )
+        token.fail(type(exc).__qualname__, str(exc))
+
+    def _interrupted(self, exc: BaseException) -> None:
+        # The event stays unanswered (replayed); the consumer drains and run()
+        # re-raises it.
+        if self._interrupt is None:
+            self._interrupt = exc
+        self.stop()
+
+    def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """SIGINT and SIGTERM stop the consumer gracefully while it runs (main
+        thread of a Unix loop only); the previous handlers come back after."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        installed: list[Any] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError, ValueError):
+                continue
+            installed.append((sig, previous))
+
+        def restore() -> None:
+            for sig, previous in installed:
+                loop.remove_signal_handler(sig)
+                if previous is not None:
+                    signal.signal(sig, previous)
+
+        return restore
+
+
+def _is_async(call: Callable[..., Any]) -> bool:
+    target = getattr(call, "__call__", None)  # noqa: B004 - async __call__ methods count too
+    return inspect.iscoroutinefunction(call) or inspect.iscoroutinefunction(target)

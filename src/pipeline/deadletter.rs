@@ -1,0 +1,414 @@
+//! The dead-letter stage: an event that failed for good is produced, unchanged,
+//! to a dead-letter topic with headers saying why, and its offset finishes only
+//! once the broker acknowledged that record.
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake};
+use std::time::Duration;
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use serde_json::{json, Value};
+
+use super::complete::Delivery;
+use crate::config::{ConfigError, KafkaConsumerConfig};
+
+/// The default dead-letter topic is the event's topic with this suffix.
+pub const DEFAULT_DEAD_LETTER_SUFFIX: &str = ".dlq";
+
+/// Kafka Connect's dead-letter header names (KIP-298), which Kafka tools show.
+const CONNECT_TOPIC: &str = "__connect.errors.topic";
+const CONNECT_PARTITION: &str = "__connect.errors.partition";
+const CONNECT_OFFSET: &str = "__connect.errors.offset";
+const CONNECT_CLASS: &str = "__connect.errors.exception.class.name";
+const CONNECT_MESSAGE: &str = "__connect.errors.exception.message";
+const CONNECT_STAGE: &str = "__connect.errors.stage";
+
+/// Our own dead-letter headers, beside Kafka Connect's.
+pub mod headers {
+    /// Why: `handler_failed`, `malformed` or `report_rejected`.
+    pub const REASON: &str = "xzepr.dlq.reason";
+    /// The error message.
+    pub const ERROR: &str = "xzepr.dlq.error";
+    /// The error code (`handler_error`, the handler's own, `timeout`, ...).
+    pub const ERROR_CODE: &str = "xzepr.dlq.error_code";
+    /// Handler attempts made (0 for a malformed message).
+    pub const ATTEMPTS: &str = "xzepr.dlq.attempts";
+    /// The consumer group that gave up on it.
+    pub const GROUP: &str = "xzepr.dlq.consumer_group";
+    /// When, RFC 3339 UTC.
+    pub const TIME: &str = "xzepr.dlq.time";
+    /// The original topic, partition and offset (as Connect's headers, which
+    /// are also set).
+    pub const TOPIC: &str = "xzepr.dlq.topic";
+    /// See [`TOPIC`].
+    pub const PARTITION: &str = "xzepr.dlq.partition";
+    /// See [`TOPIC`].
+    pub const OFFSET: &str = "xzepr.dlq.offset";
+}
+
+/// Where and how dead letters are produced ([`PipelineBuilder::dead_letter`](super::PipelineBuilder::dead_letter)).
+///
+/// The producer uses the consumer's connection and security settings, with
+/// idempotence on and `acks=all`, so an acknowledged dead letter is on every
+/// in-sync replica and written once.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct DeadLetterConfig {
+    topic: Option<String>,
+    message_timeout: Duration,
+    properties: Vec<(String, String)>,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            topic: None,
+            message_timeout: Duration::from_secs(30),
+            properties: Vec::new(),
+        }
+    }
+}
+
+/// Producer properties the dead-letter stage sets itself.
+const RESERVED: &[(&str, &str)] = &[
+    (
+        "enable.idempotence",
+        "dead letters are produced idempotently, always",
+    ),
+    (
+        "acks",
+        "an offset finishes only once every in-sync replica has its dead letter",
+    ),
+    (
+        "message.timeout.ms",
+        "use DeadLetterConfig::message_timeout",
+    ),
+    (
+        "delivery.timeout.ms",
+        "use DeadLetterConfig::message_timeout",
+    ),
+];
+
+/// Consumer properties a producer does not take.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "auto.offset.reset",
+    "session.timeout.ms",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+];
+
+impl DeadLetterConfig {
+    /// Dead letters to `<topic>.dlq` for events of `<topic>`, 30 s to deliver each.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// One dead-letter topic for every source topic.
+    pub fn topic(mut self, name: impl Into<String>) -> Self {
+        self.topic = Some(name.into());
+        self
+    }
+
+    /// How long the producer tries to deliver a dead letter (default 30 s).
+    /// Past it the event's offset is held: never finished without its letter.
+    pub fn message_timeout(mut self, timeout: Duration) -> Self {
+        self.message_timeout = timeout;
+        self
+    }
+
+    /// A librdkafka producer property (compression, linger, ...).
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.push((key.into(), value.into()));
+        self
+    }
+
+    /// The dead-letter topic of events from `source`.
+    pub fn topic_for<'a>(&'a self, source: &str) -> Cow<'a, str> {
+        match &self.topic {
+            Some(t) => Cow::Borrowed(t),
+            None => Cow::Owned(format!("{source}{DEFAULT_DEAD_LETTER_SUFFIX}")),
+        }
+    }
+}
+
+/// Why an event is dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Why {
+    /// The handler failed on its last attempt.
+    HandlerFailed,
+    /// The message is not a CloudEvent.
+    Malformed,
+    /// XZepr refused its lifecycle post for good.
+    ReportRejected,
+}
+
+impl Why {
+    fn as_str(self) -> &'static str {
+        match self {
+            Why::HandlerFailed => "handler_failed",
+            Why::Malformed => "malformed",
+            Why::ReportRejected => "report_rejected",
+        }
+    }
+
+    /// Kafka Connect's stage names.
+    fn stage(self) -> &'static str {
+        match self {
+            Why::Malformed => "VALUE_CONVERTER",
+            Why::HandlerFailed | Why::ReportRejected => "TASK_PUT",
+        }
+    }
+}
+
+/// What went wrong, for the headers.
+pub(crate) struct Reason<'a> {
+    pub(crate) why: Why,
+    pub(crate) message: &'a str,
+    pub(crate) code: &'a str,
+    pub(crate) attempts: u32,
+}
+
+/// Where the broker put a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Placed {
+    pub(crate) topic: String,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
+impl Placed {
+    /// For the `failed` post's `details`.
+    pub(crate) fn to_json(&self) -> Value {
+        json!({ "topic": self.topic, "partition": self.partition, "offset": self.offset })
+    }
+}
+
+/// The pipeline's dead-letter producer.
+pub(crate) struct DeadLetters {
+    producer: FutureProducer,
+    config: DeadLetterConfig,
+    group: String,
+}
+
+impl std::fmt::Debug for DeadLetters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetters")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long to wait before offering a record again to a full producer queue.
+const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
+
+impl DeadLetters {
+    /// A producer on the consumer's cluster and credentials.
+    pub(crate) fn new(
+        kafka: &KafkaConsumerConfig,
+        config: DeadLetterConfig,
+    ) -> Result<Self, crate::Error> {
+        if let Some((key, reason)) = config.properties.iter().find_map(|(k, _)| {
+            let k = k.trim().to_ascii_lowercase();
+            RESERVED
+                .iter()
+                .find(|(r, _)| *r == k)
+                .map(|(_, reason)| (k.clone(), *reason))
+        }) {
+            return Err(ConfigError::Reserved {
+                property: key,
+                reason,
+            }
+            .into());
+        }
+        if config.topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ConfigError::Empty {
+                name: "dead_letter.topic",
+            }
+            .into());
+        }
+        let mut c = kafka.to_client_config()?;
+        for key in CONSUMER_ONLY {
+            c.remove(key);
+        }
+        c.set("client.id", format!("{}-dlq", kafka.service_name))
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set(
+                "message.timeout.ms",
+                config.message_timeout.as_millis().max(1).to_string(),
+            );
+        for (k, v) in &config.properties {
+            c.set(k, v);
+        }
+        let producer: FutureProducer = c.create().map_err(crate::source::SourceError::Kafka)?;
+        Ok(DeadLetters {
+            producer,
+            config,
+            group: kafka.group_id.clone(),
+        })
+    }
+
+    /// The dead-letter topic for `d`.
+    pub(crate) fn topic_for<D: Delivery>(&self, d: &D) -> String {
+        self.config.topic_for(d.topic()).into_owned()
+    }
+
+    /// The original headers, then Connect's and ours.
+    fn headers<D: Delivery>(&self, d: &D, r: &Reason<'_>) -> OwnedHeaders {
+        let (partition, offset) = (d.partition().to_string(), d.offset().to_string());
+        let (attempts, time) = (
+            r.attempts.to_string(),
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        );
+        let ours: [(&str, &str); 15] = [
+            (CONNECT_TOPIC, d.topic()),
+            (CONNECT_PARTITION, &partition),
+            (CONNECT_OFFSET, &offset),
+            (CONNECT_CLASS, r.code),
+            (CONNECT_MESSAGE, r.message),
+            (CONNECT_STAGE, r.why.stage()),
+            (headers::REASON, r.why.as_str()),
+            (headers::ERROR, r.message),
+            (headers::ERROR_CODE, r.code),
+            (headers::ATTEMPTS, &attempts),
+            (headers::GROUP, &self.group),
+            (headers::TIME, &time),
+            (headers::TOPIC, d.topic()),
+            (headers::PARTITION, &partition),
+            (headers::OFFSET, &offset),
+        ];
+        let original = d.headers();
+        let mut h = OwnedHeaders::new_with_capacity(original.len() + ours.len());
+        for (key, value) in original {
+            h = h.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
+        for (key, value) in ours {
+            h = h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            });
+        }
+        h
+    }
+
+    /// Offers the record to the producer queue once.
+    fn enqueue<D: Delivery>(
+        &self,
+        topic: &str,
+        d: &D,
+        headers: &OwnedHeaders,
+    ) -> Result<DeliveryFuture, KafkaError> {
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
+        if let Some(key) = d.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = d.payload() {
+            record = record.payload(payload);
+        }
+        self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+
+    /// Produces `d` to its dead-letter topic and waits for the broker's
+    /// acknowledgement (without blocking a thread).
+    pub(crate) async fn send<D: Delivery>(&self, d: &D, r: &Reason<'_>) -> Result<Placed, String> {
+        let topic = self.topic_for(d);
+        let headers = self.headers(d, r);
+        let delivery = loop {
+            match self.enqueue(&topic, d, &headers) {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
+                }
+                other => break other,
+            }
+        };
+        placed(topic, delivery.map_err(|e| e.to_string())?.await)
+    }
+
+    /// [`DeadLetters::send`] from a worker thread.
+    pub(crate) fn send_blocking<D: Delivery>(
+        &self,
+        d: &D,
+        r: &Reason<'_>,
+    ) -> Result<Placed, String> {
+        let topic = self.topic_for(d);
+        let headers = self.headers(d, r);
+        let delivery = loop {
+            match self.enqueue(&topic, d, &headers) {
+                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
+                    std::thread::sleep(QUEUE_FULL_PAUSE);
+                }
+                other => break other,
+            }
+        };
+        placed(topic, block_on(delivery.map_err(|e| e.to_string())?))
+    }
+}
+
+/// The broker's answer (the outer error: the producer dropped the record).
+fn placed<E>(
+    topic: String,
+    result: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
+) -> Result<Placed, String> {
+    match result {
+        Ok(Ok(delivered)) => Ok(Placed {
+            topic,
+            partition: delivered.partition,
+            offset: delivered.offset,
+        }),
+        Ok(Err((e, _))) => Err(e.to_string()),
+        Err(_) => Err("the dead-letter producer is gone".to_owned()),
+    }
+}
+
+/// Runs a future to its end on this thread (the delivery future needs no
+/// runtime: the producer's own thread completes it).
+fn block_on<F: Future>(f: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = Context::from_waker(&waker);
+    let mut f = std::pin::pin!(f);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_topic_follows_the_source() {
+        let c = DeadLetterConfig::new();
+        assert_eq!(c.topic_for("xzepr.events"), "xzepr.events.dlq");
+        assert_eq!(c.clone().topic("all.dlq").topic_for("x"), "all.dlq");
+    }
+
+    #[test]
+    fn reserved_and_empty_settings_fail_naming_them() {
+        let kafka = KafkaConsumerConfig::new("127.0.0.1:1", "t", "svc");
+        let err = DeadLetters::new(&kafka, DeadLetterConfig::new().set("ACKS", "1")).unwrap_err();
+        assert!(err.to_string().contains("acks"), "{err}");
+        let err = DeadLetters::new(&kafka, DeadLetterConfig::new().topic(" ")).unwrap_err();
+        assert!(err.to_string().contains("dead_letter.topic"), "{err}");
+        DeadLetters::new(&kafka, DeadLetterConfig::new().set("linger.ms", "1")).unwrap();
+    }
+}

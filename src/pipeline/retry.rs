@@ -1,0 +1,160 @@
+//! The retry policy: which failed handler calls run again, how often, and after
+//! how long.
+
+use std::time::Duration;
+
+use crate::handler::HandlerError;
+
+/// Error code of a handler call cancelled (or overrun) at `handler_timeout`.
+pub(crate) const TIMEOUT_CODE: &str = "timeout";
+/// Error code of a handler call that panicked.
+pub(crate) const PANIC_CODE: &str = "handler_panic";
+
+/// How a failed handler call is retried ([`PipelineBuilder::retry`](super::PipelineBuilder::retry)).
+///
+/// An event is handled up to `max_attempts` times. Between attempts it waits
+/// `backoff_base × 2^(n-1)`, capped at `backoff_max`, with full jitter (a random
+/// time up to that), so events failing together do not retry together. While
+/// it waits only its own lane waits: the rest of its key (under
+/// [`Ordering::PerKey`](crate::dispatch::Ordering::PerKey)) or of its partition (under
+/// `PerPartition`), never other lanes or a worker thread of an async handler.
+/// One `started` is posted before the first attempt, and the terminal post
+/// after the last one carries `attempts` in its `details`.
+///
+/// ```
+/// use std::time::Duration;
+/// use xzepr_consumer::pipeline::RetryPolicy;
+///
+/// let policy = RetryPolicy::attempts(5)
+///     .backoff(Duration::from_millis(100), Duration::from_secs(10))
+///     .retry_panics(false);
+/// assert_eq!(policy.max_attempts(), 5);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    max_attempts: u32,
+    backoff_base: Duration,
+    backoff_max: Duration,
+    retry_errors: bool,
+    retry_timeouts: bool,
+    retry_panics: bool,
+}
+
+impl Default for RetryPolicy {
+    /// One attempt: no retries. A handler's work may not be idempotent, and a
+    /// retry repeats its side effects, so retrying is the service's choice.
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 1,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            retry_errors: true,
+            retry_timeouts: true,
+            retry_panics: false,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries (the default).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Up to `n` attempts in all (the first included; 0 counts as 1), with the
+    /// defaults: backoff from 200 ms doubling up to 30 s; handler errors and
+    /// timeouts retried, panics not (a bug fails the same way again).
+    pub fn attempts(n: u32) -> Self {
+        RetryPolicy {
+            max_attempts: n.max(1),
+            ..Self::default()
+        }
+    }
+
+    /// The first delay and the longest one (each at least 1 ms).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base.max(Duration::from_millis(1));
+        self.backoff_max = max.max(self.backoff_base);
+        self
+    }
+
+    /// Whether errors the handler returns are retried (default yes; an error
+    /// marked [`HandlerError::permanent`] never is).
+    pub fn retry_errors(mut self, yes: bool) -> Self {
+        self.retry_errors = yes;
+        self
+    }
+
+    /// Whether calls past `handler_timeout` are retried (default yes).
+    pub fn retry_timeouts(mut self, yes: bool) -> Self {
+        self.retry_timeouts = yes;
+        self
+    }
+
+    /// Whether panics are retried (default no).
+    pub fn retry_panics(mut self, yes: bool) -> Self {
+        self.retry_panics = yes;
+        self
+    }
+
+    /// Attempts in all, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// Whether a call that failed with `err` on attempt `attempt` runs again.
+    pub(crate) fn retries(&self, err: &HandlerError, attempt: u32) -> bool {
+        if attempt >= self.max_attempts || err.is_permanent() {
+            return false;
+        }
+        match err.code() {
+            Some(TIMEOUT_CODE) => self.retry_timeouts,
+            Some(PANIC_CODE) => self.retry_panics,
+            _ => self.retry_errors,
+        }
+    }
+
+    /// The wait after failed attempt `attempt` (1-based): full jitter.
+    pub(crate) fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .backoff_base
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+        exp.min(self.backoff_max).mul_f64(rand::random::<f64>())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_retries() {
+        let p = RetryPolicy::attempts(3);
+        let err = HandlerError::new("boom");
+        assert!(p.retries(&err, 1) && p.retries(&err, 2));
+        assert!(!p.retries(&err, 3), "the last attempt is the last");
+        assert!(!p.retries(&err.clone().permanent(), 1));
+        let panic = HandlerError::with_code("x", PANIC_CODE);
+        assert!(!p.retries(&panic, 1));
+        assert!(p.clone().retry_panics(true).retries(&panic, 1));
+        let timeout = HandlerError::with_code("x", TIMEOUT_CODE);
+        assert!(p.retries(&timeout, 1));
+        assert!(!p.clone().retry_timeouts(false).retries(&timeout, 1));
+        assert!(!p.retry_errors(false).retries(&err, 1));
+        assert!(!RetryPolicy::none().retries(&err, 1));
+        assert_eq!(RetryPolicy::attempts(0).max_attempts(), 1);
+    }
+
+    #[test]
+    fn delays_double_up_to_the_cap_with_jitter() {
+        let p =
+            RetryPolicy::attempts(10).backoff(Duration::from_millis(10), Duration::from_millis(50));
+        for _ in 0..200 {
+            assert!(p.delay(1) <= Duration::from_millis(10));
+            assert!(p.delay(2) <= Duration::from_millis(20));
+            assert!(p.delay(30) <= Duration::from_millis(50));
+        }
+        // Jitter: not always the cap.
+        assert!((0..200).any(|_| p.delay(30) < Duration::from_millis(45)));
+    }
+}
