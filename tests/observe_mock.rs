@@ -260,7 +260,10 @@ fn scraped_counters_equal_the_work_done_and_lag_reaches_zero() {
     assert_eq!(counter(&s, "xzepr_consumer_messages_filtered_total"), 0);
     assert_eq!(counter(&s, "xzepr_consumer_messages_duplicate_total"), 0);
     assert_eq!(counter(&s, "xzepr_consumer_handler_retries_total"), 0);
-    assert_eq!(counter(&s, "xzepr_consumer_messages_dead_lettered_total"), 0);
+    assert_eq!(
+        counter(&s, "xzepr_consumer_messages_dead_lettered_total"),
+        0
+    );
     let posts = |status: &str, outcome: &str| {
         value(
             &s,
