@@ -15,6 +15,7 @@
 //! `cargo test --features dev-stack --test chaos_kill -- --nocapture`
 #![cfg(feature = "dev-stack")]
 
+mod chaos_support;
 mod kafka_support;
 
 use std::collections::HashMap;
@@ -35,8 +36,6 @@ const KILLS: usize = 5;
 const TOPIC: &str = "chaos";
 const SERVICE: &str = "chaos";
 const GROUP: &str = "xzepr-consumer-chaos";
-/// Generous bound for "eventually" on a loaded machine; never a timing assertion.
-const PATIENCE: Duration = Duration::from_secs(240);
 
 fn main() {
     if std::env::var_os("CHAOS_CHILD").is_some() {
@@ -124,7 +123,9 @@ fn run(map: bool) -> Figures {
     // After each kill: the commit points the next consumer starts from.
     let mut after_kill: Vec<HashMap<i32, i64>> = Vec::new();
     for &moment in &moments {
-        wait_for(&mut child, "the next kill moment", || terminal() >= moment);
+        chaos_support::wait_for(&mut [&mut child], "the next kill moment", || {
+            terminal() >= moment
+        });
         child.kill().unwrap();
         child.wait().unwrap();
         // What the dead child had sent reaches the broker and the stand-in.
@@ -133,7 +134,7 @@ fn run(map: bool) -> Figures {
         generation += 1;
         child = spawn(&brokers, &standin.url(), map, generation);
     }
-    wait_for(&mut child, "every event, committed", || {
+    chaos_support::wait_for(&mut [&mut child], "every event, committed", || {
         terminal() >= N && committed(&brokers, GROUP, TOPIC, PARTITIONS) == ends
     });
     child.kill().unwrap();
@@ -216,50 +217,21 @@ fn spawn(brokers: &str, xzepr: &str, map: bool, generation: usize) -> Child {
         .unwrap()
 }
 
-/// Waits for `done`, failing if the child exits by itself.
-fn wait_for(child: &mut Child, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the consumer exited ({status}) while waiting for {what}");
-        }
-        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The consumer: runs until killed.
 fn child() {
-    use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
-    use xzepr_consumer::config::KafkaConsumerConfig;
     use xzepr_consumer::decode::CloudEventMessage;
     use xzepr_consumer::dispatch::Ordering;
     use xzepr_consumer::handler::WorkInfo;
     use xzepr_consumer::pipeline::{Pipeline, WorkTemplate};
-    use xzepr_consumer::report::{Reporter, ReporterConfig};
 
     let var = |name: &str| std::env::var(name).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = XzeprClient::new(XzeprClientConfig::new(var("CHAOS_XZEPR"), "tok")).unwrap();
-    let receiver = rt
-        .block_on(client.discover_or_create_event_receiver(
-            SERVICE,
-            "worker",
-            "1.0.0",
-            "kill -9 chaos",
-            serde_json::json!({}),
-        ))
-        .unwrap();
-    let (reporter, _task) =
-        rt.block_on(async { Reporter::start(client, ReporterConfig::default()) });
-    let mut kafka = KafkaConsumerConfig::new(&var("CHAOS_BROKERS"), TOPIC, SERVICE)
-        .set("heartbeat.interval.ms", "300");
-    // A killed member holds its partitions until its session times out.
-    kafka.session_timeout = Duration::from_secs(3);
+    let chaos_support::ChildParts {
+        rt,
+        receiver,
+        reporter,
+        task: _task,
+        kafka,
+    } = chaos_support::child_parts(&var("CHAOS_BROKERS"), &var("CHAOS_XZEPR"), TOPIC, SERVICE);
     let package = format!("chaos-gen{}", var("CHAOS_GENERATION"));
     let _running = Pipeline::builder(kafka)
         .ordering(Ordering::PerKey)

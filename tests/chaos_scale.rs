@@ -14,6 +14,7 @@
 //! `cargo test --features dev-stack --test chaos_scale -- --nocapture`
 #![cfg(feature = "dev-stack")]
 
+mod chaos_support;
 mod kafka_support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use xzepr_consumer::devstack::StandIn;
 
+use chaos_support::{wait_for, HEARTBEAT};
 use kafka_support::*;
 
 const N: u64 = 50_000;
@@ -34,7 +36,6 @@ const SERVICE: &str = "scale";
 const GROUP: &str = "xzepr-consumer-scale";
 const MAX_IN_FLIGHT: usize = 64;
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
-const HEARTBEAT: Duration = Duration::from_millis(300);
 /// The work a handover may replay. The broker refuses commits from the moment
 /// the group prepares a rebalance until the member, at its next heartbeat,
 /// revokes (the mock also refuses the commit made on revoke): a heartbeat
@@ -43,8 +44,6 @@ const HEARTBEAT: Duration = Duration::from_millis(300);
 const REPLAY_WINDOW: Duration = Duration::from_millis(
     HEARTBEAT.as_millis() as u64 + 2 * COMMIT_INTERVAL.as_millis() as u64 + 100,
 );
-/// Generous bound for "eventually" on a loaded machine; never a timing assertion.
-const PATIENCE: Duration = Duration::from_secs(300);
 
 /// A small event (so 50,000 stay within the mock broker's 5 MB a partition).
 fn event(i: u64) -> Vec<u8> {
@@ -258,53 +257,22 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success(), "kill -{sig}");
 }
 
-/// Waits for `done`, failing if an instance exits by itself.
-fn wait_for(children: &mut [&mut Child], what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        for child in children.iter_mut() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("an instance exited ({status}) while waiting for {what}");
-            }
-        }
-        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// One instance: runs until SIGTERM (drain, commit, exit 0) or SIGKILL.
 fn child() {
     use std::sync::{Arc, Mutex};
-    use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
-    use xzepr_consumer::config::KafkaConsumerConfig;
     use xzepr_consumer::decode::CloudEventMessage;
     use xzepr_consumer::dispatch::Ordering;
     use xzepr_consumer::handler::WorkInfo;
     use xzepr_consumer::pipeline::{Pipeline, WorkTemplate};
-    use xzepr_consumer::report::{Reporter, ReporterConfig};
 
     let var = |name: &str| std::env::var(name).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client = XzeprClient::new(XzeprClientConfig::new(var("SCALE_XZEPR"), "tok")).unwrap();
-    let receiver = rt
-        .block_on(client.discover_or_create_event_receiver(
-            SERVICE,
-            "worker",
-            "1.0.0",
-            "scale-out chaos",
-            serde_json::json!({}),
-        ))
-        .unwrap();
-    let (reporter, task) =
-        rt.block_on(async { Reporter::start(client, ReporterConfig::default()) });
-    let mut kafka = KafkaConsumerConfig::new(&var("SCALE_BROKERS"), TOPIC, SERVICE)
-        .set("heartbeat.interval.ms", &HEARTBEAT.as_millis().to_string());
-    // A killed member holds its partitions until its session times out.
-    kafka.session_timeout = Duration::from_secs(3);
+    let chaos_support::ChildParts {
+        rt,
+        receiver,
+        reporter,
+        task,
+        kafka,
+    } = chaos_support::child_parts(&var("SCALE_BROKERS"), &var("SCALE_XZEPR"), TOPIC, SERVICE);
     let log = Arc::new(Mutex::new(
         std::fs::File::create(PathBuf::from(var("SCALE_LOG"))).unwrap(),
     ));
