@@ -1,10 +1,16 @@
-//! `xzepr-consumer`: the quickstart demo, the embedded dev stack, a producer of
-//! realistic XZepr events, and the end-to-end benchmark.
+//! `xzepr-consumer`: `run` (any program or HTTP service as an XZepr consumer),
+//! `tail` (print a topic's events), the quickstart demo, the embedded dev stack,
+//! a producer of realistic XZepr events, and the end-to-end benchmark.
 
+mod args;
 mod baseline;
 mod bench;
 mod demo;
+mod exec;
+mod forward;
 mod produce;
+mod run;
+mod tail;
 
 /// The events endpoint `bench` reports to: the dev stack's XZepr stand-in (the
 /// one stand-in the CLI uses), with the token and receiver `bench` posts with.
@@ -38,6 +44,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Consume a topic and hand each event to a program (--exec) or an HTTP
+    /// endpoint (--forward), reporting WORK.started/.completed/.failed to XZepr
+    /// and committing each offset once its work is done and reported. Kafka and
+    /// XZepr settings come from the XZEPR_* variables; flags override them.
+    Run(run::RunArgs),
+    /// Print a topic's events (one JSON line each, or a table on a terminal)
+    /// without joining a consumer group or committing anything.
+    Tail(tail::TailArgs),
     /// Start the embedded stack (Kafka-protocol broker + XZepr stand-in), print
     /// their addresses and a token, and run until Ctrl-C.
     Dev {
@@ -130,14 +144,22 @@ enum Command {
 }
 
 fn main() -> baseline::anyhow_like::Result<()> {
+    let cli = Cli::parse();
+    // `run` is a long-lived service: its start, status and stop are worth a line.
+    let default_level = match cli.command {
+        Command::Run(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Run(args) => run::run(args)?,
+        Command::Tail(args) => tail::tail(&args)?,
         Command::Dev {
             partitions,
             api_latency_ms,
