@@ -143,8 +143,18 @@ enum Command {
     },
 }
 
-fn main() -> baseline::anyhow_like::Result<()> {
-    let cli = Cli::parse();
+fn main() -> std::process::ExitCode {
+    match run_command(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Display, not Debug: errors name the setting at fault, never a secret.
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
     // `run` is a long-lived service: its start, status and stop are worth a line.
     let default_level = match cli.command {
         Command::Run(_) => "info",
