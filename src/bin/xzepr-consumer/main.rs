@@ -90,8 +90,9 @@ enum Command {
     },
     /// Measure, in one process: a bare poll loop against the pipeline with a
     /// no-op handler (same messages), I/O-bound async handlers against Little's
-    /// law, memory under a backlog far over the budget, and lifecycle reporting
-    /// against the plan's sequential design.
+    /// law, memory under a backlog far over the budget, lifecycle reporting
+    /// against the plan's sequential design, and `run --forward` to a local
+    /// endpoint answering at once.
     Bench {
         /// Events per poll/no-op topic (the mock broker keeps ~5 MB per
         /// partition: at most ~4,000 of these ~1 KB events per partition).
@@ -119,6 +120,9 @@ enum Command {
         /// Events for the plan's design (two sequential posts each: slow).
         #[arg(long, default_value_t = 300)]
         seed_events: u64,
+        /// Events for `run --forward` to a local endpoint answering at once.
+        #[arg(long, default_value_t = 32_000)]
+        forward_events: u64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -215,6 +219,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             api_latency_ms,
             report_events,
             seed_events,
+            forward_events,
             json,
         } => {
             let f = bench::run(&bench::Settings {
@@ -226,6 +231,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                 latency_ms: api_latency_ms,
                 report_events,
                 seed_events,
+                forward_events,
             })?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);
