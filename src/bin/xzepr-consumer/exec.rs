@@ -285,9 +285,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_large_event_and_a_program_ignoring_stdin_do_not_deadlock() {
-        // Writes more than a pipe holds before reading anything.
+        // An event larger than a pipe holds, never read, while the program
+        // writes more than a pipe holds to stderr.
+        let mut big = message();
+        big.data.events[0].payload = Value::from("x".repeat(300_000));
         let details = sh("head -c 300000 /dev/zero >&2; echo '{}'")
-            .run(message(), info())
+            .run(big, info())
             .await
             .unwrap();
         assert_eq!(details, serde_json::json!({}));

@@ -48,7 +48,7 @@ enum Command {
     /// endpoint (--forward), reporting WORK.started/.completed/.failed to XZepr
     /// and committing each offset once its work is done and reported. Kafka and
     /// XZepr settings come from the XZEPR_* variables; flags override them.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Print a topic's events (one JSON line each, or a table on a terminal)
     /// without joining a consumer group or committing anything.
     Tail(tail::TailArgs),
@@ -172,7 +172,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Run(args) => run::run(args)?,
+        Command::Run(args) => run::run(*args)?,
         Command::Tail(args) => tail::tail(&args)?,
         Command::Dev {
             partitions,
