@@ -135,10 +135,8 @@ impl Forward {
             );
         } else {
             req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            for (name, value) in attributes(message) {
-                let name = HeaderName::try_from(format!("ce-{name}"))
-                    .map_err(|e| HandlerError::with_code(e.to_string(), "encode"))?;
-                req = req.header(name, encode_header(&value));
+            for (a, value) in attributes(message) {
+                req = req.header(HeaderName::from_static(a.header), encode_header(&value));
             }
         }
         Ok(req)
@@ -146,18 +144,18 @@ impl Forward {
 
     fn body(&self, message: &CloudEventMessage) -> Result<Bytes, HandlerError> {
         let encode = |e: serde_json::Error| HandlerError::with_code(e.to_string(), "encode");
-        let data = serde_json::to_value(&message.data).map_err(encode)?;
         let bytes = if self.inner.structured {
             let mut event: Map<String, Value> = attributes(message)
                 .into_iter()
-                .map(|(k, v)| (k.to_owned(), Value::String(v)))
+                .map(|(a, v)| (a.name.to_owned(), Value::String(v)))
                 .collect();
             event.insert("success".into(), Value::Bool(message.success));
             event.insert("datacontenttype".into(), "application/json".into());
+            let data = serde_json::to_value(&message.data).map_err(encode)?;
             event.insert("data".into(), data);
             serde_json::to_vec(&event).map_err(encode)?
         } else {
-            serde_json::to_vec(&data).map_err(encode)?
+            serde_json::to_vec(&message.data).map_err(encode)?
         };
         Ok(Bytes::from(bytes))
     }
@@ -228,28 +226,39 @@ impl AsyncHandler for Forward {
     }
 }
 
+/// A CloudEvents attribute: its name, and its binary-mode header.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Attr {
+    name: &'static str,
+    header: &'static str,
+}
+
+const fn attr(name: &'static str, header: &'static str) -> Attr {
+    Attr { name, header }
+}
+
 /// The event's attributes under their CloudEvents names, as header strings
 /// (the structured body puts `success` back as a boolean).
-fn attributes(m: &CloudEventMessage) -> Vec<(&'static str, String)> {
+fn attributes(m: &CloudEventMessage) -> Vec<(Attr, String)> {
     let mut attrs = vec![
-        ("specversion", "1.0".to_owned()),
-        ("id", m.id.clone()),
-        ("source", m.source.clone()),
-        ("type", m.event_type.clone()),
+        (attr("specversion", "ce-specversion"), "1.0".to_owned()),
+        (attr("id", "ce-id"), m.id.clone()),
+        (attr("source", "ce-source"), m.source.clone()),
+        (attr("type", "ce-type"), m.event_type.clone()),
     ];
-    for (name, value) in [
-        ("apiversion", &m.api_version),
-        ("name", &m.name),
-        ("version", &m.version),
-        ("release", &m.release),
-        ("platformid", &m.platform_id),
-        ("package", &m.package),
+    for (a, value) in [
+        (attr("apiversion", "ce-apiversion"), &m.api_version),
+        (attr("name", "ce-name"), &m.name),
+        (attr("version", "ce-version"), &m.version),
+        (attr("release", "ce-release"), &m.release),
+        (attr("platformid", "ce-platformid"), &m.platform_id),
+        (attr("package", "ce-package"), &m.package),
     ] {
         if !value.is_empty() {
-            attrs.push((name, value.clone()));
+            attrs.push((a, value.clone()));
         }
     }
-    attrs.push(("success", m.success.to_string()));
+    attrs.push((attr("success", "ce-success"), m.success.to_string()));
     attrs
 }
 
@@ -311,14 +320,21 @@ mod tests {
     fn attribute_names_follow_cloudevents() {
         let m = message();
         let attrs = attributes(&m);
-        for (name, _) in &attrs {
+        for (a, _) in &attrs {
             assert!(
-                name.bytes()
+                a.name
+                    .bytes()
                     .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
-                "{name}"
+                "{a:?}"
             );
+            assert_eq!(a.header, format!("ce-{}", a.name));
         }
-        let get = |n: &str| attrs.iter().find(|(k, _)| *k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| {
+            attrs
+                .iter()
+                .find(|(a, _)| a.name == n)
+                .map(|(_, v)| v.as_str())
+        };
         assert_eq!(get("specversion"), Some("1.0"));
         assert_eq!(get("id"), Some(m.id.as_str()));
         assert_eq!(get("platformid"), Some(m.platform_id.as_str()));
