@@ -486,9 +486,17 @@ fn run_forward_posts_binary_cloudevents_and_a_failing_endpoint_gives_failed() {
         "every event, and nothing else, was forwarded"
     );
     assert_eq!(by_id[&flaky], 2, "the 503 was retried once");
-    assert!(posts[&format!("work-{flaky}")]
+    let flaky_done = posts[&format!("work-{flaky}")]
         .iter()
-        .any(|(s, _)| s == "completed"));
+        .find(|(s, _)| s == "completed")
+        .map(|(_, d)| d.clone())
+        .expect("the retried event completed");
+    assert_eq!(flaky_done["attempts"], 2, "{flaky_done}");
+    for (i, id) in ids.iter().enumerate() {
+        if is_scan(i as u64) {
+            assert_eq!(by_id[id], 1, "a 422 is permanent: not retried");
+        }
+    }
     stack.wait_committed_to_end("xzepr-consumer-cli-forward", &mut cli);
     cli.stop_cleanly();
     assert_eq!(stack.committed("xzepr-consumer-cli-forward"), stack.ends());

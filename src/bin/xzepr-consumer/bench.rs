@@ -428,13 +428,14 @@ fn run_forward(
     api_url: Option<&str>,
 ) -> Result<(u64, f64)> {
     use crate::run::{Action, Tuning};
-    let forward = crate::forward::Forward::new(endpoint, false, 2, 128)?;
+    let forward = crate::forward::Forward::new(endpoint, false, 128)?;
     let tuning = Tuning {
         concurrency: 128,
         ordering,
         types: xzepr_consumer::dispatch::TypeFilter::any(),
         timeout: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(10),
+        retry: xzepr_consumer::pipeline::RetryPolicy::attempts(3),
     };
     let (lifecycle, task) = match api_url {
         Some(url) => {

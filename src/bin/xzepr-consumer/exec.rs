@@ -97,11 +97,14 @@ impl Exec {
     }
 
     async fn run(&self, message: CloudEventMessage, info: WorkInfo) -> Result<Value, HandlerError> {
-        let mut input = serde_json::to_vec(&message)
-            .map_err(|e| HandlerError::with_code(format!("event to JSON: {e}"), "encode"))?;
+        let mut input = serde_json::to_vec(&message).map_err(|e| {
+            HandlerError::with_code(format!("event to JSON: {e}"), "encode").permanent()
+        })?;
         input.push(b'\n');
+        // A program that cannot be started will not start on a retry either.
         let mut child = self.command(&message, &info).spawn().map_err(|e| {
             HandlerError::with_code(format!("cannot start {}: {e}", self.program()), "spawn")
+                .permanent()
         })?;
         let stdin = child.stdin.take();
         let write = async move {
@@ -281,6 +284,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Some("spawn"));
+        assert!(err.is_permanent());
     }
 
     #[tokio::test]

@@ -15,11 +15,11 @@
 //! request also carries `Kafka-Topic`, `Kafka-Partition`, `Kafka-Offset` and
 //! `XZepr-Work-Id`.
 //!
-//! A 2xx answer is `completed` (details: `http_status`); 408, 429, 5xx and
-//! transport errors are retried `--retries` times with a doubling backoff
-//! (100 ms, at most 2 s), inside `--timeout`; any other answer, or the last
-//! retry's, is `failed` with code `http_status` (or `transport`) and the end of
-//! the response body in the error.
+//! A 2xx answer is `completed` (details: `http_status`). Anything else fails
+//! the attempt with code `http_status` (the status and the end of the body in
+//! the error) or `transport`; 408, 429, 5xx and transport errors are left to
+//! the pipeline's retry policy (`--retries`), any other answer is marked
+//! permanent: sending the same request again would get the same answer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,10 +39,6 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 /// Most of a failed response's body kept for the error.
 const ERROR_BODY_MAX: usize = 512;
 
-/// The first retry's wait; doubled each time, up to [`BACKOFF_MAX`].
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
 /// Posts each event to one URL.
 #[derive(Clone)]
 pub struct Forward {
@@ -53,7 +49,6 @@ struct Inner {
     http: Client<Https, Full<Bytes>>,
     uri: http::Uri,
     structured: bool,
-    retries: u32,
 }
 
 impl std::fmt::Debug for Forward {
@@ -61,7 +56,6 @@ impl std::fmt::Debug for Forward {
         f.debug_struct("Forward")
             .field("uri", &crate::args::redact_url(&self.inner.uri.to_string()))
             .field("structured", &self.inner.structured)
-            .field("retries", &self.inner.retries)
             .finish_non_exhaustive()
     }
 }
@@ -72,7 +66,7 @@ impl Forward {
     ///
     /// # Errors
     /// A message when `url` is not an http(s) URL.
-    pub fn new(url: &str, structured: bool, retries: u32, pool: usize) -> Result<Self, String> {
+    pub fn new(url: &str, structured: bool, pool: usize) -> Result<Self, String> {
         let uri: http::Uri = url
             .parse()
             .map_err(|_| format!("--forward {}: not a URL", crate::args::redact_url(url)))?;
@@ -112,7 +106,6 @@ impl Forward {
                 http,
                 uri,
                 structured,
-                retries,
             }),
         })
     }
@@ -143,7 +136,8 @@ impl Forward {
     }
 
     fn body(&self, message: &CloudEventMessage) -> Result<Bytes, HandlerError> {
-        let encode = |e: serde_json::Error| HandlerError::with_code(e.to_string(), "encode");
+        let encode =
+            |e: serde_json::Error| HandlerError::with_code(e.to_string(), "encode").permanent();
         let bytes = if self.inner.structured {
             let mut event: Map<String, Value> = attributes(message)
                 .into_iter()
@@ -165,53 +159,35 @@ impl Forward {
         message: CloudEventMessage,
         info: WorkInfo,
     ) -> Result<Value, HandlerError> {
-        let body = self.body(&message)?;
-        let mut backoff = BACKOFF_FIRST;
-        let mut attempt = 0;
-        loop {
-            let req = self
-                .request(&message, &info)?
-                .body(Full::new(body.clone()))
-                .map_err(|e| HandlerError::with_code(e.to_string(), "encode"))?;
-            let failure = match self.inner.http.request(req).await {
-                Ok(resp) => {
-                    let status = resp.status();
-                    // Read to the end, so the connection goes back to the pool.
-                    let text = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    if status.is_success() {
-                        return Ok(serde_json::json!({ "http_status": status.as_u16() }));
-                    }
-                    let retry = status.is_server_error()
-                        || status == http::StatusCode::TOO_MANY_REQUESTS
-                        || status == http::StatusCode::REQUEST_TIMEOUT;
-                    let text = tail(&text);
-                    let message = if text.is_empty() {
-                        format!("the endpoint answered {status}")
-                    } else {
-                        format!("the endpoint answered {status}: {text}")
-                    };
-                    (HandlerError::with_code(message, "http_status"), retry)
-                }
-                Err(e) => (
-                    HandlerError::with_code(format!("request failed: {}", chain(&e)), "transport"),
-                    true,
-                ),
-            };
-            match failure {
-                (e, true) if attempt < self.inner.retries => {
-                    tracing::debug!(attempt, error = %e, "Forward failed; retrying.");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    attempt += 1;
-                }
-                (e, _) => return Err(e),
-            }
+        let req = self
+            .request(&message, &info)?
+            .body(Full::new(self.body(&message)?))
+            .map_err(|e| HandlerError::with_code(e.to_string(), "encode").permanent())?;
+        let resp = self.inner.http.request(req).await.map_err(|e| {
+            HandlerError::with_code(format!("request failed: {}", chain(&e)), "transport")
+        })?;
+        let status = resp.status();
+        // Read to the end, so the connection goes back to the pool.
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status.is_success() {
+            return Ok(serde_json::json!({ "http_status": status.as_u16() }));
         }
+        let text = tail(&text);
+        let message = if text.is_empty() {
+            format!("the endpoint answered {status}")
+        } else {
+            format!("the endpoint answered {status}: {text}")
+        };
+        let err = HandlerError::with_code(message, "http_status");
+        let transient = status.is_server_error()
+            || status == http::StatusCode::TOO_MANY_REQUESTS
+            || status == http::StatusCode::REQUEST_TIMEOUT;
+        Err(if transient { err } else { err.permanent() })
     }
 }
 
@@ -344,13 +320,13 @@ mod tests {
     #[test]
     fn structured_body_is_the_event_and_binary_body_is_data() {
         let m = message();
-        let structured = Forward::new("http://127.0.0.1:9/", true, 0, 1).unwrap();
+        let structured = Forward::new("http://127.0.0.1:9/", true, 1).unwrap();
         let v: Value = serde_json::from_slice(&structured.body(&m).unwrap()).unwrap();
         assert_eq!(v["id"], m.id.as_str());
         assert_eq!(v["type"], m.event_type.as_str());
         assert_eq!(v["success"], true);
         assert_eq!(v["data"]["events"][0]["id"], m.id.as_str());
-        let binary = Forward::new("http://127.0.0.1:9/", false, 0, 1).unwrap();
+        let binary = Forward::new("http://127.0.0.1:9/", false, 1).unwrap();
         let v: Value = serde_json::from_slice(&binary.body(&m).unwrap()).unwrap();
         assert_eq!(v["events"][0]["id"], m.id.as_str());
         assert!(v.get("id").is_none());
@@ -358,23 +334,24 @@ mod tests {
 
     #[test]
     fn bad_urls_are_refused_without_their_credentials() {
-        assert!(Forward::new("ftp://x/", false, 0, 1).is_err());
-        assert!(Forward::new("not a url", false, 0, 1).is_err());
-        let err = Forward::new("http://bob:hunter2@localhost/", false, 0, 1).unwrap_err();
+        assert!(Forward::new("ftp://x/", false, 1).is_err());
+        assert!(Forward::new("not a url", false, 1).is_err());
+        let err = Forward::new("http://bob:hunter2@localhost/", false, 1).unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[tokio::test]
-    async fn an_unreachable_endpoint_fails_as_transport_after_the_retries() {
+    async fn an_unreachable_endpoint_fails_as_transport_and_may_be_retried() {
         // A port nothing listens on: bind one, then free it.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let f = Forward::new(&format!("http://127.0.0.1:{port}/"), false, 1, 1).unwrap();
+        let f = Forward::new(&format!("http://127.0.0.1:{port}/"), false, 1).unwrap();
         let info = xzepr_consumer::handler::Work::new("w".into(), "t".into(), 0, 0).info();
         let err = f.post(message(), info).await.unwrap_err();
         assert_eq!(err.code(), Some("transport"));
+        assert!(!err.is_permanent());
     }
 }

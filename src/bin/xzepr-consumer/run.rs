@@ -33,7 +33,7 @@ use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::dispatch::{Ordering, TypeFilter};
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
-use xzepr_consumer::pipeline::{Pipeline, RunningPipeline, WorkTemplate};
+use xzepr_consumer::pipeline::{Pipeline, RetryPolicy, RunningPipeline, WorkTemplate};
 use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
 
 use crate::args::{parse_duration, redact_url, type_filter, KafkaArgs};
@@ -45,6 +45,10 @@ use crate::forward::Forward;
 const EXEC_CONCURRENCY: usize = 16;
 /// Default `--concurrency` for `--forward`: the XZepr client's pool size.
 const FORWARD_CONCURRENCY: usize = 128;
+/// Default `--retries` for `--exec`: a program's effects may not be idempotent.
+const EXEC_RETRIES: u32 = 0;
+/// Default `--retries` for `--forward`: only transient answers are retried.
+const FORWARD_RETRIES: u32 = 2;
 /// How often the status is redrawn on a terminal.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// How often a status line is logged when stderr is not a terminal.
@@ -112,8 +116,9 @@ pub struct RunArgs {
     /// (`*.failed`); repeat for more. Other events are committed unhandled.
     #[arg(long = "type", value_name = "PREFIX_OR_GLOB")]
     pub types: Vec<String>,
-    /// Longest run of one event's work; past it the program is killed (or the
-    /// request dropped) and the event reported failed with code `timeout`.
+    /// Longest run of one attempt at an event's work; past it the program is
+    /// killed (or the request dropped) and the attempt fails with code
+    /// `timeout`.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
     pub timeout: Duration,
     /// On SIGINT/SIGTERM, how long work in flight may take to finish before it
@@ -124,9 +129,12 @@ pub struct RunArgs {
     /// (application/cloudevents+json) instead of binary mode (ce-* headers).
     #[arg(long, requires = "forward")]
     pub structured: bool,
-    /// With --forward: retries of a transport error, 408, 429 or 5xx.
-    #[arg(long, value_name = "N", default_value_t = 2, requires = "forward")]
-    pub retries: u32,
+    /// Retries of a failed event, by the pipeline's retry policy (backoff from
+    /// 200 ms doubling up to 30 s, with jitter; only the event's lane waits).
+    /// With --forward only transport errors, 408, 429 and 5xx are retried
+    /// [default: 0 with --exec, 2 with --forward].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
     /// POST each event to this URL as a CloudEvent; 2xx is completed.
     #[arg(long, value_name = "URL")]
     pub forward: Option<String>,
@@ -199,6 +207,8 @@ pub struct Tuning {
     pub timeout: Duration,
     /// The drain timeout.
     pub drain_timeout: Duration,
+    /// Retries of failed events.
+    pub retry: RetryPolicy,
 }
 
 /// Starts the pipeline running `action` on `runtime`, reporting through
@@ -216,7 +226,8 @@ pub fn start(
         .ordering(tuning.ordering)
         .type_filter(tuning.types.clone())
         .handler_timeout(tuning.timeout)
-        .drain_timeout(tuning.drain_timeout);
+        .drain_timeout(tuning.drain_timeout)
+        .retry(tuning.retry.clone());
     if let Some((reporter, work)) = lifecycle {
         builder = builder.lifecycle(reporter, work);
     }
@@ -244,15 +255,19 @@ async fn run_async(args: RunArgs) -> Result<()> {
     }
     // Checked before anything starts: errors name the variable, never a secret.
     kafka.to_client_config()?;
-    let (action, default_concurrency) = match (&args.exec, &args.forward) {
+    let (action, default_concurrency, default_retries) = match (&args.exec, &args.forward) {
         (Some(cmd), _) => {
             let exec = Exec::new(cmd).ok_or("--exec needs a program")?;
-            (Action::Exec(exec), EXEC_CONCURRENCY)
+            (Action::Exec(exec), EXEC_CONCURRENCY, EXEC_RETRIES)
         }
         (None, Some(url)) => {
             let concurrency = args.concurrency.unwrap_or(FORWARD_CONCURRENCY);
-            let forward = Forward::new(url, args.structured, args.retries, concurrency)?;
-            (Action::Forward(forward), FORWARD_CONCURRENCY)
+            let forward = Forward::new(url, args.structured, concurrency)?;
+            (
+                Action::Forward(forward),
+                FORWARD_CONCURRENCY,
+                FORWARD_RETRIES,
+            )
         }
         (None, None) => return Err("one of --exec or --forward is required".into()),
     };
@@ -262,6 +277,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         types: type_filter(&args.types),
         timeout: args.timeout,
         drain_timeout: args.drain_timeout,
+        retry: RetryPolicy::attempts(args.retries.unwrap_or(default_retries).saturating_add(1)),
     };
     let reporting = if args.no_report {
         None
