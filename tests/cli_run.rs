@@ -518,6 +518,8 @@ fn run_forward_structured_sends_the_whole_event() {
             "--forward",
             &server.url,
             "--structured",
+            "--metrics-addr",
+            "127.0.0.1:0",
         ],
         &[],
     );
@@ -530,6 +532,10 @@ fn run_forward_structured_sends_the_whole_event() {
         .collect();
     stack.wait_reported(&wanted, &mut cli);
     stack.wait_committed_to_end("xzepr-consumer-cli-structured", &mut cli);
+    // --metrics-addr reaches the pipeline: its endpoint serves the counters.
+    let metrics = http_get(&metrics_addr(&cli.stderr()), "/metrics");
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("xzepr_consumer_"), "{metrics}");
     cli.stop_cleanly();
     let seen = server.seen.lock().unwrap().clone();
     let mut got = HashSet::new();
@@ -547,6 +553,34 @@ fn run_forward_structured_sends_the_whole_event() {
         got.insert(event["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(got, wanted.into_iter().collect(), "only the wanted types");
+}
+
+/// The address `run` logged for its metrics endpoint.
+fn metrics_addr(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("Serving /metrics"))
+        .unwrap_or_else(|| panic!("no metrics address logged:\n{stderr}"));
+    let at = line.find("127.0.0.1:").expect("an address");
+    let port: String = line[at + "127.0.0.1:".len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    format!("127.0.0.1:{port}")
+}
+
+/// A plain HTTP/1.1 GET; the whole response as text.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }
 
 #[test]

@@ -436,6 +436,7 @@ fn run_forward(
         timeout: Duration::from_secs(60),
         drain_timeout: Duration::from_secs(10),
         retry: xzepr_consumer::pipeline::RetryPolicy::attempts(3),
+        metrics_addr: None,
     };
     let (lifecycle, task) = match api_url {
         Some(url) => {

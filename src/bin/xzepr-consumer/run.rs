@@ -20,13 +20,12 @@
 //! run, never committed.
 
 use std::io::IsTerminal;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
@@ -53,8 +52,6 @@ const FORWARD_RETRIES: u32 = 2;
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// How often a status line is logged when stderr is not a terminal.
 const LOG_EVERY: Duration = Duration::from_secs(10);
-/// How often the consumer lag is measured (a metadata and offsets round trip).
-const LAG_EVERY: Duration = Duration::from_secs(2);
 
 /// `run`'s flags.
 #[derive(Debug, clap::Args)]
@@ -135,6 +132,10 @@ pub struct RunArgs {
     /// [default: 0 with --exec, 2 with --forward].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
+    /// Serve Prometheus metrics on GET /metrics, and GET /health and GET /ready,
+    /// at this address (e.g. 0.0.0.0:9464; port 0 picks a free one, logged).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
     /// POST each event to this URL as a CloudEvent; 2xx is completed.
     #[arg(long, value_name = "URL")]
     pub forward: Option<String>,
@@ -209,6 +210,8 @@ pub struct Tuning {
     pub drain_timeout: Duration,
     /// Retries of failed events.
     pub retry: RetryPolicy,
+    /// Where the metrics, health and readiness endpoint listens, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Starts the pipeline running `action` on `runtime`, reporting through
@@ -228,6 +231,9 @@ pub fn start(
         .handler_timeout(tuning.timeout)
         .drain_timeout(tuning.drain_timeout)
         .retry(tuning.retry.clone());
+    if let Some(addr) = tuning.metrics_addr {
+        builder = builder.metrics_addr(addr);
+    }
     if let Some((reporter, work)) = lifecycle {
         builder = builder.lifecycle(reporter, work);
     }
@@ -278,6 +284,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         timeout: args.timeout,
         drain_timeout: args.drain_timeout,
         retry: RetryPolicy::attempts(args.retries.unwrap_or(default_retries).saturating_add(1)),
+        metrics_addr: args.metrics_addr,
     };
     let reporting = if args.no_report {
         None
@@ -301,9 +308,6 @@ async fn run_async(args: RunArgs) -> Result<()> {
         types = ?tuning.types,
         "Consuming."
     );
-    let lag = std::io::stderr()
-        .is_terminal()
-        .then(|| LagProbe::start(&kafka));
     let (lifecycle, reporter_task) = match reporting {
         Some((reporter, task, work)) => (Some((reporter, work)), Some(task)),
         None => (None, None),
@@ -315,10 +319,10 @@ async fn run_async(args: RunArgs) -> Result<()> {
         tokio::runtime::Handle::current(),
         lifecycle,
     )?);
-    let reason = watch(&running, lag.as_ref()).await;
-    if let Some(lag) = lag {
-        lag.stop();
+    if let Some(addr) = running.metrics_addr() {
+        tracing::info!(%addr, "Serving /metrics, /health and /ready.");
     }
+    let reason = watch(&running).await;
     tracing::info!(reason, drain_timeout = ?tuning.drain_timeout, "Stopping: draining the work in flight, then committing.");
     tokio::spawn(async {
         if signal().await.is_some() {
@@ -413,7 +417,7 @@ async fn signal() -> Option<&'static str> {
 
 /// Shows the status until a signal or until the consumer stops by itself;
 /// returns why it stopped.
-async fn watch(running: &RunningPipeline, lag: Option<&LagProbe>) -> &'static str {
+async fn watch(running: &RunningPipeline) -> &'static str {
     let mut status = Status::new(std::io::stderr().is_terminal());
     let signalled = signal();
     tokio::pin!(signalled);
@@ -425,7 +429,7 @@ async fn watch(running: &RunningPipeline, lag: Option<&LagProbe>) -> &'static st
                 if running.source().is_finished() {
                     break "the consumer stopped";
                 }
-                status.update(running, lag.and_then(LagProbe::get));
+                status.update(running);
             }
         }
     };
@@ -461,8 +465,15 @@ impl Status {
         }
     }
 
-    fn update(&mut self, running: &RunningPipeline, lag: Option<i64>) {
+    fn update(&mut self, running: &RunningPipeline) {
         let m = running.metrics();
+        // Summed over the assigned partitions; unknown until each has one.
+        let partitions = running.source().partitions();
+        let lag = if partitions.is_empty() {
+            None
+        } else {
+            partitions.iter().map(|p| p.lag).sum::<Option<i64>>()
+        };
         let done = m.handled + m.filtered + m.own_skipped + m.malformed;
         let now = Instant::now();
         let secs = now.duration_since(self.last.0).as_secs_f64();
@@ -490,6 +501,7 @@ impl Status {
                 failed = m.handler_failed,
                 skipped = m.filtered + m.own_skipped,
                 malformed = m.malformed,
+                lag,
                 "Status."
             );
         }
@@ -500,77 +512,4 @@ impl Status {
             bar.finish_and_clear();
         }
     }
-}
-
-/// Measures the group's lag (end offsets minus committed offsets, summed) on
-/// its own thread and consumer, which never joins the group.
-struct LagProbe {
-    lag: Arc<AtomicI64>,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl LagProbe {
-    fn start(kafka: &KafkaConsumerConfig) -> Self {
-        let lag = Arc::new(AtomicI64::new(-1));
-        let stop = Arc::new(AtomicBool::new(false));
-        let consumer: Option<BaseConsumer> =
-            kafka.to_client_config().ok().and_then(|c| c.create().ok());
-        let topics = kafka.topics.clone();
-        let thread = consumer.and_then(|consumer| {
-            let (lag, stop) = (Arc::clone(&lag), Arc::clone(&stop));
-            std::thread::Builder::new()
-                .name("xzepr-lag".into())
-                .spawn(move || {
-                    while !stop.load(Relaxed) {
-                        if let Some(l) = measure_lag(&consumer, &topics) {
-                            lag.store(l, Relaxed);
-                        }
-                        let until = Instant::now() + LAG_EVERY;
-                        while !stop.load(Relaxed) && Instant::now() < until {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                })
-                .ok()
-        });
-        LagProbe { lag, stop, thread }
-    }
-
-    fn get(&self) -> Option<i64> {
-        Some(self.lag.load(Relaxed)).filter(|l| *l >= 0)
-    }
-
-    fn stop(mut self) {
-        self.stop.store(true, Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn measure_lag(consumer: &BaseConsumer, topics: &[String]) -> Option<i64> {
-    const T: Duration = Duration::from_secs(5);
-    let mut tpl = TopicPartitionList::new();
-    for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), T).ok()?;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                tpl.add_partition(topic, p.id());
-            }
-        }
-    }
-    let committed = consumer.committed_offsets(tpl, T).ok()?;
-    let mut total = 0;
-    for e in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(e.topic(), e.partition(), T)
-            .ok()?;
-        let from = match e.offset() {
-            Offset::Offset(o) => o,
-            _ => low,
-        };
-        total += (high - from).max(0);
-    }
-    Some(total)
 }
