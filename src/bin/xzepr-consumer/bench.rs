@@ -1,7 +1,9 @@
 //! `bench`: in one process, on the same messages, the bare poll loop against the
 //! pipeline with a no-op handler; the async engine with I/O-bound handlers
 //! against Little's law; the memory held under a backlog far larger than the
-//! budget; and lifecycle reporting against the plan's sequential design.
+//! budget; lifecycle reporting against the plan's sequential design; and
+//! `run --forward` (the command's own pipeline and forwarder) to a local HTTP
+//! endpoint that answers at once.
 //!
 //! Every round of every case measures at least [`MIN_WINDOW`] of work (repeated
 //! passes over a topic, each with a fresh consumer group, timed from its first
@@ -45,6 +47,8 @@ pub struct Settings {
     pub report_events: u64,
     /// Events for the plan's sequential design.
     pub seed_events: u64,
+    /// Events for `run --forward`.
+    pub forward_events: u64,
 }
 
 /// The figures of one `bench` run.
@@ -82,6 +86,16 @@ pub struct Figures {
     pub seed_events: u64,
     pub seed_design_eps: f64,
     pub report_over_seed: f64,
+    pub forward_events: u64,
+    /// `run --forward --no-report` to a local endpoint answering at once
+    /// (binary mode, the command's defaults), events per second.
+    pub run_forward_eps: f64,
+    /// The same with lifecycle reporting to the XZepr endpoint
+    /// (`api_latency_ms`).
+    pub run_forward_report_eps: f64,
+    /// The same with `--ordering key` (XZepr keys by event id: every event its
+    /// own lane), so a partition's events wait on their posts concurrently.
+    pub run_forward_report_key_eps: f64,
 }
 
 impl std::fmt::Display for Figures {
@@ -137,7 +151,24 @@ impl std::fmt::Display for Figures {
             "seed_design_eps:       {:>10.0}  ({} events, the plan's sequential design)",
             self.seed_design_eps, self.seed_events
         )?;
-        write!(f, "report / seed:         {:>10.1}x", self.report_over_seed)
+        writeln!(f, "report / seed:         {:>10.1}x", self.report_over_seed)?;
+        writeln!(
+            f,
+            "run_forward_eps:       {:>10.0}  ({} events, run --forward --no-report to a 0 ms endpoint; {:.2} of pipeline_noop_eps)",
+            self.run_forward_eps,
+            self.forward_events,
+            self.run_forward_eps / self.pipeline_noop_eps
+        )?;
+        writeln!(
+            f,
+            "run_forward_report_eps:{:>10.0}  (the same, reporting to XZepr answering in {} ms)",
+            self.run_forward_report_eps, self.api_latency_ms
+        )?;
+        write!(
+            f,
+            "run_forward_report_key_eps:{:>6.0}  (the same with --ordering key)",
+            self.run_forward_report_key_eps
+        )
     }
 }
 
@@ -360,6 +391,82 @@ fn pipeline_report(
     Ok(n as f64 / secs)
 }
 
+/// A local HTTP endpoint answering `200` at once, served on `rt` while it runs:
+/// what `run --forward` posts to in the bench.
+fn zero_ms_endpoint(rt: &tokio::runtime::Runtime) -> Result<String> {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let url = format!("http://{}/", listener.local_addr()?);
+    rt.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    use http_body_util::BodyExt;
+                    let _ = req.into_body().collect().await;
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::new()),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(url)
+}
+
+/// One pass of `run --forward` over `events`, with the command's defaults
+/// (binary mode, 128 in flight, 60 s timeout) and `ordering`, reporting to
+/// `api_url` when given.
+fn run_forward(
+    rt: &tokio::runtime::Runtime,
+    (brokers, topic, group): (&str, &str, &str),
+    events: u64,
+    (endpoint, ordering): (&str, Ordering),
+    api_url: Option<&str>,
+) -> Result<(u64, f64)> {
+    use crate::run::{Action, Tuning};
+    let forward = crate::forward::Forward::new(endpoint, false, 128)?;
+    let tuning = Tuning {
+        concurrency: 128,
+        ordering,
+        types: xzepr_consumer::dispatch::TypeFilter::any(),
+        timeout: Duration::from_secs(60),
+        drain_timeout: Duration::from_secs(10),
+        retry: xzepr_consumer::pipeline::RetryPolicy::attempts(3),
+        metrics_addr: None,
+    };
+    let (lifecycle, task) = match api_url {
+        Some(url) => {
+            let (reporter, task) = rt.block_on(async {
+                let client = XzeprClient::new(XzeprClientConfig::new(url, "bench-token"))?;
+                Ok::<_, xzepr_consumer::client::ClientError>(Reporter::start(
+                    client,
+                    ReporterConfig::default(),
+                ))
+            })?;
+            let work = WorkTemplate::new(BENCH_RECEIVER, "bench", "1.0.0", "bench");
+            (Some((reporter, work)), Some(task))
+        }
+        None => (None, None),
+    };
+    let running = crate::run::start(
+        config(brokers, topic, group),
+        Action::Forward(forward),
+        &tuning,
+        rt.handle().clone(),
+        lifecycle,
+    )?;
+    let r = time_until_finished(&running, events)?;
+    stop(running)?;
+    if let Some(task) = task {
+        rt.block_on(task.drain(Duration::from_secs(30)));
+    }
+    Ok(r)
+}
+
 const BENCH_RECEIVER: &str = "01BENCHRECEIVER00000000000";
 const SOURCE_RECEIVER: &str = "01M82X4ET7AYGAEYSHF5AKVAVW";
 
@@ -515,6 +622,44 @@ pub fn run(s: &Settings) -> Result<Figures> {
         "bench-token",
         BENCH_RECEIVER,
     ))?;
+    // `run --forward` to an endpoint answering at once, without and with the
+    // lifecycle posts.
+    let endpoint = zero_ms_endpoint(&rt)?;
+    cluster.create_topic("bench-forward", s.partitions, 1)?;
+    produce(
+        &brokers,
+        "bench-forward",
+        0,
+        s.forward_events,
+        None,
+        SOURCE_RECEIVER,
+    )?;
+    let mut forward_rounds = Vec::new();
+    for _ in 0..3 {
+        forward_rounds.push(windowed(|_| {
+            let group = group("forward");
+            run_forward(
+                &rt,
+                (&brokers, "bench-forward", &group),
+                s.forward_events,
+                (&endpoint, Ordering::PerPartition),
+                None,
+            )
+        })?);
+    }
+    let run_forward_eps = median(forward_rounds);
+    let mut reported = Vec::new();
+    for ordering in [Ordering::PerPartition, Ordering::PerKey] {
+        let group = group("forward-report");
+        let (n, secs) = run_forward(
+            &rt,
+            (&brokers, "bench-forward", &group),
+            s.forward_events,
+            (&endpoint, ordering),
+            Some(&api_url),
+        )?;
+        reported.push(n as f64 / secs);
+    }
     Ok(Figures {
         events: s.events,
         partitions: s.partitions,
@@ -543,5 +688,9 @@ pub fn run(s: &Settings) -> Result<Figures> {
         seed_events: s.seed_events,
         seed_design_eps: seed,
         report_over_seed: report / seed,
+        forward_events: s.forward_events,
+        run_forward_eps,
+        run_forward_report_eps: reported[0],
+        run_forward_report_key_eps: reported[1],
     })
 }

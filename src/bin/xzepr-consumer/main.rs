@@ -1,10 +1,16 @@
-//! `xzepr-consumer`: the quickstart demo, the embedded dev stack, a producer of
-//! realistic XZepr events, and the end-to-end benchmark.
+//! `xzepr-consumer`: `run` (any program or HTTP service as an XZepr consumer),
+//! `tail` (print a topic's events), the quickstart demo, the embedded dev stack,
+//! a producer of realistic XZepr events, and the end-to-end benchmark.
 
+mod args;
 mod baseline;
 mod bench;
 mod demo;
+mod exec;
+mod forward;
 mod produce;
+mod run;
+mod tail;
 
 /// The events endpoint `bench` reports to: the dev stack's XZepr stand-in (the
 /// one stand-in the CLI uses), with the token and receiver `bench` posts with.
@@ -38,6 +44,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Consume a topic and hand each event to a program (--exec) or an HTTP
+    /// endpoint (--forward), reporting WORK.started/.completed/.failed to XZepr
+    /// and committing each offset once its work is done and reported. Kafka and
+    /// XZepr settings come from the XZEPR_* variables; flags override them.
+    Run(Box<run::RunArgs>),
+    /// Print a topic's events (one JSON line each, or a table on a terminal)
+    /// without joining a consumer group or committing anything.
+    Tail(tail::TailArgs),
     /// Start the embedded stack (Kafka-protocol broker + XZepr stand-in), print
     /// their addresses and a token, and run until Ctrl-C.
     Dev {
@@ -76,8 +90,9 @@ enum Command {
     },
     /// Measure, in one process: a bare poll loop against the pipeline with a
     /// no-op handler (same messages), I/O-bound async handlers against Little's
-    /// law, memory under a backlog far over the budget, and lifecycle reporting
-    /// against the plan's sequential design.
+    /// law, memory under a backlog far over the budget, lifecycle reporting
+    /// against the plan's sequential design, and `run --forward` to a local
+    /// endpoint answering at once.
     Bench {
         /// Events per poll/no-op topic (the mock broker keeps ~5 MB per
         /// partition: at most ~4,000 of these ~1 KB events per partition).
@@ -105,6 +120,9 @@ enum Command {
         /// Events for the plan's design (two sequential posts each: slow).
         #[arg(long, default_value_t = 300)]
         seed_events: u64,
+        /// Events for `run --forward` to a local endpoint answering at once.
+        #[arg(long, default_value_t = 32_000)]
+        forward_events: u64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -129,15 +147,33 @@ enum Command {
     },
 }
 
-fn main() -> baseline::anyhow_like::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run_command(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Display, not Debug: errors name the setting at fault, never a secret.
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
+    // `run` is a long-lived service: its start, status and stop are worth a line.
+    let default_level = match cli.command {
+        Command::Run(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Run(args) => run::run(*args)?,
+        Command::Tail(args) => tail::tail(&args)?,
         Command::Dev {
             partitions,
             api_latency_ms,
@@ -183,6 +219,7 @@ fn main() -> baseline::anyhow_like::Result<()> {
             api_latency_ms,
             report_events,
             seed_events,
+            forward_events,
             json,
         } => {
             let f = bench::run(&bench::Settings {
@@ -194,6 +231,7 @@ fn main() -> baseline::anyhow_like::Result<()> {
                 latency_ms: api_latency_ms,
                 report_events,
                 seed_events,
+                forward_events,
             })?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);

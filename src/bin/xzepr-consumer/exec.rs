@@ -1,0 +1,302 @@
+//! `run --exec`: each event runs a program, as a child process awaited on the
+//! runtime (no thread per event).
+//!
+//! The child gets the event as one line of JSON on stdin (the owned message the
+//! pipeline decodes, [`CloudEventMessage`]) and its main attributes in
+//! the variables listed in [`HELP`]. Exit 0 is `completed`, with stdout as the `details` when it is
+//! a JSON object; any other exit is `failed` (`error_code` `exit_status`, or
+//! `signal`), with the tail of stderr in the error. Past `--timeout` the
+//! pipeline drops the handler's future, which kills the child (`SIGKILL`), and
+//! the event is `failed` with code `timeout`.
+//!
+//! Children run in their own process group, so a Ctrl-C at the terminal reaches
+//! `run` alone, which then drains: the programs in flight finish their events.
+//! The secrets of `run` itself (`XZEPR_API_TOKEN`, `XZEPR_KAFKA_SASL_PASSWORD`)
+//! are removed from their environment.
+
+use std::ffi::OsString;
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use xzepr_consumer::decode::CloudEventMessage;
+use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
+
+/// `run --help`'s summary of the child's contract (the variables set in
+/// [`Exec::command`]).
+pub const HELP: &str = "\
+With --exec, each event runs the program with the event as one line of JSON on stdin and:
+  XZEPR_EVENT_ID, XZEPR_EVENT_TYPE, XZEPR_EVENT_SOURCE, XZEPR_EVENT_SPECVERSION,
+  XZEPR_EVENT_SUCCESS (true/false), XZEPR_EVENT_NAME, XZEPR_EVENT_VERSION,
+  XZEPR_EVENT_RELEASE, XZEPR_EVENT_PLATFORM_ID, XZEPR_EVENT_PACKAGE,
+  XZEPR_WORK_ID, KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET
+(XZEPR_API_TOKEN and XZEPR_KAFKA_SASL_PASSWORD are removed). Exit 0 is completed, with
+stdout as the details when it is a JSON object; any other exit is failed, with the end
+of stderr as the error.";
+
+/// Variables of `run` never passed on to a child.
+const SECRET_VARS: &[&str] = &["XZEPR_API_TOKEN", "XZEPR_KAFKA_SASL_PASSWORD"];
+
+/// Most stdout kept for `details` (a larger output is not used as details).
+const STDOUT_MAX: usize = 1 << 20;
+
+/// Most of stderr's end kept for the `failed` post's error.
+const STDERR_TAIL: usize = 1024;
+
+/// Runs one program per event.
+#[derive(Debug, Clone)]
+pub struct Exec {
+    program: OsString,
+    args: Vec<OsString>,
+}
+
+impl Exec {
+    /// `command[0]` with the rest as its arguments; `None` when `command` is empty.
+    pub fn new(command: &[String]) -> Option<Self> {
+        let (program, args) = command.split_first()?;
+        Some(Exec {
+            program: program.into(),
+            args: args.iter().map(OsString::from).collect(),
+        })
+    }
+
+    /// The program, for logs (its arguments may hold anything: not logged).
+    pub fn program(&self) -> String {
+        self.program.to_string_lossy().into_owned()
+    }
+
+    fn command(&self, message: &CloudEventMessage, info: &WorkInfo) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.program);
+        cmd.args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Dropped on timeout or at the drain deadline: the child must go too.
+            .kill_on_drop(true);
+        #[cfg(unix)]
+        cmd.process_group(0);
+        for var in SECRET_VARS {
+            cmd.env_remove(var);
+        }
+        let success = if message.success { "true" } else { "false" };
+        cmd.env("XZEPR_EVENT_ID", &message.id)
+            .env("XZEPR_EVENT_TYPE", &message.event_type)
+            .env("XZEPR_EVENT_SOURCE", &message.source)
+            .env("XZEPR_EVENT_SPECVERSION", &message.specversion)
+            .env("XZEPR_EVENT_SUCCESS", success)
+            .env("XZEPR_EVENT_NAME", &message.name)
+            .env("XZEPR_EVENT_VERSION", &message.version)
+            .env("XZEPR_EVENT_RELEASE", &message.release)
+            .env("XZEPR_EVENT_PLATFORM_ID", &message.platform_id)
+            .env("XZEPR_EVENT_PACKAGE", &message.package)
+            .env("XZEPR_WORK_ID", &info.work_id)
+            .env("KAFKA_TOPIC", &info.topic)
+            .env("KAFKA_PARTITION", info.partition.to_string())
+            .env("KAFKA_OFFSET", info.offset.to_string());
+        cmd
+    }
+
+    async fn run(&self, message: CloudEventMessage, info: WorkInfo) -> Result<Value, HandlerError> {
+        let mut input = serde_json::to_vec(&message).map_err(|e| {
+            HandlerError::with_code(format!("event to JSON: {e}"), "encode").permanent()
+        })?;
+        input.push(b'\n');
+        // A program that cannot be started will not start on a retry either.
+        let mut child = self.command(&message, &info).spawn().map_err(|e| {
+            HandlerError::with_code(format!("cannot start {}: {e}", self.program()), "spawn")
+                .permanent()
+        })?;
+        let stdin = child.stdin.take();
+        let write = async move {
+            if let Some(mut stdin) = stdin {
+                // A program that exits without reading its input is not an error.
+                let _ = stdin.write_all(&input).await;
+            }
+        };
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (_, out, err, status) = tokio::join!(
+            write,
+            read_capped(stdout, Keep::Head(STDOUT_MAX)),
+            read_capped(stderr, Keep::Tail(STDERR_TAIL)),
+            child.wait()
+        );
+        let status = status.map_err(|e| {
+            HandlerError::with_code(format!("waiting for {}: {e}", self.program()), "wait")
+        })?;
+        if status.success() {
+            return Ok(details(&out));
+        }
+        let tail = String::from_utf8_lossy(&err);
+        let tail = tail.trim();
+        let (what, code) = match status.code() {
+            Some(code) => (format!("exited with status {code}"), "exit_status"),
+            None => (describe_signal(&status), "signal"),
+        };
+        let message = if tail.is_empty() {
+            format!("{} {what}", self.program())
+        } else {
+            format!("{} {what}: {tail}", self.program())
+        };
+        Err(HandlerError::with_code(message, code))
+    }
+}
+
+impl AsyncHandler for Exec {
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<Result<Value, HandlerError>> {
+        let this = self.clone();
+        Box::pin(async move { this.run(message, info).await })
+    }
+}
+
+#[cfg(unix)]
+fn describe_signal(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status.signal() {
+        Some(sig) => format!("was killed by signal {sig}"),
+        None => format!("ended with {status}"),
+    }
+}
+
+#[cfg(not(unix))]
+fn describe_signal(status: &std::process::ExitStatus) -> String {
+    format!("ended with {status}")
+}
+
+/// stdout as `details`: a JSON object is used as is; anything else gives none.
+fn details(stdout: &[u8]) -> Value {
+    match serde_json::from_slice::<Value>(stdout) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => Value::Object(Default::default()),
+    }
+}
+
+/// Which part of a stream to keep.
+#[derive(Clone, Copy)]
+enum Keep {
+    /// The first bytes; past the limit, nothing (the output is not used).
+    Head(usize),
+    /// The last bytes.
+    Tail(usize),
+}
+
+/// Reads `stream` to its end (so the child never blocks on a full pipe),
+/// keeping what `keep` says.
+async fn read_capped(stream: Option<impl AsyncRead + Unpin>, keep: Keep) -> Vec<u8> {
+    let Some(mut stream) = stream else {
+        return Vec::new();
+    };
+    let mut kept = Vec::new();
+    let mut chunk = vec![0u8; 8192];
+    let mut overflowed = false;
+    loop {
+        let n = match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        match keep {
+            Keep::Head(max) => {
+                if kept.len() + n > max {
+                    overflowed = true;
+                    kept.clear();
+                } else if !overflowed {
+                    kept.extend_from_slice(&chunk[..n]);
+                }
+            }
+            Keep::Tail(max) => {
+                kept.extend_from_slice(&chunk[..n]);
+                if kept.len() > 2 * max {
+                    kept.drain(..kept.len() - max);
+                }
+            }
+        }
+    }
+    if let Keep::Tail(max) = keep {
+        if kept.len() > max {
+            kept.drain(..kept.len() - max);
+        }
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> CloudEventMessage {
+        let (_, payload) = xzepr_consumer::generate::xzepr_event(3, "01M82X4ET7AYGAEYSHF5AKVAVW");
+        serde_json::from_slice(&payload).unwrap()
+    }
+
+    fn info() -> WorkInfo {
+        xzepr_consumer::handler::Work::new("work-x".into(), "t".into(), 2, 41).info()
+    }
+
+    fn sh(script: &str) -> Exec {
+        Exec::new(&["sh".into(), "-c".into(), script.into()]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn stdout_object_becomes_details_and_env_is_set() {
+        let exec = sh(
+            r#"read -r line; case "$line" in *"\"id\":\"$XZEPR_EVENT_ID\""*) ;; *) exit 7;; esac
+            printf '{"type":"%s","offset":%s,"partition":%s,"topic":"%s","work":"%s"}' \
+              "$XZEPR_EVENT_TYPE" "$KAFKA_OFFSET" "$KAFKA_PARTITION" "$KAFKA_TOPIC" "$XZEPR_WORK_ID""#,
+        );
+        let m = message();
+        let ty = m.event_type.clone();
+        let details = exec.run(m, info()).await.unwrap();
+        assert_eq!(details["type"], ty.as_str());
+        assert_eq!(details["offset"], 41);
+        assert_eq!(details["partition"], 2);
+        assert_eq!(details["topic"], "t");
+        assert_eq!(details["work"], "work-x");
+    }
+
+    #[tokio::test]
+    async fn non_json_stdout_gives_empty_details() {
+        let details = sh("echo hello").run(message(), info()).await.unwrap();
+        assert_eq!(details, serde_json::json!({}));
+    }
+
+    #[tokio::test]
+    async fn failure_carries_the_status_and_the_stderr_tail() {
+        let err = sh("head -c 5000 /dev/zero | tr '\\0' x >&2; echo ' the end' >&2; exit 3")
+            .run(message(), info())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("exit_status"));
+        assert!(err.message().contains("status 3"), "{}", err.message());
+        assert!(err.message().ends_with("the end"), "{}", err.message());
+        assert!(err.message().len() < STDERR_TAIL + 100, "only the tail");
+    }
+
+    #[tokio::test]
+    async fn killed_and_missing_programs_fail() {
+        let err = sh("kill -9 $$").run(message(), info()).await.unwrap_err();
+        assert_eq!(err.code(), Some("signal"));
+        let err = Exec::new(&["/nonexistent/program".into()])
+            .unwrap()
+            .run(message(), info())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Some("spawn"));
+        assert!(err.is_permanent());
+    }
+
+    #[tokio::test]
+    async fn a_large_event_and_a_program_ignoring_stdin_do_not_deadlock() {
+        // An event larger than a pipe holds, never read, while the program
+        // writes more than a pipe holds to stderr.
+        let mut big = message();
+        big.data.events[0].payload = Value::from("x".repeat(300_000));
+        let details = sh("head -c 300000 /dev/zero >&2; echo '{}'")
+            .run(big, info())
+            .await
+            .unwrap();
+        assert_eq!(details, serde_json::json!({}));
+    }
+}

@@ -1,0 +1,357 @@
+//! `run --forward`: each event is POSTed to an HTTP endpoint as a CloudEvent,
+//! per the CloudEvents HTTP protocol binding, on one pooled hyper client (the
+//! stack the XZepr client uses: keep-alive connections, HTTP/1.1 and HTTP/2,
+//! rustls for `https`).
+//!
+//! - **Binary** content mode (the default): attributes in `ce-*` headers, `data`
+//!   as the body with `Content-Type: application/json`.
+//! - **Structured** (`--structured`): the whole event as the body, with
+//!   `Content-Type: application/cloudevents+json; charset=utf-8`.
+//!
+//! CloudEvents attribute names are lower-case letters and digits only, so
+//! XZepr's `api_version` and `platform_id` go out as `apiversion` and
+//! `platformid` (in both modes); `specversion` is `1.0`, the version of the
+//! spec this binding belongs to (XZepr writes its patch release, `1.0.1`). Each
+//! request also carries `Kafka-Topic`, `Kafka-Partition`, `Kafka-Offset` and
+//! `XZepr-Work-Id`.
+//!
+//! A 2xx answer is `completed` (details: `http_status`). Anything else fails
+//! the attempt with code `http_status` (the status and the end of the body in
+//! the error) or `transport`; 408, 429, 5xx and transport errors are left to
+//! the pipeline's retry policy (`--retries`), any other answer is marked
+//! permanent: sending the same request again would get the same answer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Map, Value};
+use xzepr_consumer::decode::CloudEventMessage;
+use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
+
+type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// Most of a failed response's body kept for the error.
+const ERROR_BODY_MAX: usize = 512;
+
+/// Posts each event to one URL.
+#[derive(Clone)]
+pub struct Forward {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: Client<Https, Full<Bytes>>,
+    uri: http::Uri,
+    structured: bool,
+}
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("uri", &crate::args::redact_url(&self.inner.uri.to_string()))
+            .field("structured", &self.inner.structured)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Forward {
+    /// A forwarder to `url` (http or https) keeping up to `pool` idle
+    /// connections.
+    ///
+    /// # Errors
+    /// A message when `url` is not an http(s) URL.
+    pub fn new(url: &str, structured: bool, pool: usize) -> Result<Self, String> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|_| format!("--forward {}: not a URL", crate::args::redact_url(url)))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(format!(
+                "--forward {}: must be an http:// or https:// URL",
+                crate::args::redact_url(url)
+            ));
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err("--forward: credentials in the URL are not supported".into());
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(Duration::from_secs(5)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(tcp);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(pool)
+            .build(https);
+        Ok(Forward {
+            inner: Arc::new(Inner {
+                http,
+                uri,
+                structured,
+            }),
+        })
+    }
+
+    /// The request for one event; its body is cheap to clone for retries.
+    fn request(
+        &self,
+        message: &CloudEventMessage,
+        info: &WorkInfo,
+    ) -> Result<http::request::Builder, HandlerError> {
+        let mut req = http::Request::post(self.inner.uri.clone())
+            .header("kafka-topic", encode_header(&info.topic))
+            .header("kafka-partition", info.partition)
+            .header("kafka-offset", info.offset)
+            .header("xzepr-work-id", encode_header(&info.work_id));
+        if self.inner.structured {
+            req = req.header(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/cloudevents+json; charset=utf-8"),
+            );
+        } else {
+            req = req.header(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            for (a, value) in attributes(message) {
+                req = req.header(HeaderName::from_static(a.header), encode_header(&value));
+            }
+        }
+        Ok(req)
+    }
+
+    fn body(&self, message: &CloudEventMessage) -> Result<Bytes, HandlerError> {
+        let encode =
+            |e: serde_json::Error| HandlerError::with_code(e.to_string(), "encode").permanent();
+        let bytes = if self.inner.structured {
+            let mut event: Map<String, Value> = attributes(message)
+                .into_iter()
+                .map(|(a, v)| (a.name.to_owned(), Value::String(v)))
+                .collect();
+            event.insert("success".into(), Value::Bool(message.success));
+            event.insert("datacontenttype".into(), "application/json".into());
+            let data = serde_json::to_value(&message.data).map_err(encode)?;
+            event.insert("data".into(), data);
+            serde_json::to_vec(&event).map_err(encode)?
+        } else {
+            serde_json::to_vec(&message.data).map_err(encode)?
+        };
+        Ok(Bytes::from(bytes))
+    }
+
+    async fn post(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> Result<Value, HandlerError> {
+        let req = self
+            .request(&message, &info)?
+            .body(Full::new(self.body(&message)?))
+            .map_err(|e| HandlerError::with_code(e.to_string(), "encode").permanent())?;
+        let resp = self.inner.http.request(req).await.map_err(|e| {
+            HandlerError::with_code(format!("request failed: {}", chain(&e)), "transport")
+        })?;
+        let status = resp.status();
+        // Read to the end, so the connection goes back to the pool.
+        let text = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        if status.is_success() {
+            return Ok(serde_json::json!({ "http_status": status.as_u16() }));
+        }
+        let text = tail(&text);
+        let message = if text.is_empty() {
+            format!("the endpoint answered {status}")
+        } else {
+            format!("the endpoint answered {status}: {text}")
+        };
+        let err = HandlerError::with_code(message, "http_status");
+        let transient = status.is_server_error()
+            || status == http::StatusCode::TOO_MANY_REQUESTS
+            || status == http::StatusCode::REQUEST_TIMEOUT;
+        Err(if transient { err } else { err.permanent() })
+    }
+}
+
+impl AsyncHandler for Forward {
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<Result<Value, HandlerError>> {
+        let this = self.clone();
+        Box::pin(async move { this.post(message, info).await })
+    }
+}
+
+/// A CloudEvents attribute: its name, and its binary-mode header.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Attr {
+    name: &'static str,
+    header: &'static str,
+}
+
+const fn attr(name: &'static str, header: &'static str) -> Attr {
+    Attr { name, header }
+}
+
+/// The event's attributes under their CloudEvents names, as header strings
+/// (the structured body puts `success` back as a boolean).
+fn attributes(m: &CloudEventMessage) -> Vec<(Attr, String)> {
+    let mut attrs = vec![
+        (attr("specversion", "ce-specversion"), "1.0".to_owned()),
+        (attr("id", "ce-id"), m.id.clone()),
+        (attr("source", "ce-source"), m.source.clone()),
+        (attr("type", "ce-type"), m.event_type.clone()),
+    ];
+    for (a, value) in [
+        (attr("apiversion", "ce-apiversion"), &m.api_version),
+        (attr("name", "ce-name"), &m.name),
+        (attr("version", "ce-version"), &m.version),
+        (attr("release", "ce-release"), &m.release),
+        (attr("platformid", "ce-platformid"), &m.platform_id),
+        (attr("package", "ce-package"), &m.package),
+    ] {
+        if !value.is_empty() {
+            attrs.push((a, value.clone()));
+        }
+    }
+    attrs.push((attr("success", "ce-success"), m.success.to_string()));
+    attrs
+}
+
+/// A header value per the HTTP binding: printable ASCII as is, except `"` and
+/// `%`; everything else (space, non-ASCII as UTF-8 bytes) percent-encoded.
+fn encode_header(value: &str) -> HeaderValue {
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    // Only printable ASCII is left, which is always a valid header value.
+    HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// The end of a response body, for an error message.
+fn tail(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    let start = text.len().saturating_sub(ERROR_BODY_MAX);
+    let start = (start..=text.len())
+        .find(|i| text.is_char_boundary(*i))
+        .unwrap_or(text.len());
+    text[start..].to_owned()
+}
+
+/// An error with its sources (hyper's top-level message says little).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message() -> CloudEventMessage {
+        let (_, payload) = xzepr_consumer::generate::xzepr_event(5, "01M82X4ET7AYGAEYSHF5AKVAVW");
+        serde_json::from_slice(&payload).unwrap()
+    }
+
+    #[test]
+    fn header_values_are_percent_encoded() {
+        assert_eq!(encode_header("abc.DEF-1"), "abc.DEF-1");
+        assert_eq!(encode_header("a b\"%"), "a%20b%22%25");
+        assert_eq!(encode_header("café"), "caf%C3%A9");
+    }
+
+    #[test]
+    fn attribute_names_follow_cloudevents() {
+        let m = message();
+        let attrs = attributes(&m);
+        for (a, _) in &attrs {
+            assert!(
+                a.name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+                "{a:?}"
+            );
+            assert_eq!(a.header, format!("ce-{}", a.name));
+        }
+        let get = |n: &str| {
+            attrs
+                .iter()
+                .find(|(a, _)| a.name == n)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("specversion"), Some("1.0"));
+        assert_eq!(get("id"), Some(m.id.as_str()));
+        assert_eq!(get("platformid"), Some(m.platform_id.as_str()));
+        assert_eq!(get("success"), Some("true"));
+    }
+
+    #[test]
+    fn structured_body_is_the_event_and_binary_body_is_data() {
+        let m = message();
+        let structured = Forward::new("http://127.0.0.1:9/", true, 1).unwrap();
+        let v: Value = serde_json::from_slice(&structured.body(&m).unwrap()).unwrap();
+        assert_eq!(v["id"], m.id.as_str());
+        assert_eq!(v["type"], m.event_type.as_str());
+        assert_eq!(v["success"], true);
+        assert_eq!(v["data"]["events"][0]["id"], m.id.as_str());
+        let binary = Forward::new("http://127.0.0.1:9/", false, 1).unwrap();
+        let v: Value = serde_json::from_slice(&binary.body(&m).unwrap()).unwrap();
+        assert_eq!(v["events"][0]["id"], m.id.as_str());
+        assert!(v.get("id").is_none());
+    }
+
+    #[test]
+    fn bad_urls_are_refused_without_their_credentials() {
+        assert!(Forward::new("ftp://x/", false, 1).is_err());
+        assert!(Forward::new("not a url", false, 1).is_err());
+        let err = Forward::new("http://bob:hunter2@localhost/", false, 1).unwrap_err();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_fails_as_transport_and_may_be_retried() {
+        // A port nothing listens on: bind one, then free it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let f = Forward::new(&format!("http://127.0.0.1:{port}/"), false, 1).unwrap();
+        let info = xzepr_consumer::handler::Work::new("w".into(), "t".into(), 0, 0).info();
+        let err = f.post(message(), info).await.unwrap_err();
+        assert_eq!(err.code(), Some("transport"));
+        assert!(!err.is_permanent());
+    }
+}

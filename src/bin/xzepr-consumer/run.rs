@@ -1,0 +1,515 @@
+//! `run`: consume a real topic with the library's pipeline and hand each wanted
+//! event to a program (`--exec`, see [`crate::exec`]) or an HTTP endpoint
+//! (`--forward`, see [`crate::forward`]), reporting `{work}.started` /
+//! `.completed` / `.failed` to XZepr and committing an offset only once its
+//! work and every earlier offset's are finished and reported.
+//!
+//! Configuration is the library's: `KafkaConsumerConfig::from_env` and
+//! `XzeprClientConfig::from_env` (the `XZEPR_*` variables), with flags on top.
+//! Secrets come from the environment or a file only, never from a flag, and
+//! nothing here prints them: the configs' `Debug` is redacted, URLs are logged
+//! without credentials.
+//!
+//! The handlers live in the binary, not the library: they are a command's
+//! policy (process environment, HTTP mapping, exit codes) with no API to keep
+//! stable, and the library stays free of process and CLI concerns.
+//!
+//! On SIGINT or SIGTERM: stop fetching, let the work in flight finish (up to
+//! `--drain-timeout`), commit, flush the lifecycle posts, exit 0. A second
+//! signal exits at once (130); what had not finished is replayed by the next
+//! run, never committed.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
+use xzepr_consumer::config::KafkaConsumerConfig;
+use xzepr_consumer::decode::CloudEventMessage;
+use xzepr_consumer::dispatch::{Ordering, TypeFilter};
+use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
+use xzepr_consumer::pipeline::{Pipeline, RetryPolicy, RunningPipeline, WorkTemplate};
+use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
+
+use crate::args::{parse_duration, redact_url, type_filter, KafkaArgs};
+use crate::baseline::anyhow_like::Result;
+use crate::exec::Exec;
+use crate::forward::Forward;
+
+/// Default `--concurrency` for `--exec`: processes are heavy.
+const EXEC_CONCURRENCY: usize = 16;
+/// Default `--concurrency` for `--forward`: the XZepr client's pool size.
+const FORWARD_CONCURRENCY: usize = 128;
+/// Default `--retries` for `--exec`: a program's effects may not be idempotent.
+const EXEC_RETRIES: u32 = 0;
+/// Default `--retries` for `--forward`: only transient answers are retried.
+const FORWARD_RETRIES: u32 = 2;
+/// How often the status is redrawn on a terminal.
+const STATUS_EVERY: Duration = Duration::from_millis(500);
+/// How often a status line is logged when stderr is not a terminal.
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// `run`'s flags.
+#[derive(Debug, clap::Args)]
+#[command(
+    group(clap::ArgGroup::new("action").required(true).args(["exec", "forward"])),
+    after_help = crate::exec::HELP
+)]
+pub struct RunArgs {
+    /// The service's name: the consumer group is `xzepr-consumer-NAME` (unless
+    /// $XZEPR_KAFKA_GROUP_ID or --group-id), the lifecycle posts' package, and
+    /// the receiver and work name unless given.
+    #[arg(long, value_name = "NAME")]
+    pub service_name: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Consumer group [default: $XZEPR_KAFKA_GROUP_ID, else
+    /// xzepr-consumer-NAME].
+    #[arg(long, value_name = "GROUP")]
+    pub group_id: Option<String>,
+    /// XZepr's base URL [default: $XZEPR_API_URL, else http://localhost:8042].
+    #[arg(long, value_name = "URL")]
+    pub api_url: Option<String>,
+    /// Read the XZepr token from this file instead of $XZEPR_API_TOKEN.
+    #[arg(long, value_name = "PATH")]
+    pub api_token_file: Option<PathBuf>,
+    /// The receiver the lifecycle is posted under, found or created [default:
+    /// the service name].
+    #[arg(long, value_name = "NAME")]
+    pub receiver_name: Option<String>,
+    /// The receiver's type.
+    #[arg(long, value_name = "TYPE", default_value = "worker")]
+    pub receiver_type: String,
+    /// The receiver's version (when it is created).
+    #[arg(long, value_name = "VERSION", default_value = "1.0.0")]
+    pub receiver_version: String,
+    /// The receiver's description (when it is created).
+    #[arg(long, value_name = "TEXT")]
+    pub receiver_description: Option<String>,
+    /// The work's name: posts are WORK.started, WORK.completed, WORK.failed
+    /// [default: the service name].
+    #[arg(long, value_name = "WORK")]
+    pub work_name: Option<String>,
+    /// The work's version (and release).
+    #[arg(long, value_name = "VERSION", default_value = "1.0.0")]
+    pub work_version: String,
+    /// Post no lifecycle events (no XZepr needed); offsets are still committed
+    /// only after the work finished.
+    #[arg(long)]
+    pub no_report: bool,
+    /// Most events in flight at once [default: 16 with --exec, 128 with
+    /// --forward].
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// What stays in order: one event at a time per partition, per message
+    /// key (XZepr keys by event id), or none.
+    #[arg(long, value_enum, default_value_t = OrderingArg::Partition)]
+    pub ordering: OrderingArg,
+    /// Handle only these event types: a prefix (`deployment.`) or a glob
+    /// (`*.failed`); repeat for more. Other events are committed unhandled.
+    #[arg(long = "type", value_name = "PREFIX_OR_GLOB")]
+    pub types: Vec<String>,
+    /// Longest run of one attempt at an event's work; past it the program is
+    /// killed (or the request dropped) and the attempt fails with code
+    /// `timeout`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
+    pub timeout: Duration,
+    /// On SIGINT/SIGTERM, how long work in flight may take to finish before it
+    /// is cancelled (and replayed by the next run).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
+    pub drain_timeout: Duration,
+    /// With --forward: send structured CloudEvents
+    /// (application/cloudevents+json) instead of binary mode (ce-* headers).
+    #[arg(long, requires = "forward")]
+    pub structured: bool,
+    /// Retries of a failed event, by the pipeline's retry policy (backoff from
+    /// 200 ms doubling up to 30 s, with jitter; only the event's lane waits).
+    /// With --forward only transport errors, 408, 429 and 5xx are retried
+    /// [default: 0 with --exec, 2 with --forward].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<u32>,
+    /// Serve Prometheus metrics on GET /metrics, and GET /health and GET /ready,
+    /// at this address (e.g. 0.0.0.0:9464; port 0 picks a free one, logged).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// POST each event to this URL as a CloudEvent; 2xx is completed.
+    #[arg(long, value_name = "URL")]
+    pub forward: Option<String>,
+    /// Run this program for each event (event JSON on stdin, attributes in
+    /// XZEPR_EVENT_*/KAFKA_* variables); exit 0 is completed. Takes the rest
+    /// of the command line: put it last.
+    #[arg(
+        long,
+        value_name = "CMD [ARGS]...",
+        num_args = 1..,
+        allow_hyphen_values = true,
+        trailing_var_arg = true
+    )]
+    pub exec: Option<Vec<String>>,
+}
+
+/// `--ordering`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OrderingArg {
+    /// One event at a time per partition, in offset order.
+    Partition,
+    /// One event at a time per message key, in offset order within the key.
+    Key,
+    /// No order: any event runs when there is room.
+    None,
+}
+
+impl From<OrderingArg> for Ordering {
+    fn from(o: OrderingArg) -> Ordering {
+        match o {
+            OrderingArg::Partition => Ordering::PerPartition,
+            OrderingArg::Key => Ordering::PerKey,
+            OrderingArg::None => Ordering::Unordered,
+        }
+    }
+}
+
+/// What each event is handed to.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// A program per event.
+    Exec(Exec),
+    /// An HTTP POST per event.
+    Forward(Forward),
+}
+
+impl AsyncHandler for Action {
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<std::result::Result<Value, HandlerError>> {
+        match self {
+            Action::Exec(e) => e.handle(message, info),
+            Action::Forward(f) => f.handle(message, info),
+        }
+    }
+}
+
+/// The pipeline settings `run` takes from its flags.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// `max_in_flight`.
+    pub concurrency: usize,
+    /// The ordering mode.
+    pub ordering: Ordering,
+    /// Wanted types.
+    pub types: TypeFilter,
+    /// The handler timeout.
+    pub timeout: Duration,
+    /// The drain timeout.
+    pub drain_timeout: Duration,
+    /// Retries of failed events.
+    pub retry: RetryPolicy,
+    /// Where the metrics, health and readiness endpoint listens, if anywhere.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+/// Starts the pipeline running `action` on `runtime`, reporting through
+/// `lifecycle` when given. `bench` measures this same path.
+pub fn start(
+    kafka: KafkaConsumerConfig,
+    action: Action,
+    tuning: &Tuning,
+    runtime: tokio::runtime::Handle,
+    lifecycle: Option<(Reporter, WorkTemplate)>,
+) -> std::result::Result<RunningPipeline, xzepr_consumer::Error> {
+    let mut builder = Pipeline::builder(kafka)
+        .runtime(runtime)
+        .max_in_flight(tuning.concurrency)
+        .ordering(tuning.ordering)
+        .type_filter(tuning.types.clone())
+        .handler_timeout(tuning.timeout)
+        .drain_timeout(tuning.drain_timeout)
+        .retry(tuning.retry.clone());
+    if let Some(addr) = tuning.metrics_addr {
+        builder = builder.metrics_addr(addr);
+    }
+    if let Some((reporter, work)) = lifecycle {
+        builder = builder.lifecycle(reporter, work);
+    }
+    builder.start_async(action)
+}
+
+/// Runs the command until a signal (then drains: exit 0) or until the consumer
+/// stops on an error (returned).
+pub fn run(args: RunArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("xzepr-run")
+        .build()?;
+    rt.block_on(run_async(args))
+}
+
+async fn run_async(args: RunArgs) -> Result<()> {
+    let service = args.service_name.trim().to_owned();
+    if service.is_empty() {
+        return Err("--service-name must not be empty".into());
+    }
+    let mut kafka = args.kafka.config(&service)?;
+    if let Some(group) = &args.group_id {
+        kafka.group_id.clone_from(group);
+    }
+    // Checked before anything starts: errors name the variable, never a secret.
+    kafka.to_client_config()?;
+    let (action, default_concurrency, default_retries) = match (&args.exec, &args.forward) {
+        (Some(cmd), _) => {
+            let exec = Exec::new(cmd).ok_or("--exec needs a program")?;
+            (Action::Exec(exec), EXEC_CONCURRENCY, EXEC_RETRIES)
+        }
+        (None, Some(url)) => {
+            let concurrency = args.concurrency.unwrap_or(FORWARD_CONCURRENCY);
+            let forward = Forward::new(url, args.structured, concurrency)?;
+            (
+                Action::Forward(forward),
+                FORWARD_CONCURRENCY,
+                FORWARD_RETRIES,
+            )
+        }
+        (None, None) => return Err("one of --exec or --forward is required".into()),
+    };
+    let tuning = Tuning {
+        concurrency: args.concurrency.unwrap_or(default_concurrency).max(1),
+        ordering: args.ordering.into(),
+        types: type_filter(&args.types),
+        timeout: args.timeout,
+        drain_timeout: args.drain_timeout,
+        retry: RetryPolicy::attempts(args.retries.unwrap_or(default_retries).saturating_add(1)),
+        metrics_addr: args.metrics_addr,
+    };
+    let reporting = if args.no_report {
+        None
+    } else {
+        Some(connect_xzepr(&args, &service).await?)
+    };
+    match &action {
+        Action::Exec(e) => tracing::info!(program = %e.program(), "Handing events to a program."),
+        Action::Forward(_) => tracing::info!(
+            url = %redact_url(args.forward.as_deref().unwrap_or_default()),
+            structured = args.structured,
+            "Forwarding events."
+        ),
+    }
+    tracing::info!(
+        brokers = %kafka.brokers,
+        topics = ?kafka.topics,
+        group = %kafka.group_id,
+        concurrency = tuning.concurrency,
+        ordering = ?tuning.ordering,
+        types = ?tuning.types,
+        "Consuming."
+    );
+    let (lifecycle, reporter_task) = match reporting {
+        Some((reporter, task, work)) => (Some((reporter, work)), Some(task)),
+        None => (None, None),
+    };
+    let running = Arc::new(start(
+        kafka,
+        action,
+        &tuning,
+        tokio::runtime::Handle::current(),
+        lifecycle,
+    )?);
+    if let Some(addr) = running.metrics_addr() {
+        tracing::info!(%addr, "Serving /metrics, /health and /ready.");
+    }
+    let reason = watch(&running).await;
+    tracing::info!(reason, drain_timeout = ?tuning.drain_timeout, "Stopping: draining the work in flight, then committing.");
+    tokio::spawn(async {
+        if signal().await.is_some() {
+            tracing::warn!("Second signal: exiting without draining; unfinished work is replayed by the next run.");
+            std::process::exit(130);
+        }
+    });
+    let stopping = Arc::clone(&running);
+    let joined = tokio::task::spawn_blocking(move || {
+        stopping.shutdown();
+        stopping.join()
+    })
+    .await?;
+    let m = running.metrics();
+    // The pipeline holds the reporter: dropped, the reporter's queue closes
+    // and its task ends once the posts still queued are sent.
+    drop(running);
+    if let Some(task) = reporter_task {
+        if !task.drain(Duration::from_secs(30)).await {
+            tracing::warn!("Lifecycle posts still unsent after 30 s; their offsets were not committed and will be replayed.");
+        }
+    }
+    tracing::info!(
+        handled = m.handled,
+        failed = m.handler_failed,
+        timeouts = m.handler_timeouts,
+        filtered = m.filtered,
+        own_skipped = m.own_skipped,
+        malformed = m.malformed,
+        report_failed = m.report_failed,
+        "Stopped."
+    );
+    joined?;
+    Ok(())
+}
+
+/// Finds or creates the receiver and starts the reporter.
+async fn connect_xzepr(
+    args: &RunArgs,
+    service: &str,
+) -> Result<(Reporter, ReporterTask, WorkTemplate)> {
+    let mut config = XzeprClientConfig::from_env()?;
+    if let Some(url) = &args.api_url {
+        config.base_url.clone_from(url);
+    }
+    if let Some(path) = &args.api_token_file {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| format!("--api-token-file {}: {e}", path.display()))?;
+        config.token = token.trim().to_owned();
+    }
+    let url = redact_url(&config.base_url);
+    let client = XzeprClient::new(config)?;
+    let name = args.receiver_name.as_deref().unwrap_or(service);
+    let description = args
+        .receiver_description
+        .clone()
+        .unwrap_or_else(|| format!("{service}: events handled by xzepr-consumer run"));
+    let receiver = client
+        .discover_or_create_event_receiver(
+            name,
+            &args.receiver_type,
+            &args.receiver_version,
+            &description,
+            serde_json::json!({"type": "object"}),
+        )
+        .await
+        .map_err(|e| format!("finding or creating receiver {name:?} at {url}: {e}"))?;
+    let work_name = args.work_name.as_deref().unwrap_or(service);
+    tracing::info!(%url, receiver = %receiver, work = work_name, "Reporting to XZepr.");
+    let (reporter, task) = Reporter::start(client, ReporterConfig::default());
+    let work = WorkTemplate::new(receiver, work_name, &args.work_version, service);
+    Ok((reporter, task, work))
+}
+
+/// SIGINT or SIGTERM; `None` when neither can be listened for.
+async fn signal() -> Option<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok()?;
+        let mut int = signal(SignalKind::interrupt()).ok()?;
+        tokio::select! {
+            _ = int.recv() => Some("SIGINT"),
+            _ = term.recv() => Some("SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await.ok().map(|()| "Ctrl-C")
+    }
+}
+
+/// Shows the status until a signal or until the consumer stops by itself;
+/// returns why it stopped.
+async fn watch(running: &RunningPipeline) -> &'static str {
+    let mut status = Status::new(std::io::stderr().is_terminal());
+    let signalled = signal();
+    tokio::pin!(signalled);
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    let reason = loop {
+        tokio::select! {
+            s = &mut signalled => break s.unwrap_or("no signal handler"),
+            _ = tick.tick() => {
+                if running.source().is_finished() {
+                    break "the consumer stopped";
+                }
+                status.update(running);
+            }
+        }
+    };
+    status.finish();
+    reason
+}
+
+/// The live line on a terminal, or a periodic log line otherwise.
+struct Status {
+    bar: Option<indicatif::ProgressBar>,
+    /// `handled + filtered + own_skipped` at the previous rate sample, and when.
+    last: (Instant, u64),
+    last_log: Instant,
+    rate: f64,
+}
+
+impl Status {
+    fn new(terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let bar = indicatif::ProgressBar::new_spinner();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar
+        });
+        let now = Instant::now();
+        Status {
+            bar,
+            last: (now, 0),
+            last_log: now,
+            rate: 0.0,
+        }
+    }
+
+    fn update(&mut self, running: &RunningPipeline) {
+        let m = running.metrics();
+        // Summed over the assigned partitions; unknown until each has one.
+        let partitions = running.source().partitions();
+        let lag = if partitions.is_empty() {
+            None
+        } else {
+            partitions.iter().map(|p| p.lag).sum::<Option<i64>>()
+        };
+        let done = m.handled + m.filtered + m.own_skipped + m.malformed;
+        let now = Instant::now();
+        let secs = now.duration_since(self.last.0).as_secs_f64();
+        if secs >= 1.0 {
+            self.rate = done.saturating_sub(self.last.1) as f64 / secs;
+            self.last = (now, done);
+        }
+        let in_flight = running.source().stats().in_flight.load(Relaxed);
+        if let Some(bar) = &self.bar {
+            let lag = lag.map_or_else(|| "…".to_owned(), |l| l.to_string());
+            bar.set_message(format!(
+                "{:.0} events/s · {in_flight} in flight · {} handled · {} failed · {} skipped · lag {lag}",
+                self.rate,
+                m.handled,
+                m.handler_failed,
+                m.filtered + m.own_skipped
+            ));
+            bar.tick();
+        } else if now.duration_since(self.last_log) >= LOG_EVERY {
+            self.last_log = now;
+            tracing::info!(
+                events_per_s = self.rate.round(),
+                in_flight,
+                handled = m.handled,
+                failed = m.handler_failed,
+                skipped = m.filtered + m.own_skipped,
+                malformed = m.malformed,
+                lag,
+                "Status."
+            );
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
