@@ -312,6 +312,8 @@ printf '{"event":"%s","type":"%s","partition":%s,"offset":%s,"topic":"%s","work"
             "4",
             "--ordering",
             "key",
+            "--dead-letter-topic",
+            "cli.exec.failed",
             "--exec",
             "sh",
             &handler,
@@ -345,6 +347,8 @@ printf '{"event":"%s","type":"%s","partition":%s,"offset":%s,"topic":"%s","work"
             let error = d["error"].as_str().unwrap();
             assert!(error.contains("status 3"), "{error}");
             assert!(error.ends_with(&format!("scan found {id}")), "{error}");
+            // Dead-lettered before it was reported, and the post says where.
+            assert_eq!(d["dead_letter"]["topic"], "cli.exec.failed", "{d}");
         } else {
             assert!(failed.is_empty(), "{id}: {p:?}");
             let d = completed[0];

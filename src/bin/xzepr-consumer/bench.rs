@@ -437,6 +437,7 @@ fn run_forward(
         drain_timeout: Duration::from_secs(10),
         retry: xzepr_consumer::pipeline::RetryPolicy::attempts(3),
         metrics_addr: None,
+        dead_letter: None,
     };
     let (lifecycle, task) = match api_url {
         Some(url) => {

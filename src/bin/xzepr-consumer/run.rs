@@ -32,7 +32,9 @@ use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::dispatch::{Ordering, TypeFilter};
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
-use xzepr_consumer::pipeline::{Pipeline, RetryPolicy, RunningPipeline, WorkTemplate};
+use xzepr_consumer::pipeline::{
+    DeadLetterConfig, MalformedPolicy, Pipeline, RetryPolicy, RunningPipeline, WorkTemplate,
+};
 use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
 
 use crate::args::{parse_duration, redact_url, type_filter, KafkaArgs};
@@ -136,6 +138,15 @@ pub struct RunArgs {
     /// at this address (e.g. 0.0.0.0:9464; port 0 picks a free one, logged).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
+    /// Produce events that failed on their last attempt, and malformed
+    /// messages, to a dead-letter topic (`<topic>.dlq`, or --dead-letter-topic)
+    /// with their key, payload and headers unchanged plus headers saying why;
+    /// an offset finishes only once the broker acknowledged its dead letter.
+    #[arg(long)]
+    pub dead_letter: bool,
+    /// The dead-letter topic (implies --dead-letter).
+    #[arg(long, value_name = "TOPIC")]
+    pub dead_letter_topic: Option<String>,
     /// POST each event to this URL as a CloudEvent; 2xx is completed.
     #[arg(long, value_name = "URL")]
     pub forward: Option<String>,
@@ -212,6 +223,8 @@ pub struct Tuning {
     pub retry: RetryPolicy,
     /// Where the metrics, health and readiness endpoint listens, if anywhere.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where failed events and malformed messages go, if anywhere.
+    pub dead_letter: Option<DeadLetterConfig>,
 }
 
 /// Starts the pipeline running `action` on `runtime`, reporting through
@@ -233,6 +246,11 @@ pub fn start(
         .retry(tuning.retry.clone());
     if let Some(addr) = tuning.metrics_addr {
         builder = builder.metrics_addr(addr);
+    }
+    if let Some(dlq) = &tuning.dead_letter {
+        builder = builder
+            .dead_letter(dlq.clone())
+            .malformed(MalformedPolicy::DeadLetter);
     }
     if let Some((reporter, work)) = lifecycle {
         builder = builder.lifecycle(reporter, work);
@@ -285,6 +303,11 @@ async fn run_async(args: RunArgs) -> Result<()> {
         drain_timeout: args.drain_timeout,
         retry: RetryPolicy::attempts(args.retries.unwrap_or(default_retries).saturating_add(1)),
         metrics_addr: args.metrics_addr,
+        dead_letter: match (&args.dead_letter_topic, args.dead_letter) {
+            (Some(topic), _) => Some(DeadLetterConfig::new().topic(topic)),
+            (None, true) => Some(DeadLetterConfig::new()),
+            (None, false) => None,
+        },
     };
     let reporting = if args.no_report {
         None
