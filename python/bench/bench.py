@@ -33,8 +33,8 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -56,6 +56,25 @@ from xzepr_consumer.devstack import DevStack, StandIn, generate_events, produce
 
 LATENCY_MS = 5
 _groups = 0
+
+
+@dataclass
+class Figure:
+    """One timed run: from its first message to its N-th one finished."""
+
+    events: int
+    wall_s: float
+    #: CPU time of the whole process over the run: every thread, the in-process
+    #: broker's included (the same broker for every path).
+    cpu_s: float
+
+    @property
+    def eps(self) -> float:
+        return self.events / self.wall_s
+
+    @property
+    def cpu_us(self) -> float:
+        return self.cpu_s / self.events * 1e6
 
 
 def fresh_group(kind: str) -> str:
@@ -187,7 +206,7 @@ async def plan_way(
     topic: str,
     n: int,
     reporter: tuple[PlanClient, str] | None = None,
-) -> float:
+) -> Figure:
     """The plan's ``XzeprConsumer.run`` loop, with a commit per message; events/s."""
     consumer = Consumer(
         {
@@ -201,7 +220,7 @@ async def plan_way(
     )
     consumer.subscribe([topic])
     seen = 0
-    start = 0.0
+    start = cpu = 0.0
     deadline = time.monotonic() + 60
     try:
         while seen < n:
@@ -210,12 +229,13 @@ async def plan_way(
                 if seen == 0 and time.monotonic() > deadline:
                     raise RuntimeError("no message within 60 s")
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            error = msg.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise KafkaException(msg.error())
+                raise KafkaException(error)
             if seen == 0:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
             value = msg.value()
             if value is not None:
                 event = plan_from_json(value.decode("utf-8"))
@@ -229,7 +249,7 @@ async def plan_way(
                     await client.post_work("completed", receiver_id, work_id, event)
             consumer.commit(message=msg, asynchronous=False)
             seen += 1
-        return seen / (time.perf_counter() - start)
+        return Figure(seen, time.perf_counter() - start, time.process_time() - cpu)
     finally:
         consumer.close()
 
@@ -242,7 +262,7 @@ async def package_way(
     topic: str,
     n: int,
     lifecycle: tuple[XzeprClient, str] | None = None,
-) -> float:
+) -> Figure:
     """``XzeprConsumer`` with its defaults; events/s."""
     config = KafkaConsumerConfig(
         brokers=brokers, topic=topic, service_name="bench", group_id=fresh_group("pkg")
@@ -255,17 +275,16 @@ async def package_way(
             config, client=client, receiver_id=receiver_id, work_name="bench-work"
         )
     seen = 0
-    start = 0.0
-    end = 0.0
+    start = end = cpu = cpu_end = 0.0
     done = asyncio.Event()
 
     async def handle(message: CloudEventMessage) -> None:
-        nonlocal seen, start, end
+        nonlocal seen, start, end, cpu, cpu_end
         if seen == 0:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
         seen += 1
         if seen == n:
-            end = time.perf_counter()
+            end, cpu_end = time.perf_counter(), time.process_time()
             if lifecycle is None:
                 done.set()
 
@@ -279,7 +298,7 @@ async def package_way(
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not done after 120 s: {consumer.metrics()}")
             if lifecycle is not None and consumer.metrics().get("posted_completed", 0) >= n:
-                end = time.perf_counter()
+                end, cpu_end = time.perf_counter(), time.process_time()
                 break
             try:
                 await asyncio.wait_for(done.wait(), LATENCY_MS / 1000)
@@ -288,10 +307,19 @@ async def package_way(
     finally:
         consumer.stop()
         await asyncio.wait_for(task, 60)
-    return n / (end - start)
+    return Figure(n, end - start, cpu_end - cpu)
 
 
 # --- Main ------------------------------------------------------------------------
+
+
+def show(f: Figure) -> str:
+    return f"{fmt(f.eps):>10} events/s, {f.cpu_us:,.0f} µs CPU/event ({f.events:,} events)"
+
+
+def median(figures: list[Figure]) -> Figure:
+    """The run with the median events/s."""
+    return sorted(figures, key=lambda f: f.eps)[len(figures) // 2]
 
 
 def fmt(eps: float) -> str:
@@ -333,18 +361,18 @@ async def main() -> None:
         )
         print("load average at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
 
-        plan_noop: list[float] = []
-        pkg_noop: list[float] = []
+        plan_noop: list[Figure] = []
+        pkg_noop: list[Figure] = []
         for r in range(args.rounds):
             order = ("plan", "pkg") if r % 2 == 0 else ("pkg", "plan")
             for which in order:
                 if which == "plan":
-                    eps = await plan_way(stack.brokers, stack.topic, n)
-                    plan_noop.append(eps)
+                    f = await plan_way(stack.brokers, stack.topic, n)
+                    plan_noop.append(f)
                 else:
-                    eps = await package_way(stack.brokers, stack.topic, n)
-                    pkg_noop.append(eps)
-                print(f"round {r + 1}: {which:4} no-op {fmt(eps):>10} events/s", flush=True)
+                    f = await package_way(stack.brokers, stack.topic, n)
+                    pkg_noop.append(f)
+                print(f"round {r + 1}: {which:4} no-op {show(f)}", flush=True)
 
         client = XzeprClient(XzeprClientConfig(standin.url, standin.token))
         receiver = await client.discover_or_create_event_receiver(
@@ -353,38 +381,35 @@ async def main() -> None:
         plan_client = PlanClient(standin.url, standin.token)
         try:
             m = min(args.plan_lifecycle_events, n)
-            plan_report = await plan_way(stack.brokers, stack.topic, m, (plan_client, receiver))
-            print(f"plan lifecycle ({m} events) {fmt(plan_report):>10} events/s", flush=True)
-            pkg_report = await package_way(stack.brokers, stack.topic, n, (client, receiver))
-            print(f"pkg  lifecycle ({n} events) {fmt(pkg_report):>10} events/s", flush=True)
+            c = await plan_way(stack.brokers, stack.topic, m, (plan_client, receiver))
+            print(f"plan lifecycle: {show(c)}", flush=True)
+            d = await package_way(stack.brokers, stack.topic, n, (client, receiver))
+            print(f"pkg  lifecycle: {show(d)}", flush=True)
         finally:
             await plan_client.close()
             await client.close()
         stats = standin.stats()
 
-        a, b = statistics.median(plan_noop), statistics.median(pkg_noop)
+        a = median(plan_noop)
+        b = median(pkg_noop)
         rows = [
             ("(a) plan's way, no-op handler", a),
             ("(b) this package, no-op async handler", b),
-            (f"(c) plan's way, sequential posts, {LATENCY_MS} ms stand-in", plan_report),
-            (f"(d) this package, automatic lifecycle, {LATENCY_MS} ms stand-in", pkg_report),
+            (f"(c) plan's way, sequential posts, {LATENCY_MS} ms stand-in", c),
+            (f"(d) this package, automatic lifecycle, {LATENCY_MS} ms stand-in", d),
         ]
         print()
-        print("| path | events/s |")
-        print("| --- | ---: |")
-        for name, eps in rows:
-            print(f"| {name} | {fmt(eps)} |")
-        print(f"| **no-op: package / plan** (target 5x) | **{b / a:.1f}x** |")
-        print(
-            f"| **lifecycle: package / plan** (target 100x) | **{pkg_report / plan_report:.1f}x** |"
-        )
+        print("| path | events | events/s | process CPU per event |")
+        print("| --- | ---: | ---: | ---: |")
+        for name, f in rows:
+            print(f"| {name} | {f.events:,} | {fmt(f.eps)} | {f.cpu_us:,.0f} µs |")
+        print(f"| **no-op: (b) / (a)** (target 5x) | | **{b.eps / a.eps:.1f}x** | |")
+        print(f"| **lifecycle: (d) / (c)** (target 100x) | | **{d.eps / c.eps:.1f}x** | |")
         print()
-        print("rounds (a):", ", ".join(fmt(x) for x in plan_noop))
-        print("rounds (b):", ", ".join(fmt(x) for x in pkg_noop))
-        print(
-            "(b)/(a) per round:",
-            ", ".join(f"{y / x:.1f}x" for x, y in zip(plan_noop, pkg_noop, strict=True)),
-        )
+        print("rounds (a):", ", ".join(fmt(x.eps) for x in plan_noop))
+        print("rounds (b):", ", ".join(fmt(x.eps) for x in pkg_noop))
+        pairs = zip(plan_noop, pkg_noop, strict=True)
+        print("(b)/(a) per round:", ", ".join(f"{y.eps / x.eps:.1f}x" for x, y in pairs))
         print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
         print(
             f"stand-in: started {stats['started']}, completed {stats['completed']}, "
