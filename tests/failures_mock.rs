@@ -53,10 +53,11 @@ fn wait_for(what: &str, running: &RunningPipeline, mut done: impl FnMut() -> boo
     }
 }
 
-/// Produces `n` messages to partition 0 of `topic`: payload and headers from `f(i)`.
+/// Produces `n` messages to `partition` of `topic`: payload and headers from `f(i)`.
 fn produce_with(
     brokers: &str,
     topic: &str,
+    partition: i32,
     n: u64,
     f: impl Fn(u64) -> (Vec<u8>, Vec<(&'static str, &'static str)>),
 ) {
@@ -77,7 +78,7 @@ fn produce_with(
         let record = BaseRecord::to(topic)
             .key(&key)
             .payload(&payload)
-            .partition(0)
+            .partition(partition)
             .headers(h);
         producer.send(record).map_err(|(e, _)| e).unwrap();
     }
@@ -171,7 +172,7 @@ fn poison_messages_are_dead_lettered_and_the_partition_moves_past_them() {
     let cluster = cluster("poison", 1);
     cluster.create_topic("poison.dlq", 1, 1).unwrap();
     let brokers = cluster.bootstrap_servers();
-    produce_with(&brokers, "poison", N, |i| match i as i64 {
+    produce_with(&brokers, "poison", 0, N, |i| match i as i64 {
         MALFORMED_AT => (b"{not json".to_vec(), vec![("trace", "m-1")]),
         POISON_AT => (xzepr_event(i, "01SOMEONEELSE").1, vec![("trace", "p-1")]),
         _ => (xzepr_event(i, "01SOMEONEELSE").1, vec![]),
@@ -307,7 +308,7 @@ fn a_dead_letter_the_broker_never_acknowledges_holds_the_offset() {
     const BAD: i64 = 40;
     let cluster = cluster("dlqdown", 1);
     let brokers = cluster.bootstrap_servers();
-    produce_with(&brokers, "dlqdown", N, |i| {
+    produce_with(&brokers, "dlqdown", 0, N, |i| {
         (xzepr_event(i, "01SOMEONEELSE").1, vec![])
     });
     let rt = runtime();
@@ -449,5 +450,62 @@ fn an_xzepr_outage_holds_the_commit_point_and_everything_is_reported_after() {
     eprintln!(
         "outage: {refused} requests refused, breaker opened {opened} time(s), {reported_during} \
          completed before the outage ended, all {N} reported after"
+    );
+}
+
+/// A sync handler's retry does not hold its worker: with one worker thread, an
+/// event of another partition runs while the failing one waits for its next
+/// attempt. The failing event succeeds only once that happened, so a worker
+/// that slept through its backoff would exhaust every attempt instead.
+#[test]
+fn a_sync_retry_waits_without_its_worker() {
+    use std::sync::atomic::AtomicBool;
+    use xzepr_consumer::decode::CloudEvent;
+    use xzepr_consumer::handler::Work;
+
+    const N: u64 = 10;
+    let cluster = cluster("syncretry", 2);
+    let brokers = cluster.bootstrap_servers();
+    let event = |i: u64| (xzepr_event(i, "01SOMEONEELSE").1, vec![]);
+    // First only the event that fails; the other partition's events arrive
+    // once it has failed, so only a free worker can run them.
+    produce_with(&brokers, "syncretry", 0, 1, event);
+    let failed_once = Arc::new(AtomicBool::new(false));
+    let other_ran = Arc::new(AtomicBool::new(false));
+    let (f, o) = (Arc::clone(&failed_once), Arc::clone(&other_ran));
+    let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "syncretry", "syncretry"))
+        .workers(1)
+        .commit_interval(Duration::from_millis(50))
+        .retry(
+            RetryPolicy::attempts(2_000)
+                .backoff(Duration::from_millis(1), Duration::from_millis(2)),
+        )
+        .start(
+            move |_ev: &CloudEvent<'_>, work: &mut Work| -> Result<(), String> {
+                let info = work.info();
+                if (info.partition, info.offset) == (0, 0) {
+                    if !f.swap(true, Relaxed) || !o.load(Relaxed) {
+                        return Err("not yet".to_owned());
+                    }
+                } else if info.partition == 1 && f.load(Relaxed) {
+                    o.store(true, Relaxed);
+                }
+                Ok(())
+            },
+        )
+        .unwrap();
+    wait_for("the first failure", &running, || failed_once.load(Relaxed));
+    produce_with(&brokers, "syncretry", 1, N, event);
+    let ends = end_offsets(&brokers, "syncretry", 2);
+    wait_for("every event", &running, || running.metrics().finished > N);
+    running.shutdown();
+    running.join().unwrap();
+    let m = running.metrics();
+    assert_eq!(m.handler_failed, 0, "the retried event succeeded: {m:?}");
+    assert!(m.retried >= 1, "{m:?}");
+    assert!(other_ran.load(Relaxed));
+    assert_eq!(
+        committed(&brokers, "xzepr-consumer-syncretry", "syncretry", 2),
+        ends
     );
 }

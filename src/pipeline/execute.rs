@@ -12,10 +12,11 @@
 //! check, decode, filter, `started`, handler (panics caught, timeout applied),
 //! terminal post, finish.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use serde_json::Value;
 use super::complete::{
     begin, begin_blocking, complete, complete_blocking, dead_letter, dead_letter_blocking,
     finish_now, malformed, malformed_dead_lettered, malformed_reason, Delivery, MalformedPolicy,
-    Outcome, SharedSink, WorkStart,
+    Mark, Outcome, Pending, SharedSink, WorkStart,
 };
 use super::deadletter::{DeadLetters, Placed, Reason, Why};
 use super::guard::Guard;
@@ -34,7 +35,7 @@ use crate::decode::{CloudEvent, Decoder, DecoderConfig};
 use crate::dispatch::TypeFilter;
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
 use crate::metrics::Metrics;
-use crate::source::{Batch, DeferCompletions, Executor};
+use crate::source::{Batch, DeferCompletions, Executor, Message};
 
 /// What every executor needs to handle an event.
 pub(crate) struct Shared {
@@ -154,15 +155,37 @@ fn panicked() -> HandlerError {
 }
 
 /// Handles one event with a sync handler, on the calling thread.
+///
+/// With `requeue`, an attempt that will be retried is not waited out on this
+/// thread: the event's state goes into the table and the delivery comes back
+/// with when to run it again, for the worker to hand its job to the
+/// [`RetryTimer`]. Without, the thread sleeps through the backoff.
 pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
     delivery: D,
     decoder: &mut Decoder,
     handler: &H,
     shared: &Shared,
-) {
+    requeue: Option<&RetryTable<D>>,
+) -> Option<(D, Instant)> {
     let metrics = &shared.metrics;
-    if !shared.take(&delivery) {
-        return;
+    let mut key = requeue.map(|_| {
+        (
+            delivery.topic_arc(),
+            delivery.partition(),
+            delivery.offset(),
+        )
+    });
+    let earlier = requeue
+        .zip(key.as_ref())
+        .and_then(|(table, key)| table.lock().ok()?.remove(key));
+    if earlier.is_some() {
+        if !delivery.is_current() {
+            // Revoked while it waited: the new owner has it.
+            Metrics::add(&metrics.stale_dropped, 1);
+            return None;
+        }
+    } else if !shared.take(&delivery) {
+        return None;
     }
     let headers = delivery.headers();
     let ev = match decoder.decode_message(headers.iter().copied(), delivery.payload()) {
@@ -176,26 +199,34 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
                 });
                 malformed_dead_lettered(d, placed, metrics);
             }
-            return;
+            return None;
         }
     };
-    if !shared.wanted(&ev) {
-        drop((ev, headers));
-        finish_now(delivery, metrics);
-        return;
-    }
-    let mark = match &shared.idempotency {
-        Some(guard) => {
-            match guard.admit_blocking(guard.key.of(&headers, ev.id()), &delivery, metrics) {
-                Ok(mark) => Some(mark),
-                Err(skip) => {
-                    drop((ev, headers));
-                    skip.apply(delivery, metrics);
-                    return;
-                }
+    // A retried event was wanted and claimed on its first attempt.
+    let (first_attempt, mark, pending) = match earlier {
+        Some(e) => (e.attempts + 1, e.mark, Some(e.pending)),
+        None => {
+            if !shared.wanted(&ev) {
+                drop((ev, headers));
+                finish_now(delivery, metrics);
+                return None;
             }
+            let mark = match &shared.idempotency {
+                Some(guard) => {
+                    let key = guard.key.of(&headers, ev.id());
+                    match guard.admit_blocking(key, &delivery, metrics) {
+                        Ok(mark) => Some(mark),
+                        Err(skip) => {
+                            drop((ev, headers));
+                            skip.apply(delivery, metrics);
+                            return None;
+                        }
+                    }
+                }
+                None => None,
+            };
+            (1, mark, None)
         }
-        None => None,
     };
     let mut work = Work::new(
         format!("work-{}", ev.id()),
@@ -205,26 +236,39 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
     );
     let platform_id = ev.platform_id().unwrap_or_default().to_owned();
     let sink = shared.lifecycle.as_ref();
-    // `started` goes to the reporter before the handler runs.
-    let pending = begin_blocking(
-        sink,
-        metrics,
-        shared.dead_letters.as_ref(),
-        &WorkStart {
-            work_id: work.id(),
-            platform_id: &platform_id,
-            event_id: ev.id(),
-            event_type: ev.event_type(),
-        },
-    );
-    let mut attempt = 1;
+    // `started` goes to the reporter before the first attempt, once.
+    let pending = pending.unwrap_or_else(|| {
+        begin_blocking(
+            sink,
+            metrics,
+            shared.dead_letters.as_ref(),
+            &WorkStart {
+                work_id: work.id(),
+                platform_id: &platform_id,
+                event_id: ev.id(),
+                event_type: ev.event_type(),
+            },
+        )
+    });
+    let mut attempt = first_attempt;
     let result = loop {
         let result = call_sync(handler, &ev, &mut work, shared, &delivery);
         match result {
             Err(e) if shared.retries(&delivery, &e, attempt) => {
-                // A sync worker waits out the backoff itself: sync handlers
-                // are for CPU-bound work, whose retries are rare.
-                std::thread::sleep(shared.retry.delay(attempt));
+                let due = Instant::now() + shared.retry.delay(attempt);
+                if let (Some(table), Some(key)) = (requeue, key.take()) {
+                    drop((ev, headers));
+                    let state = SyncRetry {
+                        attempts: attempt,
+                        pending,
+                        mark,
+                    };
+                    if let Ok(mut t) = table.lock() {
+                        t.insert(key, state);
+                    }
+                    return Some((delivery, due));
+                }
+                std::thread::sleep(due.saturating_duration_since(Instant::now()));
                 attempt += 1;
                 work.details.clear();
             }
@@ -250,6 +294,80 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
             hold,
         },
     );
+    None
+}
+
+/// A sync event between attempts: what its first attempt set up.
+pub(crate) struct SyncRetry<D: Delivery> {
+    /// Attempts made.
+    attempts: u32,
+    /// Its `started` post's acknowledgement.
+    pending: Option<Arc<Pending<D>>>,
+    /// Its idempotency claim.
+    mark: Option<Mark>,
+}
+
+/// Sync events waiting for their next attempt, by topic, partition and offset.
+pub(crate) type RetryTable<D> = Mutex<HashMap<(Arc<str>, i32, i64), SyncRetry<D>>>;
+
+/// Holds the jobs of sync events waiting for their next attempt, and hands each
+/// back to the workers when it is due: the job keeps its lane (so its key, or
+/// partition, stays in order), no worker thread waits.
+pub(crate) struct RetryTimer;
+
+/// The sync workers' shared retry table, and the way to the [`RetryTimer`].
+pub(crate) type SyncRetries = (Arc<RetryTable<Message>>, Sender<(Instant, Batch)>);
+
+/// How often the timer looks at the source, so a stop never waits on a backoff.
+const TIMER_TICK: Duration = Duration::from_millis(50);
+
+impl RetryTimer {
+    /// Starts the timer thread; it ends once `source` stops (dropping the jobs
+    /// it holds: their offsets are held and replayed) or every worker is gone.
+    pub(crate) fn spawn(
+        jobs: Sender<Batch>,
+        source: crate::source::SourceHandle,
+        capacity: usize,
+    ) -> std::io::Result<Sender<(Instant, Batch)>> {
+        // Bounded by the jobs in flight: each waiting job is one of them.
+        let (tx, rx) = crossbeam_channel::bounded::<(Instant, Batch)>(capacity.max(1));
+        std::thread::Builder::new()
+            .name("xzepr-retry-timer".to_owned())
+            .spawn(move || {
+                let mut waiting: Vec<(Instant, Batch)> = Vec::new();
+                loop {
+                    if source.is_stopping() || source.is_finished() {
+                        return;
+                    }
+                    let next = waiting.iter().map(|(due, _)| *due).min();
+                    let wait = next.map_or(TIMER_TICK, |due| {
+                        due.saturating_duration_since(Instant::now())
+                            .min(TIMER_TICK)
+                    });
+                    match rx.recv_timeout(wait) {
+                        Ok(job) => waiting.push(job),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                            if waiting.is_empty() {
+                                return;
+                            }
+                        }
+                    }
+                    let now = Instant::now();
+                    let mut i = 0;
+                    while i < waiting.len() {
+                        if waiting[i].0 <= now {
+                            let (_, batch) = waiting.swap_remove(i);
+                            // Workers gone: dropping it holds its offsets.
+                            let _ = jobs.send(batch);
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+            })?;
+        Ok(tx)
+    }
 }
 
 /// One call of a sync handler: panics caught, the timeout applied after the fact.
@@ -543,13 +661,29 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
     mut decoder: Decoder,
     handler: Arc<H>,
     shared: Arc<Shared>,
+    retries: Option<SyncRetries>,
 ) {
+    let table = retries.as_ref().map(|(t, _)| &**t);
     for batch in jobs {
         // Declared first, dropped last: the batch's release goes out with its
         // finished offsets, in one message to the poll thread.
         let _one_wake = DeferCompletions::new(&batch);
-        for message in batch {
-            handle_sync(message, &mut decoder, &*handler, &shared);
+        let mut batch = batch;
+        let due = loop {
+            let Some(message) = batch.next() else {
+                break None;
+            };
+            if let Some((message, due)) =
+                handle_sync(message, &mut decoder, &*handler, &shared, table)
+            {
+                // The rest of the job waits with it, in order.
+                batch.put_back(message);
+                break Some(due);
+            }
+        };
+        if let (Some(due), Some((_, timer))) = (due, &retries) {
+            // A timer that is gone drops the job: its offsets are held.
+            let _ = timer.send((due, batch));
         }
     }
 }
@@ -662,7 +796,7 @@ mod tests {
         let mut decoder = Decoder::new(DecoderConfig::default()).unwrap();
         let (ds, finished) = deliveries(payloads);
         for d in ds {
-            handle_sync(d, &mut decoder, &handler, shared);
+            handle_sync(d, &mut decoder, &handler, shared, None);
         }
         finished
     }

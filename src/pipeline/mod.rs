@@ -27,7 +27,8 @@ mod execute;
 mod guard;
 mod retry;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -480,10 +481,9 @@ impl PipelineBuilder {
     }
 
     /// How failed handler calls are retried (default: not at all; see
-    /// [`RetryPolicy`]). An async handler's retry waits as a timer in its task:
-    /// only the event's lane waits. A sync worker sleeps through the backoff
-    /// itself (sync handlers are for CPU-bound work); give it more workers if
-    /// its retries are frequent.
+    /// [`RetryPolicy`]). Only the event's lane waits: an async handler's retry
+    /// is a timer in its task; a sync handler's job goes to a timer thread and
+    /// back to the workers when due, so no worker thread sleeps through it.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
         self
@@ -677,6 +677,8 @@ impl PipelineBuilder {
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
+        // Retried jobs wait in a timer, not on a worker, and come back here.
+        let requeue = (self.retry.max_attempts() > 1).then(|| tx.clone());
         let source = Source::start_with(
             &self.kafka,
             self.source.clone(),
@@ -684,17 +686,31 @@ impl PipelineBuilder {
             // Sync handlers: one job channel read by every worker thread.
             Box::new(crate::source::ChannelExecutor(tx)),
         )?;
+        let retries = match requeue {
+            Some(jobs) => {
+                let timer =
+                    execute::RetryTimer::spawn(jobs, source.clone(), self.source.max_in_flight);
+                match timer {
+                    Ok(timer) => Some((Arc::new(Mutex::new(HashMap::new())), timer)),
+                    Err(e) => {
+                        source.shutdown();
+                        return Err(SourceError::Spawn(e).into());
+                    }
+                }
+            }
+            None => None,
+        };
         let mut workers = Vec::with_capacity(self.workers);
         let mut metrics = Vec::with_capacity(self.workers);
         for i in 0..self.workers {
             let m = Arc::new(Metrics::default());
             let shared = self.shared(&m, guard_runtime.as_ref(), dead_letters.as_ref());
             metrics.push(m);
-            let (rx, handler) = (rx.clone(), Arc::clone(&handler));
+            let (rx, handler, retries) = (rx.clone(), Arc::clone(&handler), retries.clone());
             let decoder = Decoder::new(self.decoder.clone())?;
             let spawned = std::thread::Builder::new()
                 .name(format!("xzepr-worker-{i}"))
-                .spawn(move || execute::run_sync_worker(rx, decoder, handler, shared));
+                .spawn(move || execute::run_sync_worker(rx, decoder, handler, shared, retries));
             match spawned {
                 Ok(w) => workers.push(w),
                 Err(e) => {

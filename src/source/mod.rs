@@ -463,6 +463,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Puts a taken message back in front (to run again later, in order).
+    pub(crate) fn put_back(&mut self, message: Message) {
+        self.items.push_front(message);
+    }
+
     /// Messages not yet taken.
     pub fn len(&self) -> usize {
         self.items.len()
