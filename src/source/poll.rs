@@ -875,8 +875,19 @@ impl PollLoop {
         st.publish_gauges();
         drop(st);
         consumer.unsubscribe();
+        // Serve the revoke that unsubscribing queues while the group handler
+        // still answers: left to the close in the consumer's `Drop`, its
+        // `assign` can wait forever on a group already closing (librdkafka
+        // #4884). Messages polled here are dropped unhandled, never committed.
+        let until = Instant::now() + UNSUBSCRIBE_WAIT;
+        while Instant::now() < until && consumer.assignment().is_ok_and(|a| a.count() > 0) {
+            drop(consumer.poll(Duration::from_millis(20)));
+        }
     }
 }
+
+/// Most time shutdown spends serving the revoke of its own unsubscribe.
+const UNSUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
 
 /// Copies each message once, tracks its offset, puts it in its lane, hands
 /// over what may run, and marks partitions to pause. False when the state
