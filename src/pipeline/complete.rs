@@ -512,6 +512,16 @@ fn account<D: Delivery>(
     (outcome.terminal(), mark)
 }
 
+/// Without a lifecycle: holds `d` (its dead letter failed) or finishes it
+/// once its claim is marked.
+fn settle_unreported<D: Delivery>(d: D, mark: Option<Mark>, hold: bool, metrics: &Arc<Metrics>) {
+    if hold {
+        hold_unmarked(d, mark);
+    } else {
+        finish_marked(d, mark, metrics);
+    }
+}
+
 /// From a worker thread, after the handler: posts the terminal record and
 /// finishes the offset (now, or once the posts are acknowledged).
 pub(crate) fn complete_blocking<D: Delivery>(
@@ -529,8 +539,7 @@ pub(crate) fn complete_blocking<D: Delivery>(
             sink.submit_blocking(record, ack);
             p.handler_done(d, mark, hold);
         }
-        _ if hold => hold_unmarked(d, mark),
-        _ => finish_marked(d, mark, metrics),
+        _ => settle_unreported(d, mark, hold, metrics),
     }
 }
 
@@ -550,8 +559,7 @@ pub(crate) async fn complete<D: Delivery>(
             sink.submit(record, ack).await;
             p.handler_done(d, mark, hold);
         }
-        _ if hold => hold_unmarked(d, mark),
-        _ => finish_marked(d, mark, metrics),
+        _ => settle_unreported(d, mark, hold, metrics),
     }
 }
 

@@ -107,22 +107,15 @@ impl Shared {
         true
     }
 
-    /// After the last attempt: records the attempts (when retries are on) and,
-    /// for a failure, dead-letters the event. Returns whether the offset must be
-    /// held (its dead letter was not acknowledged).
-    fn settle_failure<D: Delivery>(
-        &self,
-        d: &D,
-        result: &Result<(), HandlerError>,
-        details: &mut Value,
+    /// After the last attempt: the dead letter a failure needs, if a
+    /// dead-letter topic is set.
+    fn failure_letter<'a>(
+        &'a self,
+        result: &'a Result<(), HandlerError>,
         attempts: u32,
-        send: impl FnOnce(&DeadLetters, &D, &Reason<'_>) -> Option<Placed>,
-    ) -> bool {
-        if self.retry.max_attempts() > 1 {
-            annotate(details, "attempts", attempts.into());
-        }
+    ) -> Option<(&'a DeadLetters, Reason<'a>)> {
         let (Err(e), Some(dlq)) = (result, &self.dead_letters) else {
-            return false;
+            return None;
         };
         let reason = Reason {
             why: Why::HandlerFailed,
@@ -130,12 +123,29 @@ impl Shared {
             code: e.code().unwrap_or("handler_error"),
             attempts,
         };
-        match send(dlq, d, &reason) {
-            Some(placed) => {
+        Some((dlq, reason))
+    }
+
+    /// Adds the attempts (when retries are on) and where the dead letter went
+    /// (`letter`: `None` when none was sent, `Some(None)` when the broker did
+    /// not acknowledge it) to the terminal post's details. Returns whether the
+    /// offset must be held.
+    fn annotate_terminal(
+        &self,
+        details: &mut Value,
+        attempts: u32,
+        letter: Option<Option<Placed>>,
+    ) -> bool {
+        if self.retry.max_attempts() > 1 {
+            annotate(details, "attempts", attempts.into());
+        }
+        match letter {
+            Some(Some(placed)) => {
                 annotate(details, "dead_letter", placed.to_json());
                 false
             }
-            None => true,
+            Some(None) => true,
+            None => false,
         }
     }
 }
@@ -277,9 +287,10 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
     };
     drop((ev, headers));
     let mut details = Value::Object(std::mem::take(&mut work.details));
-    let hold = shared.settle_failure(&delivery, &result, &mut details, attempt, |q, d, r| {
-        dead_letter_blocking(q, d, r, metrics)
-    });
+    let letter = shared
+        .failure_letter(&result, attempt)
+        .map(|(dlq, reason)| dead_letter_blocking(dlq, &delivery, &reason, metrics));
+    let hold = shared.annotate_terminal(&mut details, attempt, letter);
     complete_blocking(
         sink,
         metrics,
@@ -557,19 +568,11 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
         Ok(details) => (Ok(()), details),
         Err(e) => (Err(e), Value::Object(Default::default())),
     };
-    let hold = match (&result, &shared.dead_letters) {
-        (Err(e), Some(dlq)) => {
-            let reason = Reason {
-                why: Why::HandlerFailed,
-                message: e.message(),
-                code: e.code().unwrap_or("handler_error"),
-                attempts: attempt,
-            };
-            let placed = dead_letter(dlq, &delivery, &reason, metrics).await;
-            shared.settle_failure(&delivery, &result, &mut details, attempt, |_, _, _| placed)
-        }
-        _ => shared.settle_failure(&delivery, &result, &mut details, attempt, |_, _, _| None),
+    let letter = match shared.failure_letter(&result, attempt) {
+        Some((dlq, reason)) => Some(dead_letter(dlq, &delivery, &reason, metrics).await),
+        None => None,
     };
+    let hold = shared.annotate_terminal(&mut details, attempt, letter);
     complete(
         sink,
         metrics,
