@@ -132,6 +132,20 @@ impl Broker {
         }
     }
 
+    fn create_topic(&self, name: &str, partitions: u32) {
+        let url = self.url();
+        let partitions = partitions.to_string();
+        self.tansu(&[
+            "topic",
+            "create",
+            "--broker",
+            &url,
+            "--partitions",
+            &partitions,
+            name,
+        ]);
+    }
+
     fn tansu(&self, args: &[&str]) {
         let status = Command::new(&self.bin)
             .current_dir(self.dir.path())
@@ -245,16 +259,8 @@ fn committed_with(config: &ClientConfig, topic: &str, partitions: i32) -> HashMa
 fn scram_sha_256_and_512_consume_and_commit_and_a_wrong_password_fails_fast() {
     let bin = require_tansu!();
     let mut broker = Broker::start(bin);
+    broker.create_topic("secure", 2);
     let url = broker.url();
-    broker.tansu(&[
-        "topic",
-        "create",
-        "--broker",
-        &url,
-        "--partitions",
-        "2",
-        "secure",
-    ]);
     broker.tansu(&[
         "user",
         "create",
@@ -325,16 +331,7 @@ fn scram_sha_256_and_512_consume_and_commit_and_a_wrong_password_fails_fast() {
 fn consume_commit_restart_resumes_at_the_committed_offsets() {
     let bin = require_tansu!();
     let mut broker = Broker::start(bin);
-    let url = broker.url();
-    broker.tansu(&[
-        "topic",
-        "create",
-        "--broker",
-        &url,
-        "--partitions",
-        "2",
-        "resume",
-    ]);
+    broker.create_topic("resume", 2);
     kafka_support::produce(&broker.brokers(), "resume", 2, 1_000, |i| {
         format!("{i}").into_bytes()
     });
@@ -371,16 +368,7 @@ fn the_pipeline_rides_through_a_broker_restart_mid_stream() {
     const N: u64 = 3_000;
     let bin = require_tansu!();
     let mut broker = Broker::start(bin);
-    let url = broker.url();
-    broker.tansu(&[
-        "topic",
-        "create",
-        "--broker",
-        &url,
-        "--partitions",
-        "2",
-        "ride",
-    ]);
+    broker.create_topic("ride", 2);
     kafka_support::produce(&broker.brokers(), "ride", 2, N, |i| {
         xzepr_consumer::generate::xzepr_event(i, "01SOMEONEELSE").1
     });
