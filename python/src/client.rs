@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use pyo3_async_runtimes::tokio::future_into_py;
 use serde_json::Value;
 use xzepr_consumer::client::{
     ClientError, CreateEvent, ReceiverQuery, XzeprClient, XzeprClientConfig,
 };
 
+use crate::bridge::awaitable;
 use crate::convert::{py_to_value, Json};
 use crate::errors::client_error;
 
@@ -66,7 +66,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let schema = json_arg(schema.as_ref())?;
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             c.create_event_receiver(&name, &receiver_type, &version, &description, schema)
                 .await
                 .map_err(client_error)
@@ -83,7 +83,7 @@ impl Client {
         offset: u64,
     ) -> PyResult<Bound<'py, PyAny>> {
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             let mut q = ReceiverQuery::new().with_limit(limit).with_offset(offset);
             if let Some(n) = name {
                 q = q.with_name(n);
@@ -102,7 +102,7 @@ impl Client {
         receiver_id: String,
     ) -> PyResult<Bound<'py, PyAny>> {
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             let r = c
                 .get_event_receiver(&receiver_id)
                 .await
@@ -122,7 +122,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let schema = json_arg(schema.as_ref())?;
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             c.discover_or_create_event_receiver(
                 &name,
                 &receiver_type,
@@ -158,7 +158,7 @@ impl Client {
             .with_payload(json_arg(payload.as_ref())?)
             .with_success(success);
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             c.create_event(&event).await.map_err(client_error)
         })
     }
@@ -178,7 +178,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let details = json_arg(payload.as_ref())?;
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             c.post_work_started(
                 &receiver_id,
                 &work_id,
@@ -209,7 +209,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let details = json_arg(payload.as_ref())?;
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             c.post_work_completed(
                 &receiver_id,
                 &work_id,
@@ -242,7 +242,7 @@ impl Client {
     ) -> PyResult<Bound<'py, PyAny>> {
         let details = json_arg(payload.as_ref())?;
         let c = self.inner.clone();
-        future_into_py(py, async move {
+        awaitable(py, async move {
             c.post_work_failed(
                 &receiver_id,
                 &work_id,

@@ -3,8 +3,9 @@
 //! The core runs an async handler per event as a tokio future (up to
 //! `max_in_flight` at once, in the ordering mode's lanes). Here that future only
 //! parks the event in the [`Inbox`] and awaits its [`Token`]'s answer: it never
-//! touches Python. The loop side (`xzepr_consumer/consumer.py`) takes what is
-//! parked in one call under the GIL (converting it to dataclasses there), runs
+//! touches Python. A park signals the inbox's [`Wake`] socket, which the loop
+//! watches; the loop side (`xzepr_consumer/consumer.py`) takes what is parked
+//! in one call under the GIL (converting it to dataclasses there), runs
 //! each as an asyncio task, and answers through the token, which is a plain
 //! channel send. The inbox holds at most `max_in_flight` events: a lane has one
 //! event in its handler at a time, and at most `max_in_flight` lanes run.
@@ -17,15 +18,15 @@ use std::time::Duration;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
-use pyo3_async_runtimes::tokio::future_into_py;
 use serde_json::Value;
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 use xzepr_consumer::decode::{CloudEventMessage, Decoder, DecoderConfig};
 use xzepr_consumer::dispatch::{Ordering, TypeFilter};
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
 use xzepr_consumer::pipeline::{Pipeline, RunningPipeline, WorkTemplate};
 use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
 
+use crate::bridge::{awaitable, Wake};
 use crate::client::Client;
 use crate::config::KafkaArgs;
 use crate::convert::{message_to_py, py_to_value, Json};
@@ -41,19 +42,27 @@ struct Parked {
 }
 
 /// Where the pipeline's futures park events for the loop.
-#[derive(Default)]
 struct Inbox {
     queue: Mutex<VecDeque<Parked>>,
-    /// Woken on every park and when the pipeline stops.
-    notify: Notify,
-    /// No event will be parked any more (the pipeline stopped).
+    /// Signalled on every park and when the pipeline stops; the loop watches
+    /// its descriptor.
+    wake: Wake,
+    /// No event will be parked any more: the pipeline stopped and drained.
     finished: AtomicBool,
 }
 
 impl Inbox {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            queue: Mutex::default(),
+            wake: Wake::new()?,
+            finished: AtomicBool::new(false),
+        })
+    }
+
     fn finish(&self) {
         self.finished.store(true, SeqCst);
-        self.notify.notify_waiters();
+        self.wake.signal();
     }
 }
 
@@ -78,7 +87,7 @@ impl AsyncHandler for Bridge {
                 Ok(mut q) => q.push_back(parked),
                 Err(_) => return Err(HandlerError::with_code("inbox lock poisoned", "internal")),
             }
-            inbox.notify.notify_waiters();
+            inbox.wake.signal();
             match answer.await {
                 Ok(result) => result,
                 // The loop dropped the token unanswered (its task was cancelled
@@ -252,24 +261,13 @@ impl Consumer {
                 ))
             }
         }
-        let inbox = Arc::new(Inbox::default());
+        let inbox = Arc::new(Inbox::new()?);
         let bridge = Bridge(Arc::clone(&inbox));
         // Creating the Kafka consumer may resolve names: not under the GIL.
         let running = py
             .detach(move || builder.start_async(bridge))
             .map_err(|e| consumer_error(&e))?;
         let running = Arc::new(running);
-        // Wakes the loop when the pipeline stops on its own (an authentication
-        // failure, say); a stop asked for is seen by `join`.
-        {
-            let (running, inbox) = (Arc::clone(&running), Arc::clone(&inbox));
-            rt.spawn(async move {
-                while !running.source().is_finished() {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                inbox.finish();
-            });
-        }
         Ok(Consumer {
             inbox,
             running,
@@ -301,24 +299,15 @@ impl Consumer {
         Ok(out)
     }
 
-    /// Resolves when an event is parked (False) or the pipeline stopped (True).
-    fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let inbox = Arc::clone(&self.inbox);
-        future_into_py(py, async move {
-            loop {
-                let notified = inbox.notify.notified();
-                tokio::pin!(notified);
-                // Registered before the checks: a park in between still wakes it.
-                notified.as_mut().enable();
-                if inbox.finished.load(SeqCst) {
-                    return Ok(true);
-                }
-                if !inbox.queue.lock().map_err(|_| poisoned())?.is_empty() {
-                    return Ok(false);
-                }
-                notified.await;
-            }
-        })
+    /// The descriptor that becomes readable when events were parked or the
+    /// pipeline finished (the loop watches it with `add_reader`).
+    fn fileno(&self) -> i32 {
+        self.inbox.wake.fileno()
+    }
+
+    /// Consumes the pending wake-ups: call it before `take` and `finished`.
+    fn clear_wake(&self) {
+        self.inbox.wake.clear();
     }
 
     /// Stops fetching; running handlers drain (see `join`). Never blocks.
@@ -326,20 +315,24 @@ impl Consumer {
         self.running.shutdown();
     }
 
-    /// Whether the pipeline stopped (asked to, or on an error).
+    /// Whether the pipeline stopped and drained (asked to, or on an error):
+    /// nothing more will be parked.
     #[getter]
     fn finished(&self) -> bool {
         self.inbox.finished.load(SeqCst)
     }
 
-    /// Waits, off the loop, for the drain, the last commit and the reporter's
-    /// last posts; raises the error the pipeline stopped on, if any.
+    /// Waits, off the loop, until the pipeline stopped (on `shutdown` or on an
+    /// error) and drained, then marks the inbox finished and waits for the
+    /// reporter's last posts; raises the error the pipeline stopped on, if any.
+    /// Call it once, when the consumer starts: the loop keeps serving the
+    /// inbox until it is finished.
     fn join<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let running = Arc::clone(&self.running);
         let inbox = Arc::clone(&self.inbox);
         let reporter = self.reporter.lock().map_err(|_| poisoned())?.take();
         let drain = self.drain_timeout;
-        future_into_py(py, async move {
+        awaitable(py, async move {
             let joined = tokio::task::spawn_blocking(move || running.join()).await;
             inbox.finish();
             if let Some(task) = reporter {

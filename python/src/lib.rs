@@ -9,7 +9,8 @@
 //!
 //! | module | what it binds |
 //! | --- | --- |
-//! | [`consumer`] | the pipeline with the asyncio bridge, `decode` |
+//! | [`bridge`] | asyncio futures completed from tokio without taking the GIL there |
+//! | [`consumer`] | the pipeline with its handler on the asyncio loop, `decode` |
 //! | [`client`] | the XZepr REST client (awaitables on the shared tokio runtime) |
 //! | [`config`] | `KafkaConsumerConfig` from the `XZEPR_KAFKA_*` environment |
 //! | [`convert`] | owned messages into the package's dataclasses, JSON values both ways |
@@ -17,11 +18,14 @@
 //! | `devstack` | the embedded broker and XZepr stand-in (feature `dev-stack`) |
 //!
 //! The GIL is never held while waiting: every wait is a tokio future handed to
-//! asyncio (`future_into_py`), or runs under `Python::detach`.
+//! asyncio ([`bridge::awaitable`]), or runs under `Python::detach`. And no tokio
+//! thread ever takes the GIL: interpreter shutdown would end such a thread with
+//! `pthread_exit`, which aborts a Rust process (see [`bridge`]).
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms, missing_debug_implementations)]
 #![warn(clippy::unwrap_used)]
 
+mod bridge;
 mod client;
 mod config;
 mod consumer;
@@ -30,24 +34,30 @@ mod convert;
 mod devstack;
 mod errors;
 
+use std::sync::OnceLock;
+
 use pyo3::prelude::*;
 
 /// The tokio runtime shared by the pipeline's async handlers, the reporter and
-/// the client: pyo3-async-runtimes' global one, so its futures and ours agree.
+/// the client. Two worker threads: it only waits on sockets and channels; the
+/// CPU-bound parts run on the pipeline's own threads and on the asyncio loop.
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
-    pyo3_async_runtimes::tokio::get_runtime()
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("xzepr-py-tokio")
+            .enable_all()
+            .build()
+            // Only fails when the OS refuses threads or an epoll descriptor:
+            // nothing can run then.
+            .expect("cannot start the tokio runtime")
+    })
 }
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Two worker threads: the runtime only waits on sockets and channels; the
-    // CPU-bound parts run on the pipeline's own threads and on the asyncio loop.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder
-        .worker_threads(2)
-        .thread_name("xzepr-py-tokio")
-        .enable_all();
-    pyo3_async_runtimes::tokio::init(builder);
+    m.add_class::<bridge::Completions>()?;
     m.add_class::<client::Client>()?;
     m.add_class::<consumer::Consumer>()?;
     m.add_class::<consumer::Token>()?;

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -151,3 +154,32 @@ def test_from_env_reads_the_contract_variables(
             assert await c.list_event_receivers() == []
 
     asyncio.run(main())
+
+
+EXIT_RIGHT_AFTER = """
+import asyncio, sys
+from xzepr_consumer import XzeprClient, XzeprClientConfig
+
+async def main() -> None:
+    async with XzeprClient(XzeprClientConfig(sys.argv[1], sys.argv[2])) as c:
+        await asyncio.gather(*(c.list_event_receivers() for _ in range(64)))
+
+asyncio.run(main())
+"""
+
+
+def test_a_process_that_exits_right_after_its_last_await_exits_cleanly(
+    api: StandIn, tmp_path: Path
+) -> None:
+    # The answers arrive from tokio threads; one still inside Python when the
+    # interpreter shuts down would be ended by CPython mid-call, which aborts
+    # the process (SIGABRT) instead of exiting 0.
+    for attempt in range(30):
+        child = subprocess.run(
+            [sys.executable, "-c", EXIT_RIGHT_AFTER, api.url, api.token],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+        )
+        assert child.returncode == 0, (attempt, child.returncode, child.stderr)

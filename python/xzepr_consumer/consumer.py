@@ -212,6 +212,9 @@ class XzeprConsumer:
             self._ordering.value,
             self._max_in_flight,
         )
+        # Resolves once the pipeline stopped (on stop() or on an error) and
+        # drained; until then the loop serves what it hands over.
+        joined = native.join()
         try:
             await self._serve(native, call, inline, tasks)
         finally:
@@ -221,7 +224,7 @@ class XzeprConsumer:
                     # Interrupted (cancelled): keep serving the drain, so what
                     # the pipeline hands over still runs and is committed.
                     await self._serve(native, call, inline, tasks)
-                await native.join()
+                await joined
             finally:
                 # What is left was abandoned by the pipeline (its offsets are
                 # not committed and will be replayed).
@@ -244,22 +247,38 @@ class XzeprConsumer:
         inline: bool,
         tasks: set[asyncio.Task[None]],
     ) -> None:
-        """Takes events from Rust and runs them until the pipeline stops."""
-        while True:
-            batch = native.take(_TAKE_MAX)
-            if not batch:
-                if await native.wait():
-                    return
-                continue
-            for message, token in batch:
-                if inline:
-                    self._call_inline(call, message, token, tasks)
-                else:
-                    task = asyncio.ensure_future(self._run_one(call, message, token))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-            # Let the handlers run before taking more.
-            await asyncio.sleep(0)
+        """Takes events from Rust and runs them until the pipeline finished."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+
+        def wake() -> None:
+            native.clear_wake()
+            woken.set()
+
+        fd = native.fileno()
+        loop.add_reader(fd, wake)
+        try:
+            while True:
+                # Read before taking: once finished, nothing more is parked.
+                finished = native.finished
+                batch = native.take(_TAKE_MAX)
+                if not batch:
+                    if finished:
+                        return
+                    woken.clear()
+                    await woken.wait()
+                    continue
+                for message, token in batch:
+                    if inline:
+                        self._call_inline(call, message, token, tasks)
+                    else:
+                        task = asyncio.ensure_future(self._run_one(call, message, token))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                # Let the handlers run before taking more.
+                await asyncio.sleep(0)
+        finally:
+            loop.remove_reader(fd)
 
     def _call_inline(
         self,
