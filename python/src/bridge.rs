@@ -24,6 +24,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::IntoPyObjectExt;
@@ -172,6 +173,30 @@ impl Completions {
     }
 }
 
+/// Answers an awaitable whose task ended without an answer: a panic raises
+/// instead of leaving the awaitable pending for ever. (An aborted task's
+/// awaitable is already cancelled; the answer is dropped.)
+struct Finisher {
+    shared: Arc<Shared>,
+    id: u64,
+    answered: bool,
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.shared.finish(
+                self.id,
+                Box::new(|_| {
+                    Err(PyRuntimeError::new_err(
+                        "the native task ended without an answer (it panicked)",
+                    ))
+                }),
+            );
+        }
+    }
+}
+
 /// Runs `future` on the shared tokio runtime and returns an asyncio future of
 /// the running loop that resolves to its output (or raises its error).
 /// Cancelling the asyncio future aborts the task.
@@ -194,10 +219,15 @@ where
     // Held while spawning: a task that finishes at once removes its entry only
     // after it was inserted.
     let mut running = shared.running.lock().map_err(|_| poisoned())?;
-    let finisher = Arc::clone(&shared);
+    let mut finisher = Finisher {
+        shared: Arc::clone(&shared),
+        id,
+        answered: false,
+    };
     let task = crate::runtime().spawn(async move {
         let output = future.await;
-        finisher.finish(
+        finisher.answered = true;
+        finisher.shared.finish(
             id,
             Box::new(move |py| output.and_then(|value| value.into_py_any(py))),
         );

@@ -19,6 +19,7 @@ from xzepr_consumer import (
     XzeprClientConfig,
     XzeprClientError,
     XzeprNotFoundError,
+    _bridge,
 )
 from xzepr_consumer.devstack import StandIn
 
@@ -183,3 +184,24 @@ def test_a_process_that_exits_right_after_its_last_await_exits_cleanly(
             cwd=tmp_path,
         )
         assert child.returncode == 0, (attempt, child.returncode, child.stderr)
+
+
+def test_a_cancelled_call_stops_its_native_task() -> None:
+    slow = StandIn(token="t", latency_ms=2000)
+    try:
+
+        async def main() -> None:
+            async with XzeprClient(XzeprClientConfig(slow.url, slow.token)) as c:
+                r = await c.create_event_receiver("w", "worker", "1.0.0", "d", {})
+                completions = _bridge._bridges[asyncio.get_running_loop()].native
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(
+                        c.post_work_started(r, "w-1", "deploy", "1.0.0", "linux", "svc"), 0.1
+                    )
+                # The cancellation reaches the native side on the next turn of the loop.
+                await asyncio.sleep(0.05)
+                assert len(completions) == 0, "the 2 s post is still running"
+
+        asyncio.run(main())
+    finally:
+        slow.close()
