@@ -80,6 +80,9 @@ struct Lane<T> {
     part: u64,
     key: LaneKey,
     busy: bool,
+    /// Its partition was removed while its job ran: the job still counts (in
+    /// flight and buffered) until its release, then the lane goes.
+    orphan: bool,
     /// In `runnable`, waiting for room under `max_in_flight`.
     queued: bool,
     /// What the running job's items count (released with the lane).
@@ -192,16 +195,22 @@ impl<T: Item> Scheduler<T> {
         }
         l.busy = false;
         self.busy -= 1;
-        let (cost, items, part) = (l.busy_cost, l.busy_items, l.part);
+        let (cost, items, part, orphan) = (l.busy_cost, l.busy_items, l.part, l.orphan);
         l.busy_cost = 0;
         l.busy_items = 0;
         self.buffered -= items;
         self.buffered_bytes -= cost;
-        if let Some(p) = self.parts.get_mut(&part) {
-            p.buffered -= items;
-            p.buffered_bytes -= cost;
+        // An orphan's partition already stopped counting it (and its id may
+        // name a later assignment).
+        if !orphan {
+            if let Some(p) = self.parts.get_mut(&part) {
+                p.buffered -= items;
+                p.buffered_bytes -= cost;
+            }
         }
-        if l.waiting.is_empty() {
+        if orphan {
+            self.free_lane(lane.slot);
+        } else if l.waiting.is_empty() {
             // A partition's own lane stays (it is about to be used again, and
             // there is one per partition); a key's goes, so many keys cost
             // memory only while they have events.
@@ -217,28 +226,38 @@ impl<T: Item> Scheduler<T> {
         true
     }
 
-    /// Forgets partition `part` (revoked): its lanes go, running jobs stop
-    /// counting (their late releases are ignored), and its waiting events are
-    /// returned, never to run here. Room freed is given to other lanes' events,
-    /// pushed to `ready`.
+    /// Forgets partition `part` (revoked): its lanes go and its waiting events
+    /// are returned, never to run here. Its running jobs keep counting (in
+    /// flight and buffered) until they are released: an executor may still hold
+    /// them (a sync worker's queue), and freeing their room early would hand
+    /// out more jobs than `max_in_flight`. Room freed by the waiting events is
+    /// given to other lanes, pushed to `ready`.
     pub fn remove_part(&mut self, part: u64, ready: &mut Vec<Job<T>>) -> Vec<T> {
         let mut dropped = Vec::new();
         let Some(p) = self.parts.remove(&part) else {
             return dropped;
         };
+        let (mut running_items, mut running_cost) = (0, 0);
         for slot in 0..self.slots.len() {
             let l = &mut self.slots[slot];
-            if !l.live || l.part != part {
+            if !l.live || l.part != part || l.orphan {
                 continue;
             }
-            if l.busy {
-                self.busy -= 1;
-            }
             dropped.extend(l.waiting.drain(..));
-            self.free_lane(slot as u32);
+            if l.busy {
+                l.orphan = true;
+                l.queued = false;
+                // Its partition's map is gone: freeing it later must not touch
+                // a later assignment's lanes.
+                l.key = LaneKey::Own;
+                running_items += l.busy_items;
+                running_cost += l.busy_cost;
+            } else {
+                self.free_lane(slot as u32);
+            }
         }
-        self.buffered -= p.buffered;
-        self.buffered_bytes -= p.buffered_bytes;
+        self.buffered -= p.buffered - running_items;
+        self.buffered_bytes -= p.buffered_bytes - running_cost;
         self.fill(ready);
         dropped
     }
@@ -309,6 +328,11 @@ impl<T: Item> Scheduler<T> {
         self.parts.get(&part).map_or(0, |p| p.buffered)
     }
 
+    /// What partition `part`'s events count in [`Scheduler::buffered_bytes`].
+    pub fn part_buffered_bytes(&self, part: u64) -> usize {
+        self.parts.get(&part).map_or(0, |p| p.buffered_bytes)
+    }
+
     /// Lanes alive (running or with waiting events).
     pub fn lanes(&self) -> usize {
         self.slots.len() - self.free.len()
@@ -355,6 +379,7 @@ impl<T: Item> Scheduler<T> {
             part,
             key,
             busy: false,
+            orphan: false,
             queued: false,
             busy_cost: 0,
             busy_items: 0,
@@ -377,6 +402,7 @@ impl<T: Item> Scheduler<T> {
         l.gen = l.gen.wrapping_add(1);
         l.live = false;
         l.busy = false;
+        l.orphan = false;
         l.queued = false;
         l.busy_cost = 0;
         l.busy_items = 0;
@@ -490,7 +516,7 @@ mod tests {
     }
 
     #[test]
-    fn removing_a_partition_returns_its_waiting_events_and_ignores_late_releases() {
+    fn removing_a_partition_returns_its_waiting_events_and_counts_its_running_job_until_released() {
         let mut s = Scheduler::new(Ordering::PerKey, 1, 1);
         let mut ready = Vec::new();
         s.arrive(1, ev(1, Some(0), 0), &mut ready);
@@ -499,8 +525,13 @@ mod tests {
         let running = ready.pop().unwrap();
         let dropped = s.remove_part(1, &mut ready);
         assert_eq!(dropped, vec![ev(1, Some(0), 1)]);
-        // The room partition 1 held goes to partition 2 at once.
+        // The running job may still sit in an executor's queue: its room is
+        // not handed out until it is released.
+        assert!(ready.is_empty());
+        assert_eq!((s.in_flight(), s.buffered()), (1, 2));
+        assert!(s.release(running.lane, &mut ready));
         assert_eq!(ready.pop().unwrap().items, vec![ev(2, None, 0)]);
+        // Released once: a second release of the stale job is ignored.
         assert!(!s.release(running.lane, &mut ready));
         assert_eq!((s.in_flight(), s.buffered()), (1, 1));
     }
@@ -557,6 +588,8 @@ mod tests {
         ) {
             let mut s = Scheduler::new(ord, max, batch);
             let mut running: Vec<Job<Ev>> = Vec::new();
+            // Jobs of revoked partitions, still counted until released.
+            let mut stale: Vec<Job<Ev>> = Vec::new();
             let mut ready = Vec::new();
             let mut next_offset = [0i64; 3];
             let mut trackers: Vec<PartitionTracker> = (0..3).map(|_| PartitionTracker::new()).collect();
@@ -594,6 +627,11 @@ mod tests {
                         unfinished[part as usize].insert(o);
                         s.arrive(part, ev(part, key, o), &mut ready);
                     }
+                    Op::Release(n) if n % 4 == 3 && !stale.is_empty() => {
+                        // A revoked partition's job ends: its room comes back.
+                        let job = stale.remove(n % stale.len());
+                        prop_assert!(s.release(job.lane, &mut ready));
+                    }
                     Op::Release(n) if !running.is_empty() => {
                         let job = running.remove(n % running.len());
                         for e in &job.items {
@@ -604,7 +642,9 @@ mod tests {
                     }
                     Op::Release(_) => {}
                     Op::Revoke(part) => {
-                        running.retain(|j| j.items[0].part != part);
+                        let (gone, kept) = running.drain(..).partition(|j| j.items[0].part == part);
+                        running = kept;
+                        stale.extend(gone);
                         let _ = s.remove_part(part, &mut ready);
                         // A new assignment: fresh tracker, offsets go on.
                         trackers[part as usize] = PartitionTracker::new();
@@ -615,7 +655,7 @@ mod tests {
                 }
                 check_ready(&mut ready, &mut running, &mut last_started, &mut seen)?;
                 prop_assert!(s.in_flight() <= max);
-                prop_assert_eq!(s.in_flight(), running.len());
+                prop_assert_eq!(s.in_flight(), running.len() + stale.len());
                 for p in 0..3 {
                     if let (Some(point), Some(&first)) = (trackers[p].commit_point(), unfinished[p].iter().next()) {
                         prop_assert!(point <= first, "commit {} past unfinished {}", point, first);
@@ -623,6 +663,10 @@ mod tests {
                 }
             }
             // Drain: everything that arrived and was not revoked runs.
+            for job in std::mem::take(&mut stale) {
+                prop_assert!(s.release(job.lane, &mut ready));
+                check_ready(&mut ready, &mut running, &mut last_started, &mut seen)?;
+            }
             while let Some(job) = running.pop() {
                 s.release(job.lane, &mut ready);
                 check_ready(&mut ready, &mut running, &mut last_started, &mut seen)?;

@@ -171,6 +171,11 @@ impl PartitionTracker {
         self.pending.len() - self.done - self.held
     }
 
+    /// How many dispatched offsets are held (see [`PartitionTracker::hold`]).
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
     /// How many offsets are held in memory (in flight, plus finished ones waiting
     /// behind an unfinished one).
     pub fn tracked(&self) -> usize {

@@ -34,6 +34,7 @@
 //! do not wait for it.
 
 mod poll;
+mod stall;
 mod watch;
 
 use std::sync::atomic::{
@@ -52,6 +53,7 @@ use crate::dispatch::lanes::{Item, LaneId};
 use crate::dispatch::Ordering;
 
 pub(crate) use poll::RebalanceHooks;
+pub use stall::PartitionState;
 pub use watch::PartitionProgress;
 
 /// Source-stage errors.
@@ -160,6 +162,16 @@ pub struct SourceOptions {
     /// which the broker refuses the whole commit. A map that does not fit is
     /// cut to its longest prefix that does; the rest is replayed.
     pub completion_map_max_bytes: usize,
+    /// How long a partition may hold unfinished work while its commit point
+    /// stands still before it counts as **stalled**: health then answers not
+    /// alive (`GET /health` 503, naming the partitions and their oldest
+    /// unfinished offsets) and an error is logged, so an orchestrator restarts
+    /// the process and the work is replayed. `None` turns detection off.
+    /// Default 5 minutes: far longer than one event's work should take in a
+    /// service this crate serves (a handler, XZepr's 10–14 s posts while its
+    /// Kafka is down, the reporter's retries), and short enough that a hung
+    /// consumer is recovered within an incident rather than found the next day.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for SourceOptions {
@@ -177,6 +189,7 @@ impl Default for SourceOptions {
             max_tracked: 100_000,
             completion_map: true,
             completion_map_max_bytes: crate::offsets::progress::DEFAULT_MAX_BYTES,
+            stall_timeout: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -203,6 +216,12 @@ impl SourceOptions {
             return bad(
                 "completion_map_max_bytes",
                 "must be at most 4,096 (the broker's default offset.metadata.max.bytes)",
+            );
+        }
+        if self.stall_timeout == Some(Duration::ZERO) {
+            return bad(
+                "stall_timeout",
+                "must be more than zero (None turns stall detection off)",
             );
         }
         if self.pause_after >= session_timeout {
@@ -514,7 +533,17 @@ pub(crate) struct ChannelExecutor(pub(crate) Sender<Batch>);
 
 impl Executor for ChannelExecutor {
     fn execute(&self, batch: Batch) -> Result<(), Batch> {
-        self.0.try_send(batch).map_err(|e| e.into_inner())
+        use crossbeam_channel::TrySendError;
+        match self.0.try_send(batch) {
+            Ok(()) => Ok(()),
+            // Only a channel with no reader means the workers are gone. The
+            // scheduler counts every job until its release (a revoked
+            // partition's too), so the channel, sized `max_in_flight`, has room
+            // for every job it hands out; should it be full all the same, the
+            // workers are alive and taking jobs, so wait for one.
+            Err(TrySendError::Full(batch)) => self.0.send(batch).map_err(|e| e.into_inner()),
+            Err(TrySendError::Disconnected(batch)) => Err(batch),
+        }
     }
 }
 
@@ -588,6 +617,8 @@ pub struct SourceHandle {
     thread: Arc<Mutex<Option<PollThread>>>,
     /// The assigned partitions' progress, from librdkafka's statistics.
     progress: Arc<Mutex<Vec<PartitionProgress>>>,
+    /// The assigned partitions' commit points and stalls, from the poll thread.
+    states: Arc<Mutex<Vec<PartitionState>>>,
 }
 
 impl Source {
@@ -677,6 +708,21 @@ impl SourceHandle {
     /// most a second old while the poll thread runs).
     pub fn partitions(&self) -> Vec<PartitionProgress> {
         self.progress.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// The assigned partitions' commit points, unfinished and held offsets,
+    /// and stalls (see [`SourceOptions::stall_timeout`]), sorted by topic and
+    /// partition, as the poll thread last saw them (at most a second old).
+    pub fn partition_states(&self) -> Vec<PartitionState> {
+        self.states.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// The stalled partitions among [`SourceHandle::partition_states`].
+    pub fn stalled_partitions(&self) -> Vec<PartitionState> {
+        self.states
+            .lock()
+            .map(|p| p.iter().filter(|s| s.stalled).cloned().collect())
+            .unwrap_or_default()
     }
 
     /// True once [`SourceHandle::shutdown`] was called.

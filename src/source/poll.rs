@@ -64,6 +64,8 @@ struct Part {
     committed_done: usize,
     /// Offsets a previous owner's completion map says finished, not yet reached.
     skip: Option<Skip>,
+    /// How long its commit point has stood still.
+    watch: super::stall::StallWatch,
 }
 
 /// The completion map read on assignment, consumed as offsets arrive.
@@ -122,6 +124,12 @@ struct State {
     recycle: Arc<super::Recycler>,
     /// The completion map's byte cap, when commits carry one.
     map_cap: Option<usize>,
+    /// Partitions paused now (their share of the buffers, or their tracking
+    /// limit), so the resume check costs nothing while none is.
+    paused: usize,
+    /// Where [`State::watch_partitions`] publishes what it saw.
+    states: Arc<Mutex<Vec<super::PartitionState>>>,
+    stall_timeout: Option<Duration>,
 }
 
 impl State {
@@ -283,6 +291,37 @@ impl State {
             if let Some(p) = self.parts.get_mut(&(Arc::from(el.topic()), el.partition())) {
                 p.committed = None;
             }
+        }
+    }
+
+    /// Notes each partition's commit point, flags the stalled ones, and
+    /// publishes what it saw for health and metrics.
+    fn watch_partitions(&mut self, timeout: Option<Duration>) {
+        let now = Instant::now();
+        let mut states: Vec<super::PartitionState> = self
+            .parts
+            .iter_mut()
+            .map(|((topic, partition), p)| {
+                let point = p.tracker.commit_point();
+                let unfinished = p.tracker.in_flight() + p.tracker.held();
+                let (still, stalled) =
+                    p.watch
+                        .observe((topic, *partition), point, unfinished > 0, timeout, now);
+                super::PartitionState {
+                    topic: topic.to_string(),
+                    partition: *partition,
+                    commit_point: point,
+                    unfinished,
+                    held: p.tracker.held(),
+                    stalled_for_ms: u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
+                    stalled,
+                    paused: p.paused,
+                }
+            })
+            .collect();
+        states.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        if let Ok(mut s) = self.states.lock() {
+            *s = states;
         }
     }
 
@@ -489,6 +528,7 @@ impl ConsumerContext for Context {
                         committed: None,
                         committed_done: 0,
                         skip,
+                        watch: super::stall::StallWatch::new(Instant::now()),
                     },
                 );
             }
@@ -528,6 +568,9 @@ impl Context {
         st.publish_committed();
         for key in revoked {
             if let Some(p) = st.parts.remove(key) {
+                if p.paused {
+                    st.paused -= 1;
+                }
                 retire(&p);
                 let mut ready = std::mem::take(&mut st.ready);
                 drop(st.sched.remove_part(p.epoch, &mut ready));
@@ -536,6 +579,8 @@ impl Context {
         }
         st.run_ready();
         st.publish_gauges();
+        let timeout = st.stall_timeout;
+        st.watch_partitions(timeout);
         self.stats.assigned.store(st.parts.len() as u64, Relaxed);
         tracing::debug!(partitions = revoked.len(), "Partitions revoked.");
     }
@@ -567,6 +612,7 @@ pub(super) fn start(
     let stats = Arc::new(SourceStats::default());
     let committed = Arc::new(Mutex::new(Vec::new()));
     let progress = Arc::new(Mutex::new(Vec::new()));
+    let states = Arc::new(Mutex::new(Vec::new()));
     let context = Context {
         hooks,
         state: Mutex::new(State {
@@ -585,6 +631,9 @@ pub(super) fn start(
             map_cap: options
                 .completion_map
                 .then_some(options.completion_map_max_bytes),
+            paused: 0,
+            states: Arc::clone(&states),
+            stall_timeout: options.stall_timeout,
         }),
         read_maps: options.completion_map,
         drain_timeout: options.drain_timeout,
@@ -608,6 +657,7 @@ pub(super) fn start(
         committed,
         thread: Arc::new(Mutex::new(Some(thread))),
         progress,
+        states,
     })
 }
 
@@ -622,6 +672,8 @@ struct PollLoop {
     to_pause: Vec<PartKey>,
     /// Since when the buffers are over budget (polling stopped).
     throttled: Option<Instant>,
+    last_watch: Instant,
+    watch_every: Duration,
 }
 
 /// What the loop does next.
@@ -640,6 +692,7 @@ impl PollLoop {
             .lock()
             .map(|s| s.completions.clone())
             .unwrap_or_else(|p| p.into_inner().completions.clone());
+        let watch_every = super::stall::check_interval(options.stall_timeout);
         PollLoop {
             consumer,
             options,
@@ -649,6 +702,8 @@ impl PollLoop {
             last_commit: Instant::now(),
             to_pause: Vec::new(),
             throttled: None,
+            last_watch: Instant::now(),
+            watch_every,
         }
     }
 
@@ -728,23 +783,30 @@ impl PollLoop {
             self.throttled.get_or_insert_with(Instant::now);
         } else if bytes <= o.buffer_budget / 2 && n <= o.max_buffered / 2 {
             self.throttled = None;
+        }
+        if st.paused > 0 {
             self.resume_ready(&mut st);
         }
         // Over budget: stop polling (librdkafka keeps its own prefetch, within
         // its own limits) while the handlers drain the buffers. When they stall
         // (no completion for `STALL`) or the drain takes longer than
-        // `pause_after`, pause every partition so that polling, and with it
-        // rebalances, can go on while nothing is fetched.
+        // `pause_after`, pause the partitions over their share of the budget, so
+        // that the others, and rebalances, go on: one partition whose handler
+        // never returns holds its own share, never everyone's.
         let poll = match self.throttled {
             None => true,
             Some(since)
                 if since.elapsed() >= o.pause_after || st.last_progress.elapsed() >= STALL =>
             {
-                self.pause_all(&mut st);
+                self.pause_over_share(&mut st);
                 true
             }
             Some(_) => false,
         };
+        if self.last_watch.elapsed() >= self.watch_every {
+            self.last_watch = Instant::now();
+            st.watch_partitions(o.stall_timeout);
+        }
         if self.last_commit.elapsed() >= self.options.commit_interval {
             self.last_commit = Instant::now();
             self.commit_async(&mut st);
@@ -756,27 +818,57 @@ impl PollLoop {
         })
     }
 
-    fn pause_all(&self, st: &mut State) {
+    /// Pauses the partitions holding more than their share of the buffers.
+    /// The shares add up to the budget, so while the buffers are over it at
+    /// least one partition is over its share.
+    fn pause_over_share(&self, st: &mut State) {
+        let (share_bytes, share_n) = share(&self.options, st.parts.len());
+        let State {
+            parts,
+            sched,
+            paused,
+            stats,
+            ..
+        } = st;
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), p) in &mut st.parts {
-            if !p.paused {
+        for ((topic, partition), p) in parts.iter_mut() {
+            if !p.paused
+                && (sched.part_buffered_bytes(p.epoch) > share_bytes
+                    || sched.part_buffered(p.epoch) > share_n)
+            {
                 p.paused = true;
+                *paused += 1;
                 tpl.add_partition(topic, *partition);
             }
         }
         if tpl.count() > 0 && self.consumer.pause(&tpl).is_ok() {
-            st.stats.pauses.fetch_add(tpl.count() as u64, Relaxed);
+            stats.pauses.fetch_add(tpl.count() as u64, Relaxed);
         }
     }
 
-    /// Resumes the paused partitions (the buffers are at most half full)
-    /// that are under their tracking limit.
+    /// Resumes the paused partitions that are under their tracking limit and
+    /// whose buffers drained: to half their share, or all the buffers to half
+    /// the budget.
     fn resume_ready(&self, st: &mut State) {
         let o = &self.options;
+        let (share_bytes, share_n) = share(o, st.parts.len());
+        let all_low = st.sched.buffered_bytes() <= o.buffer_budget / 2
+            && st.sched.buffered() <= o.max_buffered / 2;
+        let State {
+            parts,
+            sched,
+            paused,
+            stats,
+            ..
+        } = st;
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), p) in &mut st.parts {
-            if p.paused && p.tracker.tracked() < o.max_tracked {
+        for ((topic, partition), p) in parts.iter_mut() {
+            let low = all_low
+                || (sched.part_buffered_bytes(p.epoch) <= share_bytes / 2
+                    && sched.part_buffered(p.epoch) <= share_n / 2);
+            if p.paused && low && p.tracker.tracked() < o.max_tracked {
                 p.paused = false;
+                *paused -= 1;
                 tpl.add_partition(topic, *partition);
             }
         }
@@ -784,7 +876,7 @@ impl PollLoop {
         if tpl.count() > 0 {
             match self.consumer.resume(&tpl) {
                 Ok(()) => {
-                    st.stats.resumes.fetch_add(tpl.count() as u64, Relaxed);
+                    stats.resumes.fetch_add(tpl.count() as u64, Relaxed);
                 }
                 Err(e) => tracing::warn!(error = %e, "Resume failed."),
             }
@@ -872,6 +964,8 @@ impl PollLoop {
             retire(p);
         }
         st.parts.clear();
+        st.paused = 0;
+        st.watch_partitions(None);
         st.publish_gauges();
         drop(st);
         consumer.unsubscribe();
@@ -884,6 +978,12 @@ impl PollLoop {
             drop(consumer.poll(Duration::from_millis(20)));
         }
     }
+}
+
+/// Each assigned partition's share of the buffer budget: bytes and events.
+fn share(o: &SourceOptions, partitions: usize) -> (usize, usize) {
+    let n = partitions.max(1);
+    ((o.buffer_budget / n).max(1), (o.max_buffered / n).max(1))
 }
 
 /// Most time shutdown spends serving the revoke of its own unsubscribe.
@@ -932,6 +1032,7 @@ fn route(
         // moves (the buffer budget is enforced between polls).
         if p.tracker.tracked() >= o.max_tracked && !p.paused {
             p.paused = true;
+            st.paused += 1;
             to_pause.push((topic, partition));
         }
     }
