@@ -52,13 +52,22 @@ pub(crate) use server::Server;
 /// Whether the pipeline is alive and ready to do its work, with the facts
 /// behind the answer. `GET /health` answers 200 when `alive`, `GET /ready`
 /// when `ready`, 503 otherwise, with this as the JSON body.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct Health {
-    /// The poll thread runs (also while it drains after a shutdown). False
-    /// once it has stopped, on a shutdown or a fatal error (an authentication
-    /// failure, the workers gone): the process should be restarted.
+    /// The poll thread runs (also while it drains after a shutdown) and no
+    /// partition is stalled. False once it has stopped, on a shutdown or a
+    /// fatal error (an authentication failure, the workers gone), and while a
+    /// partition is stalled: the process should be restarted.
     pub alive: bool,
+    /// A partition held unfinished work while its commit point stood still
+    /// for the stall timeout (see
+    /// [`SourceOptions::stall_timeout`](crate::source::SourceOptions::stall_timeout));
+    /// which ones, with their oldest unfinished offsets, is in
+    /// `stalled_partitions`. Clears once their commit points move.
+    pub stalled: bool,
+    /// The stalled partitions.
+    pub stalled_partitions: Vec<crate::source::PartitionState>,
     /// Alive, not stopping, in the group (`group_joined`), a broker
     /// reachable, and the XZepr breaker not open.
     pub ready: bool,
@@ -91,7 +100,9 @@ pub(crate) struct Observed {
 impl Observed {
     pub(crate) fn health(&self) -> Health {
         let stats = self.source.stats();
-        let alive = !self.source.is_finished();
+        let stalled_partitions = self.source.stalled_partitions();
+        let stalled = !stalled_partitions.is_empty();
+        let alive = !self.source.is_finished() && !stalled;
         let stopping = self.source.is_stopping();
         let assigned_partitions = stats.assigned.load(Relaxed);
         let group_joined = stats.group_joined.load(Relaxed);
@@ -102,6 +113,8 @@ impl Observed {
             .is_some_and(|r| r.breaker_open.load(Relaxed));
         Health {
             alive,
+            stalled,
+            stalled_partitions,
             ready: alive
                 && !stopping
                 && (group_joined || assigned_partitions > 0)

@@ -354,6 +354,42 @@ impl Collector for PipelineCollector {
             None,
             i64::from(health.ready),
         )?;
+        gauge(
+            e,
+            "xzepr_consumer_stalled_partitions",
+            "Partitions holding unfinished work whose commit point stood still for the stall timeout (GET /health answers 503 while any is).",
+            None,
+            signed(health.stalled_partitions.len() as u64),
+        )?;
+
+        // Per partition, from the poll thread.
+        let states = o.source.partition_states();
+        for (name, help, value) in [
+            (
+                "xzepr_consumer_partition_unfinished",
+                "Offsets of an assigned partition received and not finished (waiting, running or held).",
+                (|p: &crate::source::PartitionState| p.unfinished as f64) as fn(&_) -> f64,
+            ),
+            (
+                "xzepr_consumer_partition_held",
+                "Offsets of an assigned partition held: they keep its commit point until it is replayed.",
+                |p| p.held as f64,
+            ),
+            (
+                "xzepr_consumer_partition_stalled_seconds",
+                "How long an assigned partition's commit point has stood still with unfinished work behind it.",
+                |p| p.stalled_for_ms as f64 / 1000.0,
+            ),
+        ] {
+            let mut f = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            let mut partition = String::new();
+            for p in &states {
+                partition.clear();
+                let _ = write!(partition, "{}", p.partition);
+                let labels = [("topic", p.topic.as_str()), ("partition", partition.as_str())];
+                ConstGauge::new(value(p)).encode(f.encode_family(&labels)?)?;
+            }
+        }
 
         // Per partition, from librdkafka's statistics.
         let parts = o.source.partitions();

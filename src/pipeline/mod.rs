@@ -418,6 +418,16 @@ impl PipelineBuilder {
         self
     }
 
+    /// How long a partition may hold unfinished work while its commit point
+    /// stands still before it counts as stalled (default 5 minutes; `None`
+    /// turns detection off; see [`SourceOptions::stall_timeout`]): health then
+    /// answers not alive, so `GET /health` answers 503 naming the partitions
+    /// and their oldest unfinished offsets, until their commit points move.
+    pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.source.stall_timeout = timeout.into();
+        self
+    }
+
     /// Whether each commit carries the offsets finished above the commit point,
     /// so a restart or the next owner after a rebalance skips them instead of
     /// replaying them (default on; see [`SourceOptions::completion_map`]).
