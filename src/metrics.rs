@@ -52,8 +52,8 @@ counters! {
     handled,
     /// Handler calls that returned an error (or panicked, or timed out).
     handler_failed,
-    /// Handler calls that ran past `handler_timeout` (async: cancelled; sync:
-    /// ran to their end, reported as a timeout).
+    /// Handler calls that ran past `handler_timeout` (async: cancelled and
+    /// failed with code `timeout`; sync: ran to their end, outcome kept).
     handler_timeouts,
     /// `started` posts acknowledged by XZepr.
     posted_started,

@@ -392,26 +392,25 @@ fn call_sync<D: Delivery, H: Handler + ?Sized>(
     let start = shared.handler_timeout.map(|t| (t, Instant::now()));
     let began = Instant::now();
     // The handler is user code: a panic fails this event, never the worker.
-    let mut result = catch_unwind(AssertUnwindSafe(|| handler.handle(ev, work)))
+    let result = catch_unwind(AssertUnwindSafe(|| handler.handle(ev, work)))
         .unwrap_or_else(|_| Err(panicked()));
     shared.metrics.handler_latency.observe(began.elapsed());
     if let Some((limit, start)) = start {
         let took = start.elapsed();
         if took > limit {
-            // It cannot be cancelled; its outcome stands, but the overrun is
-            // counted and logged, and a success is reported as a timeout like
-            // an async handler's would be.
-            let err = shared.timed_out(limit);
+            // It cannot be cancelled, so its outcome stands: a success did its
+            // work, and turning it into a (retryable) timeout would run that
+            // work again. The overrun is counted and logged.
+            Metrics::add(&shared.metrics.handler_timeouts, 1);
             tracing::warn!(
                 topic = delivery.topic(),
                 partition = delivery.partition(),
                 offset = delivery.offset(),
                 took_ms = took.as_millis() as u64,
-                "Sync handler ran past its timeout."
+                limit_ms = limit.as_millis() as u64,
+                succeeded = result.is_ok(),
+                "Sync handler ran past its timeout; its outcome stands."
             );
-            if result.is_ok() {
-                result = Err(err);
-            }
         }
     }
     result

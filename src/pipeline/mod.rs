@@ -363,8 +363,8 @@ impl PipelineBuilder {
     /// it is **cancelled** (its future dropped) and its event reported `failed`
     /// with error code `timeout`; its offset finishes like any failure. A sync
     /// closure cannot be cancelled: it runs to its end, its overrun is counted
-    /// (`handler_timeouts`) and logged, and a success past the limit is reported
-    /// as `failed` with code `timeout` all the same.
+    /// (`handler_timeouts`) and logged, and its outcome stands: a success past
+    /// the limit did its work and is reported `completed`, never run again.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
         self.handler_timeout = Some(timeout);
         self
