@@ -612,6 +612,10 @@ type PollThread = JoinHandle<Result<(), SourceError>>;
 #[derive(Debug, Clone)]
 pub struct SourceHandle {
     stop: Arc<AtomicBool>,
+    /// When [`SourceHandle::shutdown`] was first called: `join`'s bound runs from it.
+    stop_at: Arc<Mutex<Option<std::time::Instant>>>,
+    /// How long the poll thread drains (the bound's first part).
+    drain_timeout: Duration,
     stats: Arc<SourceStats>,
     committed: Committed,
     thread: Arc<Mutex<Option<PollThread>>>,
@@ -667,6 +671,9 @@ impl SourceHandle {
     /// Asks the poll thread to stop: it stops fetching, drains running work up to
     /// the drain timeout, commits synchronously, and closes the consumer.
     pub fn shutdown(&self) {
+        if let Ok(mut at) = self.stop_at.lock() {
+            at.get_or_insert_with(std::time::Instant::now);
+        }
         self.stop.store(true, Release);
     }
 
@@ -684,6 +691,25 @@ impl SourceHandle {
     /// # Errors
     /// The [`SourceError`] the poll thread stopped with.
     pub fn join(&self) -> Result<(), SourceError> {
+        // After a shutdown the wait is bounded: the drain, then the final
+        // commit, the unsubscribe and the close within `SHUTDOWN_GRACE`,
+        // whatever the brokers do. A thread still inside librdkafka's close
+        // then is left to finish on its own; what it had not committed is
+        // replayed by the next owner.
+        let stopped_at = self.stop_at.lock().ok().and_then(|at| *at);
+        if let Some(at) = stopped_at {
+            let deadline = at + self.drain_timeout + poll::SHUTDOWN_GRACE;
+            while !self.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if !self.is_finished() {
+                tracing::error!(
+                    "The poll thread is still closing the consumer past the shutdown bound; left to finish on its own."
+                );
+                drop(self.thread.lock().ok().and_then(|mut t| t.take()));
+                return Ok(());
+            }
+        }
         let thread = self.thread.lock().ok().and_then(|mut t| t.take());
         match thread.map(JoinHandle::join) {
             Some(Ok(result)) => result,

@@ -288,9 +288,13 @@ impl State {
     /// so the next round sends them again even if they have not moved.
     fn forget_committed(&mut self, tpl: &TopicPartitionList) {
         for el in tpl.elements() {
-            if let Some(p) = self.parts.get_mut(&(Arc::from(el.topic()), el.partition())) {
-                p.committed = None;
-            }
+            self.forget_committed_part(&(Arc::from(el.topic()), el.partition()));
+        }
+    }
+
+    fn forget_committed_part(&mut self, key: &PartKey) {
+        if let Some(p) = self.parts.get_mut(key) {
+            p.committed = None;
         }
     }
 
@@ -436,6 +440,12 @@ struct Context {
     stats: Arc<SourceStats>,
     /// Published from librdkafka's statistics (see `watch`).
     progress: Arc<Mutex<Vec<super::PartitionProgress>>>,
+    /// Commit answers seen by `commit_callback` (a wait on one counts them).
+    commit_answers: AtomicU64,
+    /// Partitions of async commits that failed, for the poll loop to send
+    /// again: the callback may run while the state is locked (inside a sync
+    /// commit), so it never takes that lock.
+    failed_commits: Mutex<Vec<PartKey>>,
 }
 
 impl ClientContext for Context {
@@ -472,11 +482,16 @@ impl ConsumerContext for Context {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
+        self.commit_answers.fetch_add(1, Release);
         let Err(e) = result else { return };
         tracing::debug!(error = %e, "Commit failed; retrying at the next interval.");
-        // `try_lock`: a sync commit made under the lock may report here.
-        if let Ok(mut st) = self.state.try_lock() {
-            st.forget_committed(offsets);
+        if let Ok(mut failed) = self.failed_commits.lock() {
+            failed.extend(
+                offsets
+                    .elements()
+                    .iter()
+                    .map(|el| (Arc::from(el.topic()), el.partition())),
+            );
         }
     }
 
@@ -640,11 +655,14 @@ pub(super) fn start(
         fatal: Mutex::new(None),
         stats: Arc::clone(&stats),
         progress: Arc::clone(&progress),
+        commit_answers: AtomicU64::new(0),
+        failed_commits: Mutex::new(Vec::new()),
     };
     let consumer: BaseConsumer<Context> = client_config.create_with_context(context)?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let stop = Arc::new(AtomicBool::new(false));
+    let options_drain = options.drain_timeout;
     let thread = {
         let stop = Arc::clone(&stop);
         std::thread::Builder::new()
@@ -653,6 +671,8 @@ pub(super) fn start(
     };
     Ok(SourceHandle {
         stop,
+        stop_at: Arc::new(Mutex::new(None)),
+        drain_timeout: options_drain,
         stats,
         committed,
         thread: Arc::new(Mutex::new(Some(thread))),
@@ -809,6 +829,14 @@ impl PollLoop {
         }
         if self.last_commit.elapsed() >= self.options.commit_interval {
             self.last_commit = Instant::now();
+            let failed = ctx
+                .failed_commits
+                .lock()
+                .map(|mut f| std::mem::take(&mut *f))
+                .unwrap_or_default();
+            for key in &failed {
+                st.forget_committed_part(key);
+            }
             self.commit_async(&mut st);
         }
         st.publish_gauges();
@@ -909,6 +937,44 @@ impl PollLoop {
         }
     }
 
+    /// Commits `tpl` and waits for the broker's answer until `deadline`,
+    /// serving callbacks meanwhile (messages polled here are dropped, never
+    /// handled: every partition is paused). A refusal (a rebalance in
+    /// progress) is tried again while there is time.
+    fn commit_within(&self, tpl: &TopicPartitionList, deadline: Instant) {
+        let ctx = self.consumer.context();
+        loop {
+            let answers = ctx.commit_answers.load(Acquire);
+            let failed_before = ctx.failed_commits.lock().map_or(0, |f| f.len());
+            if let Err(e) = self.consumer.commit(tpl, CommitMode::Async) {
+                tracing::warn!(error = %e, "Final commit not sent.");
+                return;
+            }
+            while ctx.commit_answers.load(Acquire) == answers && Instant::now() < deadline {
+                drop(self.consumer.poll(Duration::from_millis(20)));
+            }
+            let answered = ctx.commit_answers.load(Acquire) != answers;
+            let failed = ctx.failed_commits.lock().map_or(0, |f| f.len()) > failed_before;
+            match (answered, failed) {
+                (true, false) => {
+                    ctx.stats.commits.fetch_add(1, Relaxed);
+                    return;
+                }
+                (true, true) if Instant::now() + Duration::from_millis(200) < deadline => {
+                    tracing::debug!("Final commit refused; retrying.");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                _ => {
+                    tracing::warn!(
+                        answered,
+                        "Final commit not acknowledged in time: what finished since the last commit is replayed."
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
     fn pause_marked(&mut self) {
         if self.to_pause.is_empty() {
             return;
@@ -942,23 +1008,13 @@ impl PollLoop {
         st.executor = None;
         st.drop_waiting(|_| true);
         st.drain_in_flight(deadline, |_| true);
-        if let Some(tpl) = st.commit_list(None, true) {
-            // A rebalance in progress (another member leaving) refuses commits for a
-            // moment: try a few times before leaving the replay to the next owner.
-            for attempt in 1..=3 {
-                match consumer.commit(&tpl, CommitMode::Sync) {
-                    Ok(()) => {
-                        ctx.stats.commits.fetch_add(1, Relaxed);
-                        break;
-                    }
-                    Err(e) if attempt < 3 => {
-                        tracing::debug!(error = %e, attempt, "Final commit refused; retrying.");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "Final commit failed."),
-                }
-            }
+        let last = st.commit_list(None, true);
+        st.publish_committed();
+        drop(st);
+        if let Some(tpl) = last {
+            self.commit_within(&tpl, Instant::now() + FINAL_COMMIT_WAIT);
         }
+        let mut st = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
         st.publish_committed();
         for p in st.parts.values() {
             retire(p);
@@ -987,7 +1043,18 @@ fn share(o: &SourceOptions, partitions: usize) -> (usize, usize) {
 }
 
 /// Most time shutdown spends serving the revoke of its own unsubscribe.
-const UNSUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+const UNSUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+
+/// Most time shutdown waits for the broker to answer its last commit (and
+/// tries again while a rebalance refuses it). With the brokers unreachable a
+/// synchronous commit would wait on librdkafka's request timeouts, a minute
+/// or more; what is not committed by then is replayed by the next owner.
+const FINAL_COMMIT_WAIT: Duration = Duration::from_secs(2);
+
+/// What [`SourceHandle::join`](super::SourceHandle::join) allows the poll
+/// thread past the drain: the final commit, the unsubscribe, and a second for
+/// librdkafka's close. Past it the thread is left to finish on its own.
+pub(super) const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Copies each message once, tracks its offset, puts it in its lane, hands
 /// over what may run, and marks partitions to pause. False when the state
