@@ -303,7 +303,7 @@ fn poison_messages_are_dead_lettered_and_the_partition_moves_past_them() {
 }
 
 #[test]
-fn a_dead_letter_the_broker_never_acknowledges_holds_the_offset() {
+fn a_dead_letter_the_broker_never_acknowledges_is_tried_again_and_holds_the_offset() {
     const N: u64 = 100;
     const BAD: i64 = 40;
     let cluster = cluster("dlqdown", 1);
@@ -314,6 +314,8 @@ fn a_dead_letter_the_broker_never_acknowledges_holds_the_offset() {
     let rt = runtime();
     let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "dlqdown", "dlqdown"))
         .commit_interval(Duration::from_millis(50))
+        // The letter still being tried is cancelled at the drain deadline.
+        .drain_timeout(Duration::from_secs(1))
         .runtime(rt.handle().clone())
         // A dead-letter cluster nobody listens on: the produce times out.
         .dead_letter(
@@ -329,12 +331,19 @@ fn a_dead_letter_the_broker_never_acknowledges_holds_the_offset() {
             }
         })
         .unwrap();
-    wait_for("the failed dead letter", &running, || {
+    // Tried again and again while the broker does not answer, and the commit
+    // point waits at the hole.
+    wait_for("the dead letter tried again", &running, || {
         let m = running.metrics();
-        m.dead_letter_failed == 1 && m.finished == N - 1
+        m.dead_letter_failed >= 2 && m.finished == N - 1
     });
-    // Give the commit loop its rounds: the commit point must stay at the hole.
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for("the commit point at the hole", &running, || {
+        running
+            .source()
+            .committed()
+            .iter()
+            .any(|(_, p, o)| (*p, *o) == (0, BAD))
+    });
     running.shutdown();
     running.join().unwrap();
     assert_eq!(running.metrics().dead_lettered, 0);

@@ -13,6 +13,7 @@ use std::sync::atomic::{
     Ordering::{AcqRel, Acquire, Release},
 };
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -301,61 +302,78 @@ fn hold_unmarked<D: Delivery>(d: D, mark: Option<Mark>) {
     d.hold();
 }
 
-/// Produces `d` to the dead-letter topic, counting and logging the outcome;
-/// `None` when the broker did not acknowledge it (the caller holds the offset).
+/// First wait before a dead letter the broker did not acknowledge is produced
+/// again; it doubles up to [`DEAD_LETTER_RETRY_MAX`].
+const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+/// Longest wait between two tries of one dead letter: a dead-letter cluster
+/// back from an outage is used within half a minute.
+const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Produces `d` to the dead-letter topic, counting and logging each try, and
+/// tries again with backoff (in its lane: its offset waits, and the commit
+/// point with it) until the broker takes it. `None` once `d`'s partition is
+/// no longer this consumer's (revoked, or the pipeline stopping): the caller
+/// holds the offset and the next owner replays it.
 pub(crate) async fn dead_letter<D: Delivery>(
     dlq: &DeadLetters,
     d: &D,
     reason: &Reason<'_>,
     metrics: &Metrics,
 ) -> Option<Placed> {
-    dead_lettered(d, dlq.send(d, reason).await, metrics)
-}
-
-/// [`dead_letter`] from a worker thread.
-pub(crate) fn dead_letter_blocking<D: Delivery>(
-    dlq: &DeadLetters,
-    d: &D,
-    reason: &Reason<'_>,
-    metrics: &Metrics,
-) -> Option<Placed> {
-    dead_lettered(d, dlq.send_blocking(d, reason), metrics)
-}
-
-fn dead_lettered<D: Delivery>(
-    d: &D,
-    sent: Result<Placed, String>,
-    metrics: &Metrics,
-) -> Option<Placed> {
-    match sent {
-        Ok(placed) => {
-            Metrics::add(&metrics.dead_lettered, 1);
-            tracing::warn!(
-                topic = d.topic(),
-                partition = d.partition(),
-                offset = d.offset(),
-                dead_letter_topic = %placed.topic,
-                dead_letter_partition = placed.partition,
-                dead_letter_offset = placed.offset,
-                "Event dead-lettered."
-            );
-            Some(placed)
+    let mut wait = DEAD_LETTER_RETRY_FIRST;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        match dlq.send(d, reason).await {
+            Ok(placed) => return Some(dead_lettered(d, placed, tries, metrics)),
+            Err(e) => {
+                Metrics::add(&metrics.dead_letter_failed, 1);
+                tracing::error!(
+                    topic = d.topic(),
+                    partition = d.partition(),
+                    offset = d.offset(),
+                    tries,
+                    retry_in_ms = wait.as_millis() as u64,
+                    error = %e,
+                    "Dead-letter produce failed: the offset waits, and the letter is produced again."
+                );
+            }
         }
-        Err(e) => {
-            Metrics::add(&metrics.dead_letter_failed, 1);
-            tracing::error!(
-                topic = d.topic(),
-                partition = d.partition(),
-                offset = d.offset(),
-                error = %e,
-                "Dead-letter produce failed: the offset is held, the partition will not commit past it."
-            );
-            None
+        // Short steps, so a revoke or a stop ends the wait at once.
+        let until = tokio::time::Instant::now() + wait;
+        while tokio::time::Instant::now() < until {
+            if !d.is_current() {
+                return None;
+            }
+            tokio::time::sleep_until(until.min(tokio::time::Instant::now() + RETRY_CHECK)).await;
         }
+        if !d.is_current() {
+            return None;
+        }
+        wait = (wait * 2).min(DEAD_LETTER_RETRY_MAX);
     }
 }
 
-/// Finishes `d` once its idempotency claim (if any) is marked processed.
+/// How often a dead letter waiting for its next try checks that its partition
+/// is still this consumer's.
+const RETRY_CHECK: Duration = Duration::from_millis(100);
+
+fn dead_lettered<D: Delivery>(d: &D, placed: Placed, tries: u32, metrics: &Metrics) -> Placed {
+    Metrics::add(&metrics.dead_lettered, 1);
+    tracing::warn!(
+        topic = d.topic(),
+        partition = d.partition(),
+        offset = d.offset(),
+        dead_letter_topic = %placed.topic,
+        dead_letter_partition = placed.partition,
+        dead_letter_offset = placed.offset,
+        tries,
+        "Event dead-lettered."
+    );
+    placed
+}
+
 fn finish_marked<D: Delivery>(d: D, mark: Option<Mark>, metrics: &Arc<Metrics>) {
     match mark {
         Some(mark) => {

@@ -3,9 +3,6 @@
 //! once the broker acknowledged that record.
 
 use std::borrow::Cow;
-use std::future::Future;
-use std::sync::Arc;
-use std::task::{Context, Poll, Wake};
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -334,25 +331,6 @@ impl DeadLetters {
         };
         placed(topic, delivery.map_err(|e| e.to_string())?.await)
     }
-
-    /// [`DeadLetters::send`] from a worker thread.
-    pub(crate) fn send_blocking<D: Delivery>(
-        &self,
-        d: &D,
-        r: &Reason<'_>,
-    ) -> Result<Placed, String> {
-        let topic = self.topic_for(d);
-        let headers = self.headers(d, r);
-        let delivery = loop {
-            match self.enqueue(&topic, d, &headers) {
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                    std::thread::sleep(QUEUE_FULL_PAUSE);
-                }
-                other => break other,
-            }
-        };
-        placed(topic, block_on(delivery.map_err(|e| e.to_string())?))
-    }
 }
 
 /// The broker's answer (the outer error: the producer dropped the record).
@@ -368,26 +346,6 @@ fn placed<E>(
         }),
         Ok(Err((e, _))) => Err(e.to_string()),
         Err(_) => Err("the dead-letter producer is gone".to_owned()),
-    }
-}
-
-/// Runs a future to its end on this thread (the delivery future needs no
-/// runtime: the producer's own thread completes it).
-fn block_on<F: Future>(f: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Arc::new(Unpark(std::thread::current())).into();
-    let mut cx = Context::from_waker(&waker);
-    let mut f = std::pin::pin!(f);
-    loop {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-        std::thread::park();
     }
 }
 

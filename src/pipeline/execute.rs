@@ -24,9 +24,9 @@ use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 
 use super::complete::{
-    begin, begin_blocking, complete, complete_blocking, dead_letter, dead_letter_blocking,
-    finish_now, malformed, malformed_dead_lettered, malformed_reason, Delivery, MalformedPolicy,
-    Mark, Outcome, Pending, SharedSink, WorkStart,
+    begin, begin_blocking, complete, complete_blocking, dead_letter, finish_now, malformed,
+    malformed_dead_lettered, malformed_reason, Delivery, MalformedPolicy, Mark, Outcome, Pending,
+    SharedSink, WorkStart,
 };
 use super::deadletter::{DeadLetters, Placed, Reason, Why};
 use super::guard::Guard;
@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) retry: RetryPolicy,
     /// Where events that failed for good go.
     pub(crate) dead_letters: Option<Arc<DeadLetters>>,
+    /// Sync workers: where a dead letter's wait goes (set with `dead_letters`).
+    pub(crate) tails: Option<Tails>,
 }
 
 impl Shared {
@@ -126,27 +128,37 @@ impl Shared {
         Some((dlq, reason))
     }
 
-    /// Adds the attempts (when retries are on) and where the dead letter went
-    /// (`letter`: `None` when none was sent, `Some(None)` when the broker did
-    /// not acknowledge it) to the terminal post's details. Returns whether the
-    /// offset must be held.
+    /// See [`annotate_terminal`].
     fn annotate_terminal(
         &self,
         details: &mut Value,
         attempts: u32,
         letter: Option<Option<Placed>>,
     ) -> bool {
-        if self.retry.max_attempts() > 1 {
-            annotate(details, "attempts", attempts.into());
+        annotate_terminal(details, attempts, self.retry.max_attempts() > 1, letter)
+    }
+}
+
+/// Adds the attempts (when retries are on) and where the dead letter went
+/// (`letter`: `None` when none was sent, `Some(None)` when the broker did
+/// not take it) to the terminal post's details. Returns whether the offset
+/// must be held.
+fn annotate_terminal(
+    details: &mut Value,
+    attempts: u32,
+    retries_on: bool,
+    letter: Option<Option<Placed>>,
+) -> bool {
+    if retries_on {
+        annotate(details, "attempts", attempts.into());
+    }
+    match letter {
+        Some(Some(placed)) => {
+            annotate(details, "dead_letter", placed.to_json());
+            false
         }
-        match letter {
-            Some(Some(placed)) => {
-                annotate(details, "dead_letter", placed.to_json());
-                false
-            }
-            Some(None) => true,
-            None => false,
-        }
+        Some(None) => true,
+        None => false,
     }
 }
 
@@ -204,10 +216,12 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
             drop(headers);
             if let Some(d) = malformed(delivery, &e, metrics, shared.malformed) {
                 let message = e.to_string();
-                let placed = shared.dead_letters.as_ref().and_then(|dlq| {
-                    dead_letter_blocking(dlq, &d, &malformed_reason(&message), metrics)
-                });
-                malformed_dead_lettered(d, placed, metrics);
+                match (shared.dead_letters.clone(), &shared.tails) {
+                    (Some(dlq), Some(tails)) => {
+                        tails.spawn(malformed_tail(dlq, d, message, metrics))
+                    }
+                    _ => malformed_dead_lettered(d, None, metrics),
+                }
             }
             return None;
         }
@@ -287,25 +301,115 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
     };
     drop((ev, headers));
     let mut details = Value::Object(std::mem::take(&mut work.details));
-    let letter = shared
-        .failure_letter(&result, attempt)
-        .map(|(dlq, reason)| dead_letter_blocking(dlq, &delivery, &reason, metrics));
-    let hold = shared.annotate_terminal(&mut details, attempt, letter);
-    complete_blocking(
-        sink,
-        metrics,
-        pending,
-        delivery,
-        Outcome {
-            work_id: work.id,
-            platform_id,
-            result,
-            details,
-            mark,
-            hold,
-        },
-    );
+    let mut outcome = Outcome {
+        work_id: work.id,
+        platform_id,
+        result,
+        details: Value::Null,
+        mark,
+        hold: false,
+    };
+    let Some((dlq, tails)) = shared
+        .failure_letter(&outcome.result, attempt)
+        .and(shared.dead_letters.clone())
+        .zip(shared.tails.as_ref())
+    else {
+        outcome.hold = shared.annotate_terminal(&mut details, attempt, None);
+        outcome.details = details;
+        complete_blocking(sink, metrics, pending, delivery, outcome);
+        return None;
+    };
+    // The dead letter waits on the broker, through an outage if need be: the
+    // rest of the event's flow goes to the runtime, so no worker thread waits.
+    tails.spawn(failure_tail(
+        shared, dlq, delivery, pending, details, outcome, attempt,
+    ));
     None
+}
+
+/// The end of a failed event's flow, the same for sync and async handlers:
+/// its dead letter, tried until the broker takes it (its offset waits, its
+/// lane goes on), then its terminal post and its offset.
+fn failure_tail<D: Delivery>(
+    shared: &Shared,
+    dlq: Arc<DeadLetters>,
+    delivery: D,
+    pending: Option<Arc<Pending<D>>>,
+    mut details: Value,
+    mut outcome: Outcome,
+    attempt: u32,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (message, code) = match &outcome.result {
+        Err(e) => (
+            e.message().to_owned(),
+            e.code().unwrap_or("handler_error").to_owned(),
+        ),
+        Ok(()) => (String::new(), String::new()),
+    };
+    let (metrics, sink) = (Arc::clone(&shared.metrics), shared.lifecycle.clone());
+    let attempts_noted = shared.retry.max_attempts() > 1;
+    async move {
+        let reason = Reason {
+            why: Why::HandlerFailed,
+            message: &message,
+            code: &code,
+            attempts: attempt,
+        };
+        let placed = dead_letter(&dlq, &delivery, &reason, &metrics).await;
+        outcome.hold = annotate_terminal(&mut details, attempt, attempts_noted, Some(placed));
+        outcome.details = details;
+        complete(sink.as_ref(), &metrics, pending, delivery, outcome).await;
+    }
+}
+
+/// A malformed message's dead letter, tried until the broker takes it, then
+/// its offset.
+fn malformed_tail<D: Delivery>(
+    dlq: Arc<DeadLetters>,
+    d: D,
+    message: String,
+    metrics: &Arc<Metrics>,
+) -> impl Future<Output = ()> + Send + 'static {
+    let metrics = Arc::clone(metrics);
+    async move {
+        let placed = dead_letter(&dlq, &d, &malformed_reason(&message), &metrics).await;
+        malformed_dead_lettered(d, placed, &metrics);
+    }
+}
+
+/// Where the part of an event's flow that waits on a broker (its dead
+/// letter) runs, so neither a worker thread nor the event's lane waits
+/// through an outage.
+#[derive(Clone)]
+pub(crate) struct Tails {
+    pub(crate) runtime: tokio::runtime::Handle,
+    /// At most `max_in_flight` tails at once; past it a worker waits for room
+    /// (each holds its message, which no longer counts in the buffer budget).
+    pub(crate) room: Arc<tokio::sync::Semaphore>,
+}
+
+impl Tails {
+    /// From a task: waits for room without blocking a thread.
+    async fn spawn_async(&self, tail: impl Future<Output = ()> + Send + 'static) {
+        let permit = Arc::clone(&self.room).acquire_owned().await.ok();
+        self.runtime.spawn(async move {
+            let _permit = permit;
+            tail.await;
+        });
+    }
+
+    /// From a worker thread.
+    fn spawn(&self, tail: impl Future<Output = ()> + Send + 'static) {
+        // On a worker thread, never inside the runtime: waiting here is allowed.
+        let permit = self
+            .runtime
+            .block_on(Arc::clone(&self.room).acquire_owned())
+            .ok();
+        self.runtime.spawn(async move {
+            let _permit = permit;
+            tail.await;
+        });
+    }
 }
 
 /// A sync event between attempts: what its first attempt set up.
@@ -499,11 +603,14 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
         Err(e) => {
             if let Some(d) = malformed(delivery, &e, metrics, shared.malformed) {
                 let message = e.to_string();
-                let placed = match &shared.dead_letters {
-                    Some(dlq) => dead_letter(dlq, &d, &malformed_reason(&message), metrics).await,
-                    None => None,
-                };
-                malformed_dead_lettered(d, placed, metrics);
+                match (shared.dead_letters.clone(), &shared.tails) {
+                    (Some(dlq), Some(tails)) => {
+                        tails
+                            .spawn_async(malformed_tail(dlq, d, message, metrics))
+                            .await;
+                    }
+                    _ => malformed_dead_lettered(d, None, metrics),
+                }
             }
             return;
         }
@@ -567,26 +674,29 @@ pub(crate) async fn handle_async<D: Delivery, H: AsyncHandler + ?Sized>(
         Ok(details) => (Ok(()), details),
         Err(e) => (Err(e), Value::Object(Default::default())),
     };
-    let letter = match shared.failure_letter(&result, attempt) {
-        Some((dlq, reason)) => Some(dead_letter(dlq, &delivery, &reason, metrics).await),
-        None => None,
+    let mut outcome = Outcome {
+        work_id: work.id,
+        platform_id,
+        result,
+        details: Value::Null,
+        mark,
+        hold: false,
     };
-    let hold = shared.annotate_terminal(&mut details, attempt, letter);
-    complete(
-        sink,
-        metrics,
-        pending,
-        delivery,
-        Outcome {
-            work_id: work.id,
-            platform_id,
-            result,
-            details,
-            mark,
-            hold,
-        },
-    )
-    .await;
+    match shared
+        .failure_letter(&outcome.result, attempt)
+        .and(shared.dead_letters.clone())
+        .zip(shared.tails.as_ref())
+    {
+        Some((dlq, tails)) => {
+            let tail = failure_tail(shared, dlq, delivery, pending, details, outcome, attempt);
+            tails.spawn_async(tail).await;
+        }
+        None => {
+            outcome.hold = shared.annotate_terminal(&mut details, attempt, None);
+            outcome.details = details;
+            complete(sink, metrics, pending, delivery, outcome).await;
+        }
+    }
 }
 
 /// The handler's future, with panics caught and the timeout applied.
@@ -767,6 +877,7 @@ mod tests {
             idempotency: None,
             retry: RetryPolicy::none(),
             dead_letters: None,
+            tails: None,
         }
     }
 

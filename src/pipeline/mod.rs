@@ -45,7 +45,7 @@ use complete::{AckFn, Acked, Delivery, Lifecycle, LifecycleSink, SharedSink};
 pub use deadletter::{
     headers as dead_letter_headers, DeadLetterConfig, DEFAULT_DEAD_LETTER_SUFFIX,
 };
-use execute::{AsyncExecutor, DecoderPool, Shared};
+use execute::{AsyncExecutor, DecoderPool, Shared, Tails};
 pub use guard::IdempotencyKey;
 pub use retry::RetryPolicy;
 
@@ -631,6 +631,7 @@ impl PipelineBuilder {
         metrics: &Arc<Metrics>,
         runtime: Option<&tokio::runtime::Handle>,
         dead_letters: Option<&Arc<deadletter::DeadLetters>>,
+        tails: Option<&Tails>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             filter: self.filter.clone(),
@@ -650,6 +651,7 @@ impl PipelineBuilder {
                 }),
             retry: self.retry.clone(),
             dead_letters: dead_letters.cloned(),
+            tails: tails.cloned(),
         })
     }
 
@@ -684,6 +686,13 @@ impl PipelineBuilder {
         };
         let listener = self.bind_metrics()?;
         let dead_letters = self.dead_letters()?;
+        let (tails, own_runtime) = match &dead_letters {
+            Some(_) => {
+                let (tails, own) = self.tails()?;
+                (Some(tails), own)
+            }
+            None => (None, None),
+        };
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
@@ -714,7 +723,12 @@ impl PipelineBuilder {
         let mut metrics = Vec::with_capacity(self.workers);
         for i in 0..self.workers {
             let m = Arc::new(Metrics::default());
-            let shared = self.shared(&m, guard_runtime.as_ref(), dead_letters.as_ref());
+            let shared = self.shared(
+                &m,
+                guard_runtime.as_ref(),
+                dead_letters.as_ref(),
+                tails.as_ref(),
+            );
             metrics.push(m);
             let (rx, handler, retries) = (rx.clone(), Arc::clone(&handler), retries.clone());
             let decoder = Decoder::new(self.decoder.clone())?;
@@ -729,7 +743,30 @@ impl PipelineBuilder {
                 }
             }
         }
-        self.running(source, workers, metrics, listener)
+        let mut running = self.running(source, workers, metrics, listener)?;
+        running.own_runtime = OwnRuntime(own_runtime);
+        Ok(running)
+    }
+
+    /// Where sync workers hand their dead letters' waits: the runtime set,
+    /// else the current one, else one of the pipeline's own (one thread).
+    fn tails(&self) -> Result<(Tails, Option<tokio::runtime::Runtime>), crate::Error> {
+        let (runtime, own) = match self.runtime_for("") {
+            Ok(handle) => (handle, None),
+            Err(_) => {
+                let own = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .thread_name("xzepr-dead-letters")
+                    .enable_all()
+                    .build()
+                    .map_err(SourceError::Spawn)?;
+                (own.handle().clone(), Some(own))
+            }
+        };
+        let room = Arc::new(tokio::sync::Semaphore::new(
+            self.source.max_in_flight.max(1),
+        ));
+        Ok((Tails { runtime, room }, own))
     }
 
     /// Starts the pipeline with an async handler: each job runs as a task on the
@@ -745,9 +782,20 @@ impl PipelineBuilder {
         self.validate()?;
         let listener = self.bind_metrics()?;
         let dead_letters = self.dead_letters()?;
+        let tails = dead_letters.as_ref().map(|_| Tails {
+            runtime: runtime.clone(),
+            room: Arc::new(tokio::sync::Semaphore::new(
+                self.source.max_in_flight.max(1),
+            )),
+        });
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
-            shared: self.shared(&metrics, Some(&runtime), dead_letters.as_ref()),
+            shared: self.shared(
+                &metrics,
+                Some(&runtime),
+                dead_letters.as_ref(),
+                tails.as_ref(),
+            ),
             runtime,
             handler: Arc::new(handler),
             decoders: Arc::new(DecoderPool::new(self.decoder.clone())),
@@ -793,6 +841,21 @@ pub struct RunningPipeline {
     reporter: Option<Arc<crate::report::ReporterStats>>,
     /// The metrics and health endpoint, when served.
     server: std::sync::Mutex<Option<crate::observe::Server>>,
+    /// A runtime the pipeline made for itself (a sync pipeline's dead letters).
+    own_runtime: OwnRuntime,
+}
+
+/// A runtime the pipeline owns, shut down without waiting when it goes (its
+/// tasks hold messages whose offsets are then replayed).
+#[derive(Debug, Default)]
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl RunningPipeline {
@@ -809,6 +872,7 @@ impl RunningPipeline {
             drain_timeout: options.drain_timeout,
             reporter: None,
             server: std::sync::Mutex::new(None),
+            own_runtime: OwnRuntime::default(),
         }
     }
 
