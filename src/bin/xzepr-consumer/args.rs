@@ -34,6 +34,16 @@ impl KafkaArgs {
     }
 }
 
+/// The `XZEPR_KAFKA_*` variable `name`, or `default` when it is unset or blank
+/// (as `KafkaConsumerConfig::from_env` reads it), for commands that need no
+/// consumer configuration.
+pub fn kafka_env(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_owned())
+}
+
 /// The filter for `--type` values: a value with `*` or `?` is a glob, any other
 /// a prefix; none accepts every type.
 pub fn type_filter(patterns: &[String]) -> TypeFilter {

@@ -6,16 +6,27 @@
 //! the variables listed in [`HELP`]. Exit 0 is `completed`, with stdout as the `details` when it is
 //! a JSON object; any other exit is `failed` (`error_code` `exit_status`, or
 //! `signal`), with the tail of stderr in the error. Past `--timeout` the
-//! pipeline drops the handler's future, which kills the child (`SIGKILL`), and
-//! the event is `failed` with code `timeout`.
+//! pipeline drops the handler's future, which kills the child's process group
+//! (`SIGKILL`), and the event is `failed` with code `timeout`.
 //!
-//! Children run in their own process group, so a Ctrl-C at the terminal reaches
-//! `run` alone, which then drains: the programs in flight finish their events.
-//! The secrets of `run` itself (`XZEPR_API_TOKEN`, `XZEPR_KAFKA_SASL_PASSWORD`)
-//! are removed from their environment.
+//! The program is done when it exits, not when its pipes close: a process it
+//! left in the background may hold them open for as long as it runs. Its
+//! process group is killed then (see [`group`]) and the pipes are read for at
+//! most [`PIPE_GRACE`] more. A group of its own also keeps a Ctrl-C at the
+//! terminal from reaching the programs: it reaches `run` alone, which then
+//! drains, and the programs in flight finish their events.
+//!
+//! No `XZEPR_*` variable of `run`'s own environment reaches the child: they
+//! hold its credentials (`XZEPR_API_TOKEN`, `XZEPR_KAFKA_SASL_PASSWORD`, and
+//! `XZEPR_API_URL` may carry a `user:password@`). The child gets the rest of
+//! the environment, and the event's variables.
+
+mod group;
 
 use std::ffi::OsString;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -30,12 +41,19 @@ With --exec, each event runs the program with the event as one line of JSON on s
   XZEPR_EVENT_SUCCESS (true/false), XZEPR_EVENT_NAME, XZEPR_EVENT_VERSION,
   XZEPR_EVENT_RELEASE, XZEPR_EVENT_PLATFORM_ID, XZEPR_EVENT_PACKAGE,
   XZEPR_WORK_ID, KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET
-(XZEPR_API_TOKEN and XZEPR_KAFKA_SASL_PASSWORD are removed). Exit 0 is completed, with
+and the rest of run's environment less every XZEPR_* variable (they hold its credentials).
+It runs in a process group of its own, killed when it exits or times out. Exit 0 is completed, with
 stdout as the details when it is a JSON object; any other exit is failed, with the end
 of stderr as the error.";
 
-/// Variables of `run` never passed on to a child.
-const SECRET_VARS: &[&str] = &["XZEPR_API_TOKEN", "XZEPR_KAFKA_SASL_PASSWORD"];
+/// The prefix of `run`'s own variables, none of which is passed on to a child:
+/// the credentials are among them, and so may be future ones.
+const OWN_VARS: &str = "XZEPR_";
+
+/// After the program exited, how long its pipes may take to reach their end.
+/// Its group is killed first, so this bounds only what a process outside the
+/// group holds open; what was read by then is used.
+const PIPE_GRACE: Duration = Duration::from_millis(250);
 
 /// Most stdout kept for `details` (a larger output is not used as details).
 const STDOUT_MAX: usize = 1 << 20;
@@ -48,15 +66,22 @@ const STDERR_TAIL: usize = 1024;
 pub struct Exec {
     program: OsString,
     args: Vec<OsString>,
+    /// The `XZEPR_*` variables of `run`'s environment, removed from the child's.
+    removed: Arc<[OsString]>,
 }
 
 impl Exec {
     /// `command[0]` with the rest as its arguments; `None` when `command` is empty.
     pub fn new(command: &[String]) -> Option<Self> {
         let (program, args) = command.split_first()?;
+        let removed = std::env::vars_os()
+            .map(|(name, _)| name)
+            .filter(|name| name.to_str().is_some_and(|n| n.starts_with(OWN_VARS)))
+            .collect();
         Some(Exec {
             program: program.into(),
             args: args.iter().map(OsString::from).collect(),
+            removed,
         })
     }
 
@@ -71,11 +96,10 @@ impl Exec {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            // Dropped on timeout or at the drain deadline: the child must go too.
+            // Dropped on timeout or at the drain deadline: the child must go
+            // too (its `Group` kills the rest; this covers a drop off the runtime).
             .kill_on_drop(true);
-        #[cfg(unix)]
-        cmd.process_group(0);
-        for var in SECRET_VARS {
+        for var in self.removed.iter() {
             cmd.env_remove(var);
         }
         let success = if message.success { "true" } else { "false" };
@@ -102,24 +126,41 @@ impl Exec {
         })?;
         input.push(b'\n');
         // A program that cannot be started will not start on a retry either.
-        let mut child = self.command(&message, &info).spawn().map_err(|e| {
+        let mut group = group::Group::spawn(&mut self.command(&message, &info)).map_err(|e| {
             HandlerError::with_code(format!("cannot start {}: {e}", self.program()), "spawn")
                 .permanent()
         })?;
-        let stdin = child.stdin.take();
+        let (stdin, stdout, stderr) = group.stdio();
         let write = async move {
             if let Some(mut stdin) = stdin {
                 // A program that exits without reading its input is not an error.
                 let _ = stdin.write_all(&input).await;
             }
         };
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-        let (_, out, err, status) = tokio::join!(
-            write,
-            read_capped(stdout, Keep::Head(STDOUT_MAX)),
-            read_capped(stderr, Keep::Tail(STDERR_TAIL)),
-            child.wait()
-        );
+        let mut out = Capture::new(Keep::Head(STDOUT_MAX));
+        let mut err = Capture::new(Keep::Tail(STDERR_TAIL));
+        let status = {
+            let io = async {
+                tokio::join!(write, out.read(stdout), err.read(stderr));
+            };
+            tokio::pin!(io);
+            let mut io_done = false;
+            let status = loop {
+                tokio::select! {
+                    status = group.wait() => break status,
+                    () = &mut io, if !io_done => io_done = true,
+                }
+            };
+            // What it left running goes with it, and lets go of the pipes.
+            group.kill();
+            if !io_done {
+                let _ = tokio::time::timeout(PIPE_GRACE, &mut io).await;
+            }
+            status
+        };
+        // The group's members are reaped in the background.
+        drop(group);
+        let (out, err) = (out.into_bytes(), err.into_bytes());
         let status = status.map_err(|e| {
             HandlerError::with_code(format!("waiting for {}: {e}", self.program()), "wait")
         })?;
@@ -183,43 +224,61 @@ enum Keep {
     Tail(usize),
 }
 
-/// Reads `stream` to its end (so the child never blocks on a full pipe),
-/// keeping what `keep` says.
-async fn read_capped(stream: Option<impl AsyncRead + Unpin>, keep: Keep) -> Vec<u8> {
-    let Some(mut stream) = stream else {
-        return Vec::new();
-    };
-    let mut kept = Vec::new();
-    let mut chunk = vec![0u8; 8192];
-    let mut overflowed = false;
-    loop {
-        let n = match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
+/// What is kept of one of the child's output streams.
+struct Capture {
+    keep: Keep,
+    kept: Vec<u8>,
+    overflowed: bool,
+}
+
+impl Capture {
+    fn new(keep: Keep) -> Self {
+        Capture {
+            keep,
+            kept: Vec::new(),
+            overflowed: false,
+        }
+    }
+
+    /// Reads `stream` to its end (so the child never blocks on a full pipe),
+    /// keeping what `keep` says; cancelled, what was read so far is kept.
+    async fn read(&mut self, stream: Option<impl AsyncRead + Unpin>) {
+        let Some(mut stream) = stream else {
+            return;
         };
-        match keep {
-            Keep::Head(max) => {
-                if kept.len() + n > max {
-                    overflowed = true;
-                    kept.clear();
-                } else if !overflowed {
-                    kept.extend_from_slice(&chunk[..n]);
+        let mut chunk = vec![0u8; 8192];
+        loop {
+            let n = match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            match self.keep {
+                Keep::Head(max) => {
+                    if self.kept.len() + n > max {
+                        self.overflowed = true;
+                        self.kept.clear();
+                    } else if !self.overflowed {
+                        self.kept.extend_from_slice(&chunk[..n]);
+                    }
                 }
-            }
-            Keep::Tail(max) => {
-                kept.extend_from_slice(&chunk[..n]);
-                if kept.len() > 2 * max {
-                    kept.drain(..kept.len() - max);
+                Keep::Tail(max) => {
+                    self.kept.extend_from_slice(&chunk[..n]);
+                    if self.kept.len() > 2 * max {
+                        self.kept.drain(..self.kept.len() - max);
+                    }
                 }
             }
         }
     }
-    if let Keep::Tail(max) = keep {
-        if kept.len() > max {
-            kept.drain(..kept.len() - max);
+
+    fn into_bytes(mut self) -> Vec<u8> {
+        if let Keep::Tail(max) = self.keep {
+            if self.kept.len() > max {
+                self.kept.drain(..self.kept.len() - max);
+            }
         }
+        self.kept
     }
-    kept
 }
 
 #[cfg(test)]
@@ -298,5 +357,75 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(details, serde_json::json!({}));
+    }
+
+    /// Whether `pid` is a live process (a zombie is not).
+    #[cfg(target_os = "linux")]
+    fn alive(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+    }
+
+    /// Waits, bounded, until `pid` is gone.
+    #[cfg(target_os = "linux")]
+    async fn gone(pid: &str) -> bool {
+        let t = std::time::Instant::now();
+        while alive(pid) {
+            if t.elapsed() > Duration::from_secs(10) {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_background_child_holding_stdout_neither_holds_the_event_nor_outlives_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("bg.pid");
+        let exec = sh(&format!(
+            r#"sleep 30 & echo $! > {}; echo '{{"done":true}}'"#,
+            pid.display()
+        ));
+        // The bound only keeps a regression from hanging the test.
+        let details = tokio::time::timeout(Duration::from_secs(20), exec.run(message(), info()))
+            .await
+            .expect("done when the program exits, not when its pipes close")
+            .unwrap();
+        assert_eq!(details, serde_json::json!({"done": true}));
+        let pid = std::fs::read_to_string(&pid).unwrap();
+        let pid = pid.trim();
+        assert!(gone(pid).await, "the background child {pid} was killed");
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_dropped_program_takes_its_children_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("gc.pid");
+        let exec = sh(&format!(
+            r#"sh -c 'echo $$ > {}.tmp; mv {0}.tmp {0}; sleep 30' & sleep 30"#,
+            pid.display()
+        ));
+        let mut run = Box::pin(exec.run(message(), info()));
+        let t = std::time::Instant::now();
+        while !pid.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "no grandchild started"
+            );
+            tokio::select! {
+                r = &mut run => panic!("ended before it was dropped: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        // What the pipeline does on a timeout or at the drain deadline.
+        drop(run);
+        let pid = std::fs::read_to_string(&pid).unwrap();
+        let pid = pid.trim();
+        assert!(gone(pid).await, "the grandchild {pid} was killed");
     }
 }

@@ -16,10 +16,14 @@
 //! `XZepr-Work-Id`.
 //!
 //! A 2xx answer is `completed` (details: `http_status`). Anything else fails
-//! the attempt with code `http_status` (the status and the end of the body in
-//! the error) or `transport`; 408, 429, 5xx and transport errors are left to
+//! the attempt with code `http_status` (the status and the start of the body
+//! in the error) or `transport`; 408, 429, 5xx and transport errors are left to
 //! the pipeline's retry policy (`--retries`), any other answer is marked
 //! permanent: sending the same request again would get the same answer.
+//!
+//! The answer's status decides; of its body at most [`BODY_READ_MAX`] bytes
+//! are read, for at most [`BODY_READ_FOR`], so an endpoint streaming a huge or
+//! endless body holds neither memory nor the event.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +42,15 @@ type Https = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// Most of a failed response's body kept for the error.
 const ERROR_BODY_MAX: usize = 512;
+
+/// Most of a response's body read. A body this small (most are) is read to its
+/// end, so its connection goes back to the pool; a longer one is dropped
+/// unread, which closes its connection.
+const BODY_READ_MAX: usize = 64 * 1024;
+
+/// Longest a response's body is read once its status came: one that trickles
+/// or never ends is dropped (and its connection closed) after this.
+const BODY_READ_FOR: Duration = Duration::from_secs(1);
 
 /// Posts each event to one URL.
 #[derive(Clone)]
@@ -167,17 +180,11 @@ impl Forward {
             HandlerError::with_code(format!("request failed: {}", chain(&e)), "transport")
         })?;
         let status = resp.status();
-        // Read to the end, so the connection goes back to the pool.
-        let text = resp
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let start = body_start(resp.into_body()).await;
         if status.is_success() {
             return Ok(serde_json::json!({ "http_status": status.as_u16() }));
         }
-        let text = tail(&text);
+        let text = text_start(&start);
         let message = if text.is_empty() {
             format!("the endpoint answered {status}")
         } else {
@@ -253,15 +260,36 @@ fn encode_header(value: &str) -> HeaderValue {
     HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// The end of a response body, for an error message.
-fn tail(body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let text = text.trim();
-    let start = text.len().saturating_sub(ERROR_BODY_MAX);
-    let start = (start..=text.len())
-        .find(|i| text.is_char_boundary(*i))
-        .unwrap_or(text.len());
-    text[start..].to_owned()
+/// The first [`ERROR_BODY_MAX`] bytes of a response body, reading at most
+/// [`BODY_READ_MAX`] bytes of it for at most [`BODY_READ_FOR`].
+async fn body_start(mut body: hyper::body::Incoming) -> Vec<u8> {
+    let mut start = Vec::new();
+    let read = async {
+        let mut read = 0;
+        while read < BODY_READ_MAX {
+            let Some(Ok(frame)) = body.frame().await else {
+                break;
+            };
+            if let Ok(data) = frame.into_data() {
+                read += data.len();
+                let room = ERROR_BODY_MAX.saturating_sub(start.len());
+                start.extend_from_slice(&data[..room.min(data.len())]);
+            }
+        }
+    };
+    // Past the bound the body is dropped: what was read is enough.
+    let _ = tokio::time::timeout(BODY_READ_FOR, read).await;
+    start
+}
+
+/// The start of a response body as text, for an error message.
+fn text_start(body: &[u8]) -> String {
+    // The cut may fall inside a character: drop its first bytes.
+    let body = match std::str::from_utf8(body) {
+        Err(e) if e.error_len().is_none() => &body[..e.valid_up_to()],
+        _ => body,
+    };
+    String::from_utf8_lossy(body).trim().to_owned()
 }
 
 /// An error with its sources (hyper's top-level message says little).
@@ -283,6 +311,13 @@ mod tests {
     fn message() -> CloudEventMessage {
         let (_, payload) = xzepr_consumer::generate::xzepr_event(5, "01M82X4ET7AYGAEYSHF5AKVAVW");
         serde_json::from_slice(&payload).unwrap()
+    }
+
+    #[test]
+    fn the_start_of_a_body_is_cut_between_characters() {
+        assert_eq!(text_start(b"  quota exceeded \n"), "quota exceeded");
+        let cut = &"é".repeat(300).into_bytes()[..ERROR_BODY_MAX - 1];
+        assert_eq!(text_start(cut), "é".repeat(255));
     }
 
     #[test]

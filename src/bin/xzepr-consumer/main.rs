@@ -128,23 +128,7 @@ enum Command {
         json: bool,
     },
     /// Produce realistic XZepr CloudEvents into any Kafka broker.
-    Produce {
-        /// Bootstrap servers, e.g. 127.0.0.1:9092.
-        #[arg(long)]
-        brokers: String,
-        /// Topic to write to.
-        #[arg(long, default_value = "xzepr.dev.events")]
-        topic: String,
-        /// How many events.
-        #[arg(long, default_value_t = 10_000)]
-        events: u64,
-        /// At most this many events per second (default: as fast as possible).
-        #[arg(long)]
-        rate: Option<u64>,
-        /// The receiver id the events claim to come from.
-        #[arg(long, default_value = "01M82X4ET7AYGAEYSHF5AKVAVW")]
-        receiver_id: String,
-    },
+    Produce(produce::ProduceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -239,21 +223,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                 println!("{f}");
             }
         }
-        Command::Produce {
-            brokers,
-            topic,
-            events,
-            rate,
-            receiver_id,
-        } => {
-            let start = std::time::Instant::now();
-            let n = produce::produce(&brokers, &topic, 0, events, rate, &receiver_id)?;
-            let secs = start.elapsed().as_secs_f64();
-            println!(
-                "produced {n} events to {topic} in {secs:.2} s ({:.0}/s)",
-                n as f64 / secs
-            );
-        }
+        Command::Produce(args) => produce::run(&args)?,
     }
     Ok(())
 }
