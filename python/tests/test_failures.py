@@ -23,6 +23,7 @@ from xzepr_consumer import (
     KafkaConsumerConfig,
     XzeprConsumer,
     XzeprConsumerError,
+    _native,
 )
 from xzepr_consumer.devstack import DevStack, committed_offsets, produce
 
@@ -164,6 +165,39 @@ def test_an_event_whose_native_future_was_dropped_while_parked_never_runs(
 
     asyncio.run(main())
     assert len(ran) == 1, f"events already given up on ran: {ran}"
+
+
+def test_a_token_dropped_unanswered_fails_its_event_and_the_lane_moves_on(
+    stack: DevStack, kafka_config: Callable[[], KafkaConsumerConfig]
+) -> None:
+    # The native side's own guard, below the package's loop (which answers
+    # every token): a token the loop loses must not stall its lane.
+    n = 3
+    _produce(stack, n)
+    config = kafka_config()
+
+    async def main() -> None:
+        native = _native.Consumer(config._to_native(), drain_timeout=1)
+        joined = native.join()
+        deadline = time.monotonic() + 30
+        taken = 0
+        try:
+            while taken < n or native.metrics()["finished"] < n:
+                assert time.monotonic() < deadline, (taken, native.metrics())
+                # Taken and dropped at once, unanswered.
+                taken += len(native.take(16))
+                await asyncio.sleep(0.01)
+            assert native.metrics()["handler_failed"] == n
+        finally:
+            native.shutdown()
+            while not native.finished:
+                assert time.monotonic() < deadline + 30, native.metrics()
+                native.take(16)
+                await asyncio.sleep(0.01)
+            await joined
+
+    asyncio.run(main())
+    assert committed(stack, config.group_id) == (n, n)
 
 
 def _failing_initializer() -> None:
