@@ -9,9 +9,14 @@
 //! each as an asyncio task, and answers through the token, which is a plain
 //! channel send. The inbox holds at most `max_in_flight` events: a lane has one
 //! event in its handler at a time, and at most `max_in_flight` lanes run.
+//!
+//! A future the pipeline drops before its answer (at `handler_timeout`, at a
+//! revoke's or the stop's drain deadline) gives its event up: still parked, it
+//! is never handed over; already handed over, its key goes into the inbox's
+//! `dropped` list and the loop cancels its task.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +41,8 @@ type Reply = oneshot::Sender<Result<Value, HandlerError>>;
 
 /// An event waiting for the loop to take it.
 struct Parked {
+    /// Names the event's asyncio task on the loop side.
+    key: u64,
     message: CloudEventMessage,
     info: WorkInfo,
     reply: Reply,
@@ -49,6 +56,13 @@ struct Inbox {
     wake: Wake,
     /// No event will be parked any more: the pipeline stopped and drained.
     finished: AtomicBool,
+    /// The consumer was asked to stop: an event left unanswered is held for a
+    /// replay, not failed.
+    stopping: AtomicBool,
+    /// Keys of events whose future was dropped unanswered (the loop cancels
+    /// their tasks).
+    dropped: Mutex<Vec<u64>>,
+    next_key: AtomicU64,
 }
 
 impl Inbox {
@@ -57,12 +71,35 @@ impl Inbox {
             queue: Mutex::default(),
             wake: Wake::new()?,
             finished: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            dropped: Mutex::default(),
+            next_key: AtomicU64::new(0),
         })
     }
 
     fn finish(&self) {
         self.finished.store(true, SeqCst);
         self.wake.signal();
+    }
+}
+
+/// Tells the loop that an event's future ended without its answer, so that
+/// its task (if it has one) is cancelled: dropped at a timeout or a drain
+/// deadline, the handler must not go on with work whose outcome was decided.
+struct Unanswered {
+    inbox: Arc<Inbox>,
+    key: u64,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            if let Ok(mut dropped) = self.inbox.dropped.lock() {
+                dropped.push(self.key);
+            }
+            self.inbox.wake.signal();
+        }
     }
 }
 
@@ -76,25 +113,41 @@ impl AsyncHandler for Bridge {
         info: WorkInfo,
     ) -> BoxFuture<Result<Value, HandlerError>> {
         let (reply, answer) = oneshot::channel();
+        let inbox = Arc::clone(&self.0);
+        let key = inbox.next_key.fetch_add(1, SeqCst);
         let parked = Parked {
+            key,
             message,
             info,
             reply,
         };
-        let inbox = Arc::clone(&self.0);
         Box::pin(async move {
             match inbox.queue.lock() {
                 Ok(mut q) => q.push_back(parked),
                 Err(_) => return Err(HandlerError::with_code("inbox lock poisoned", "internal")),
             }
             inbox.wake.signal();
-            match answer.await {
+            let mut guard = Unanswered {
+                inbox,
+                key,
+                answered: false,
+            };
+            let answer = answer.await;
+            guard.answered = true;
+            match answer {
                 Ok(result) => result,
-                // The loop dropped the token unanswered (its task was cancelled
-                // at shutdown): never report or finish it. Waiting lets the
-                // drain cancel this future, which leaves the offset held, so a
+                // The loop dropped the token unanswered while stopping (a
+                // KeyboardInterrupt, a broken executor, a task cancelled at the
+                // stop): never report or finish it. Waiting lets the drain
+                // cancel this future, which leaves the offset held, so a
                 // restart replays the event.
-                Err(_) => std::future::pending().await,
+                Err(_) if guard.inbox.stopping.load(SeqCst) => std::future::pending().await,
+                // Otherwise a bug on the loop side: failing the event keeps its
+                // lane moving.
+                Err(_) => Err(HandlerError::with_code(
+                    "the handler's task ended without an answer",
+                    "unanswered",
+                )),
             }
         })
     }
@@ -139,6 +192,19 @@ impl Token {
             format!("{error_type}: {message}")
         };
         self.answer(Err(HandlerError::with_code(text, error_type)))
+    }
+
+    /// Whether the answer can no longer matter: already given, or the pipeline
+    /// gave the event up (its future was dropped at a timeout or a drain
+    /// deadline). Such an event must not run.
+    #[getter]
+    fn abandoned(&self) -> PyResult<bool> {
+        Ok(self
+            .reply
+            .lock()
+            .map_err(|_| poisoned())?
+            .as_ref()
+            .is_none_or(oneshot::Sender::is_closed))
     }
 
     #[getter]
@@ -276,8 +342,9 @@ impl Consumer {
         })
     }
 
-    /// Up to `max` parked events as `(CloudEventMessage, Token)` pairs, without
-    /// waiting.
+    /// Up to `max` parked events as `(key, CloudEventMessage, Token)`, without
+    /// waiting. Events the pipeline gave up on while they were parked are
+    /// dropped here, unrun.
     fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
         let parked: Vec<Parked> = {
             let mut q = self.inbox.queue.lock().map_err(|_| poisoned())?;
@@ -286,6 +353,10 @@ impl Consumer {
         };
         let out = PyList::empty(py);
         for p in parked {
+            if p.reply.is_closed() {
+                continue;
+            }
+            let key = p.key.into_pyobject(py)?.into_any();
             let message = message_to_py(py, &p.message)?;
             let token = Bound::new(
                 py,
@@ -294,7 +365,7 @@ impl Consumer {
                     info: p.info,
                 },
             )?;
-            out.append(PyTuple::new(py, [message, token.into_any()])?)?;
+            out.append(PyTuple::new(py, [key, message, token.into_any()])?)?;
         }
         Ok(out)
     }
@@ -310,9 +381,25 @@ impl Consumer {
         self.inbox.wake.clear();
     }
 
+    /// The keys of handed-over events whose future was dropped unanswered
+    /// since the last call: their tasks are to be cancelled.
+    fn dropped(&self) -> PyResult<Vec<u64>> {
+        Ok(std::mem::take(
+            &mut *self.inbox.dropped.lock().map_err(|_| poisoned())?,
+        ))
+    }
+
     /// Stops fetching; running handlers drain (see `join`). Never blocks.
     fn shutdown(&self) {
+        self.inbox.stopping.store(true, SeqCst);
         self.running.shutdown();
+    }
+
+    /// Whether `shutdown` was called: an event left unanswered from now on is
+    /// held for a replay, not failed.
+    #[getter]
+    fn stopping(&self) -> bool {
+        self.inbox.stopping.load(SeqCst)
     }
 
     /// Whether the pipeline stopped and drained (asked to, or on an error):

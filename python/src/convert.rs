@@ -3,7 +3,7 @@
 //! The dataclasses are defined in Python (`xzepr_consumer/message.py`) so they are
 //! real dataclasses; they are built here positionally, in their field order.
 
-use pyo3::exceptions::PyTypeError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
@@ -69,9 +69,19 @@ pub(crate) fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py
     })
 }
 
+/// How deep [`py_to_value`] follows nested dicts, lists and tuples: 128, as
+/// simd-json's `DEFAULT_MAX_DEPTH` and the decoder's default `max_depth`, so what
+/// a handler returns is bounded as what it reads. Deeper is an error, not a
+/// stack overflow: a cyclic value (a dict that holds itself) never ends.
+pub(crate) const MAX_DEPTH: usize = 128;
+
 /// A Python value made of dicts (string keys), lists, tuples, strings, numbers,
-/// booleans and None, as JSON.
+/// booleans and None, as JSON; a `ValueError` past [`MAX_DEPTH`] levels.
 pub(crate) fn py_to_value(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
+    to_value(obj, 0)
+}
+
+fn to_value(obj: &Bound<'_, PyAny>, depth: usize) -> PyResult<Value> {
     if obj.is_none() {
         return Ok(Value::Null);
     }
@@ -96,21 +106,31 @@ pub(crate) fn py_to_value(obj: &Bound<'_, PyAny>) -> PyResult<Value> {
     if let Ok(s) = obj.cast::<PyString>() {
         return Ok(Value::String(s.to_str()?.to_owned()));
     }
+    let inner = depth + 1;
+    let nested = obj.is_instance_of::<PyDict>()
+        || obj.is_instance_of::<PyList>()
+        || obj.is_instance_of::<PyTuple>();
+    if nested && inner > MAX_DEPTH {
+        return Err(PyValueError::new_err(format!(
+            "the value nests deeper than {MAX_DEPTH} levels (the most JSON may nest here; \
+             a value that contains itself never ends)"
+        )));
+    }
     if let Ok(d) = obj.cast::<PyDict>() {
         let mut map = Map::with_capacity(d.len());
         for (k, v) in d.iter() {
             let key = k
                 .cast::<PyString>()
                 .map_err(|_| PyTypeError::new_err("JSON object keys must be strings"))?;
-            map.insert(key.to_str()?.to_owned(), py_to_value(&v)?);
+            map.insert(key.to_str()?.to_owned(), to_value(&v, inner)?);
         }
         return Ok(Value::Object(map));
     }
     if let Ok(l) = obj.cast::<PyList>() {
-        return l.iter().map(|v| py_to_value(&v)).collect();
+        return l.iter().map(|v| to_value(&v, inner)).collect();
     }
     if let Ok(t) = obj.cast::<PyTuple>() {
-        return t.iter().map(|v| py_to_value(&v)).collect();
+        return t.iter().map(|v| to_value(&v, inner)).collect();
     }
     Err(PyTypeError::new_err(format!(
         "not JSON-serializable: {}",

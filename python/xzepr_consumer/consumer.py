@@ -23,6 +23,7 @@ from typing import Any
 from . import _native
 from .client import XzeprClient
 from .config import KafkaConsumerConfig
+from .errors import XzeprConsumerError
 from .message import CloudEventMessage
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,13 @@ Callback = Callable[[CloudEventMessage], Awaitable[HandlerResult] | HandlerResul
 # Events taken from Rust per call: one GIL crossing converts this many.
 _TAKE_MAX = 512
 
+#: The running handler tasks, by the key the native module gave their event.
+_Tasks = dict[int, asyncio.Task[None]]
+
+
+class _ExecutorBroken(Exception):
+    """The executor cannot run the handler (not the handler's failure)."""
+
 
 class MessageHandler(ABC):
     """Abstract base class for message handlers."""
@@ -44,7 +52,8 @@ class MessageHandler(ABC):
         """Handle one CloudEvents message.
 
         Return None, or a dict added to the ``details`` of the ``completed``
-        lifecycle post. An exception is posted as ``failed`` (its type and
+        lifecycle post (JSON values, nested at most 128 levels: deeper, or a
+        value that contains itself, fails the event with a ``ValueError``). An exception is posted as ``failed`` (its type and
         message) and the offset still finishes: retrying is the handler's
         business, a poison message must not stall its lane.
         """
@@ -80,10 +89,13 @@ class XzeprConsumer:
         ordering: see ``Ordering``.
         max_in_flight: most handlers running at once; past it, events wait in
             Rust (and partitions pause when its buffers fill).
-        handler_timeout: seconds a handler may run; past it, it is cancelled and
-            its event posted ``failed`` with code ``timeout``. Default: no limit.
-        drain_timeout: seconds a stop waits for running handlers; those still
-            running then are cancelled and their events replayed by the next run.
+        handler_timeout: seconds a handler may run; past it, its task is
+            cancelled and its event posted ``failed`` with code ``timeout``
+            (a sync handler in ``executor`` cannot be stopped: it runs on, but
+            its outcome no longer counts). Default: no limit.
+        drain_timeout: seconds a stop (or a revoke) waits for running handlers;
+            those still running then are cancelled and their events replayed by
+            the next run.
         commit_interval: seconds between commits of finished offsets.
         type_prefixes: only event types starting with one of these reach the
             handler (the rest are committed at once, without posts). Default: all.
@@ -91,7 +103,11 @@ class XzeprConsumer:
             republishes every post, so the service would see its own).
         executor: where a *sync* handler runs. None (the default) runs it on the
             loop's thread, which suits quick, non-blocking work; give a
-            ``concurrent.futures.Executor`` for blocking work.
+            ``concurrent.futures.Executor`` for blocking work. An executor that
+            cannot run it (shut down, or broken like a ``BrokenProcessPool``) is
+            no handler failure: the consumer stops, the events it could not run
+            stay uncommitted (replayed by the next run), and ``run`` raises
+            ``XzeprConsumerError`` saying why.
     """
 
     def __init__(
@@ -144,7 +160,7 @@ class XzeprConsumer:
 
         Raises:
             XzeprConsumerError: the consumer stopped on an error (e.g. the broker
-                refused the credentials).
+                refused the credentials, or ``executor`` cannot run handlers).
             KeyboardInterrupt: raised in a handler; re-raised after the drain.
         """
         del poll_timeout
@@ -203,7 +219,7 @@ class XzeprConsumer:
         if self._stop_requested:
             native.shutdown()
         restore = self._install_signal_handlers(loop)
-        tasks: set[asyncio.Task[None]] = set()
+        tasks: _Tasks = {}
         inline = self._executor is None and not _is_async(call)
         logger.info(
             "Consuming %s as group %s (%s, max_in_flight=%d)",
@@ -228,10 +244,11 @@ class XzeprConsumer:
             finally:
                 # What is left was abandoned by the pipeline (its offsets are
                 # not committed and will be replayed).
-                for t in tasks:
+                left = list(tasks.values())
+                for t in left:
                     t.cancel()
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                if left:
+                    await asyncio.gather(*left, return_exceptions=True)
                 self._last_metrics = native.metrics()
                 self._native = None
                 self._stop_requested = False
@@ -245,9 +262,10 @@ class XzeprConsumer:
         native: _native.Consumer,
         call: Callback,
         inline: bool,
-        tasks: set[asyncio.Task[None]],
+        tasks: _Tasks,
     ) -> None:
-        """Takes events from Rust and runs them until the pipeline finished."""
+        """Takes events from Rust and runs them until the pipeline finished;
+        cancels the tasks of events the pipeline gave up on."""
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
 
@@ -261,6 +279,12 @@ class XzeprConsumer:
             while True:
                 # Read before taking: once finished, nothing more is parked.
                 finished = native.finished
+                for key in native.dropped():
+                    task = tasks.get(key)
+                    if task is not None:
+                        # Timed out, or past a drain deadline: the outcome is
+                        # decided, the handler must not go on with its work.
+                        task.cancel()
                 batch = native.take(_TAKE_MAX)
                 if not batch:
                     if finished:
@@ -268,11 +292,14 @@ class XzeprConsumer:
                     woken.clear()
                     await woken.wait()
                     continue
-                for message, token in batch:
+                for key, message, token in batch:
                     if inline:
-                        self._call_inline(call, message, token, tasks)
+                        # An earlier handler of the batch may have blocked the
+                        # loop past this event's timeout.
+                        if not token.abandoned:
+                            self._call_inline(call, key, message, token, tasks)
                     else:
-                        self._spawn(self._run_one(call, message, token), tasks)
+                        self._spawn(key, self._run_one(call, message, token), tasks)
                 # Let the handlers run before taking more.
                 await asyncio.sleep(0)
         finally:
@@ -281,13 +308,15 @@ class XzeprConsumer:
     def _call_inline(
         self,
         call: Callback,
+        key: int,
         message: CloudEventMessage,
         token: _native.Token,
-        tasks: set[asyncio.Task[None]],
+        tasks: _Tasks,
     ) -> None:
         try:
             result = call(message)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            # A sync call is cancelled by no one: a CancelledError is its own.
             self._failed(token, exc)
             return
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: stop cleanly.
@@ -295,15 +324,15 @@ class XzeprConsumer:
             return
         if inspect.isawaitable(result):
             # A sync-looking callable returned an awaitable: await it in a task.
-            self._spawn(self._run_one(lambda _message: result, message, token), tasks)
+            self._spawn(key, self._run_one(lambda _message: result, message, token), tasks)
             return
         self._done(token, result)
 
     @staticmethod
-    def _spawn(work: Coroutine[Any, Any, None], tasks: set[asyncio.Task[None]]) -> None:
+    def _spawn(key: int, work: Coroutine[Any, Any, None], tasks: _Tasks) -> None:
         task = asyncio.ensure_future(work)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        tasks[key] = task
+        task.add_done_callback(lambda _task: tasks.pop(key, None))
 
     async def _run_one(
         self, call: Callback, message: CloudEventMessage, token: _native.Token
@@ -312,15 +341,24 @@ class XzeprConsumer:
         # hot path, and a second frame per event shows in the no-op bench.
         try:
             if self._executor is not None and not _is_async(call):
-                loop = asyncio.get_running_loop()
-                result: Any = await loop.run_in_executor(self._executor, call, message)
+                result: Any = await self._in_executor(call, message)
             else:
                 result = call(message)
             if inspect.isawaitable(result):
                 result = await result
-        except asyncio.CancelledError:
-            # Abandoned: unanswered, so the event is replayed, never committed.
-            raise
+        except asyncio.CancelledError as exc:
+            if token.abandoned or self._stopping():
+                # Cancelled by the consumer (the pipeline gave the event up,
+                # or the stop's drain): unanswered, so the event is replayed
+                # unless its outcome was already decided.
+                raise
+            # Raised by the handler itself: a failure like any other, so the
+            # lane moves on.
+            self._failed(token, exc)
+            return
+        except _ExecutorBroken as exc:
+            self._executor_broken(exc)
+            return
         except Exception as exc:
             self._failed(token, exc)
             return
@@ -329,30 +367,67 @@ class XzeprConsumer:
             return
         self._done(token, result)
 
+    async def _in_executor(self, call: Callback, message: CloudEventMessage) -> Any:
+        """The sync ``call`` in the executor; ``_ExecutorBroken`` when the
+        executor cannot run it (what ``call`` raises passes through)."""
+        loop = asyncio.get_running_loop()
+        try:
+            future = loop.run_in_executor(self._executor, call, message)
+        except RuntimeError as exc:  # shut down; BrokenExecutor is one too
+            raise _ExecutorBroken(exc) from exc
+        try:
+            return await future
+        except concurrent.futures.BrokenExecutor as exc:
+            # Its workers died (a BrokenProcessPool) or never started.
+            raise _ExecutorBroken(exc) from exc
+
+    def _stopping(self) -> bool:
+        native = self._native
+        return native is None or native.stopping
+
     def _done(self, token: _native.Token, result: Any) -> None:
         try:
             token.done(result if isinstance(result, dict) else None)
-        except (TypeError, ValueError) as exc:
-            # Details that are not JSON: the work is reported failed, saying so.
+        except Exception as exc:
+            # Details that are not JSON (or too deep, or a mapping that raises
+            # while read): the work is reported failed, saying so.
             self._failed(token, exc)
 
     def _failed(self, token: _native.Token, exc: BaseException) -> None:
+        # Never raises: an unanswered token would stall the event's lane.
+        name = type(exc).__qualname__
+        text = _text(exc)
         logger.warning(
             "Handler raised %s for %s (topic %s, partition %d, offset %d): %s",
-            type(exc).__qualname__,
+            name,
             token.work_id,
             token.topic,
             token.partition,
             token.offset,
-            exc,
+            text,
         )
-        token.fail(type(exc).__qualname__, str(exc))
+        token.fail(name, text)
 
     def _interrupted(self, exc: BaseException) -> None:
         # The event stays unanswered (replayed); the consumer drains and run()
         # re-raises it.
         if self._interrupt is None:
             self._interrupt = exc
+        self.stop()
+
+    def _executor_broken(self, broken: _ExecutorBroken) -> None:
+        # Not the handler's failure: reporting it so would commit every event
+        # unprocessed. Stop with this event unanswered (held, replayed).
+        cause = broken.__cause__ if broken.__cause__ is not None else broken
+        if self._interrupt is None:
+            logger.error("The executor cannot run handlers, stopping: %r", cause)
+            error = XzeprConsumerError(
+                f"the executor cannot run handlers ({type(cause).__qualname__}: "
+                f"{_text(cause)}); the consumer stopped, events it did not run "
+                "are not committed"
+            )
+            error.__cause__ = cause
+            self._interrupt = error
         self.stop()
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
@@ -376,6 +451,14 @@ class XzeprConsumer:
                     signal.signal(sig, previous)
 
         return restore
+
+
+def _text(exc: BaseException) -> str:
+    """``str(exc)``, or a stand-in when its ``__str__`` raises."""
+    try:
+        return str(exc)
+    except Exception:
+        return f"<{type(exc).__qualname__} whose str() raised>"
 
 
 def _is_async(call: Callable[..., Any]) -> bool:
