@@ -61,9 +61,11 @@ counters! {
     posted_completed,
     /// `failed` posts acknowledged by XZepr.
     posted_failed,
-    /// Lifecycle posts that failed and could not be submitted again (their
-    /// offsets stay uncommitted). Posts that fail for now are submitted again
-    /// after the reporter's longest backoff, as often as it takes.
+    /// Lifecycle posts that failed and were not submitted again: the reporter
+    /// is gone, the event's partition was revoked, or the pipeline stopped
+    /// (their offsets stay uncommitted). Posts that fail for now are submitted
+    /// again, as often as it takes, after waits that grow to the reporter's
+    /// `resubmit_backoff_max`.
     report_failed,
     /// Of `report_failed`: `started` posts.
     report_failed_started,

@@ -1276,15 +1276,18 @@ impl XzeprClient {
             description: description.to_owned(),
             schema,
         };
-        self.discover(spec, None).await
+        self.discover(spec, None, &|_| {}).await
     }
 
     /// The one discovery of `spec`'s (name, type) at a time. With `stale`, a
-    /// cached id equal to it is not trusted (it came back 404).
+    /// cached id equal to it is not trusted (it came back 404). `on_created`
+    /// gets the id of a receiver this call created, as soon as the create
+    /// answers (before the wait and list that name the winner).
     async fn discover(
         &self,
         spec: ReceiverSpec,
         stale: Option<&str>,
+        on_created: &(dyn Fn(&str) + Send + Sync),
     ) -> Result<String, ClientError> {
         let slot = self.discovery_slot(&spec.name, &spec.receiver_type);
         let _discovering = slot.lock.lock().await;
@@ -1317,6 +1320,7 @@ impl XzeprClient {
                 let settle = (sent.elapsed() * 2).clamp(DISCOVERY_SETTLE_MIN, DISCOVERY_SETTLE_MAX);
                 match created {
                     Ok(ours) => {
+                        on_created(&ours);
                         tokio::time::sleep(settle).await;
                         self.find_receiver(name, ty).await?.unwrap_or(ours)
                     }
@@ -1363,6 +1367,18 @@ impl XzeprClient {
     /// # Errors
     /// As [`XzeprClient::discover_or_create_event_receiver`].
     pub async fn rediscover_receiver(&self, stale_id: &str) -> Result<Option<String>, ClientError> {
+        self.rediscover_receiver_with(stale_id, &|_| {}).await
+    }
+
+    /// [`XzeprClient::rediscover_receiver`], calling `on_created` with the id of
+    /// a receiver it creates the moment the create answers: XZepr publishes
+    /// that receiver's `receiver.created` before it answers, so whoever must
+    /// recognise its own receivers learns the id before that event can arrive.
+    pub(crate) async fn rediscover_receiver_with(
+        &self,
+        stale_id: &str,
+        on_created: &(dyn Fn(&str) + Send + Sync),
+    ) -> Result<Option<String>, ClientError> {
         let spec = self
             .inner
             .discovered
@@ -1373,7 +1389,7 @@ impl XzeprClient {
         let Some(spec) = spec else {
             return Ok(None);
         };
-        self.discover(spec.as_ref().clone(), Some(stale_id))
+        self.discover(spec.as_ref().clone(), Some(stale_id), on_created)
             .await
             .map(Some)
     }

@@ -69,7 +69,8 @@ pub struct Health {
     /// The stalled partitions.
     pub stalled_partitions: Vec<crate::source::PartitionState>,
     /// Alive, not stopping, in the group (`group_joined`), a broker
-    /// reachable, and the XZepr breaker not open.
+    /// reachable, the XZepr breaker not open, and XZepr not refusing the
+    /// reporter's credentials.
     pub ready: bool,
     /// [`RunningPipeline::shutdown`](crate::pipeline::RunningPipeline::shutdown)
     /// was called: draining, then gone.
@@ -87,6 +88,10 @@ pub struct Health {
     /// It closes on the first post answered after the cool-down, so it is
     /// only re-checked while events come.
     pub breaker_open: bool,
+    /// XZepr answered the lifecycle reporter 401 or 403, and nothing else
+    /// since: its token is refused, lifecycle posts are held (one probes now
+    /// and then) and offsets do not move. False without a reporter.
+    pub reporter_unauthorized: bool,
 }
 
 /// What the observers read: shared handles to the stages' counters.
@@ -111,6 +116,10 @@ impl Observed {
             .reporter
             .as_ref()
             .is_some_and(|r| r.breaker_open.load(Relaxed));
+        let reporter_unauthorized = self
+            .reporter
+            .as_ref()
+            .is_some_and(|r| r.unauthorized.load(Relaxed));
         Health {
             alive,
             stalled,
@@ -119,12 +128,14 @@ impl Observed {
                 && !stopping
                 && (group_joined || assigned_partitions > 0)
                 && broker_reachable
-                && !breaker_open,
+                && !breaker_open
+                && !reporter_unauthorized,
             stopping,
             assigned_partitions,
             group_joined,
             broker_reachable,
             breaker_open,
+            reporter_unauthorized,
         }
     }
 

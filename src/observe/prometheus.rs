@@ -269,6 +269,19 @@ impl Collector for PipelineCollector {
                 None,
                 i64::from(r.breaker_open.load(Relaxed)),
             )?;
+            gauge(
+                e,
+                "xzepr_consumer_reporter_unauthorized",
+                "1 while XZepr refuses the reporter's credentials (401/403): posts are held and the pipeline is not ready.",
+                None,
+                i64::from(r.unauthorized.load(Relaxed)),
+            )?;
+            counter(
+                e,
+                "xzepr_consumer_reporter_unauthorized_answers",
+                "Lifecycle posts XZepr answered 401 or 403.",
+                load(&r.unauthorized_answers),
+            )?;
         }
 
         // The source: queues, lanes, pauses, commits.

@@ -67,6 +67,9 @@ trait AckTarget: Send + Sync {
     fn ack(&self, status: Status, acked: Acked);
     /// False once sending the event's posts again cannot help.
     fn wanted(&self) -> bool;
+    /// False once the event's delivery is stale (its partition revoked, the
+    /// pipeline stopped); true while its handler still runs.
+    fn current(&self) -> bool;
 }
 
 /// The acknowledgement of one lifecycle post: [`AckFn::send`] once.
@@ -85,6 +88,13 @@ impl AckFn {
     /// once XZepr rejected the event's other post for good.
     pub(crate) fn wanted(&self) -> bool {
         self.target.wanted()
+    }
+
+    /// Whether the event is still this consumer's to report: false once its
+    /// partition was revoked or the pipeline stopped (the offset will not be
+    /// committed here, so sending its posts again is moot).
+    pub(crate) fn current(&self) -> bool {
+        self.target.current()
     }
 }
 
@@ -286,6 +296,11 @@ impl<D: Delivery> AckTarget for Pending<D> {
     }
     fn wanted(&self) -> bool {
         self.rejected.lock().map_or(true, |r| r.is_none())
+    }
+    fn current(&self) -> bool {
+        self.delivery
+            .lock()
+            .map_or(true, |d| d.as_ref().is_none_or(Delivery::is_current))
     }
 }
 

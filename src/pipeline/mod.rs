@@ -187,17 +187,40 @@ impl WorkTemplate {
 /// The reporter as the workers' lifecycle sink.
 struct ReporterSink(Arc<SinkInner>);
 
+impl Drop for ReporterSink {
+    /// The pipeline let go of its sink (its workers and executor are gone):
+    /// the records waiting to be resubmitted give up, and with them the last
+    /// handles of the reporter, so its drain can end.
+    fn drop(&mut self) {
+        self.0.stopped.cancel();
+    }
+}
+
 struct SinkInner {
     reporter: crate::report::Reporter,
     work: WorkTemplate,
+    /// Cancelled when the pipeline drops the sink.
+    stopped: tokio_util::sync::CancellationToken,
 }
 
 impl SinkInner {
     fn record(self: &Arc<Self>, record: Lifecycle, ack: AckFn) -> crate::report::Record {
+        self.record_round(record, ack, 0)
+    }
+
+    /// The reporter's record; `round`: how many times it was submitted before.
+    fn record_round(
+        self: &Arc<Self>,
+        record: Lifecycle,
+        ack: AckFn,
+        round: u32,
+    ) -> crate::report::Record {
         use crate::report::{OwnedWork, Record, Status as S};
         let w = &self.work;
         let again = record.clone();
-        let me = Arc::clone(self);
+        // Weak: a queued record must not keep the reporter open (its handle
+        // is in here) once the pipeline let go of the sink.
+        let me = Arc::downgrade(self);
         Record {
             work: OwnedWork::new(
                 w.receiver_id.clone(),
@@ -214,20 +237,29 @@ impl SinkInner {
             },
             details: record.details,
             error: record.error,
-            ack: crate::report::Ack::new(move |r| me.acknowledged(r, again, ack)),
+            ack: crate::report::Ack::new(move |r| match me.upgrade() {
+                Some(me) => me.acknowledged(r, again, ack, round),
+                None if r.is_ok() => ack.send(Acked::Ok),
+                None => ack.send(Acked::Failed),
+            }),
         }
     }
 
     /// A post that failed for now (XZepr down past the reporter's retries, its
-    /// breaker open, a 401) is submitted again after the reporter's longest
-    /// backoff, for as long as it takes: its offset waits, and the commit point
-    /// moves on as soon as XZepr answers, without a restart. Only a reporter
-    /// that is gone (shutdown) ends it as failed, which holds the offset.
+    /// breaker open, a 401, a receiver gone) is submitted again, for as long
+    /// as it takes: its offset waits, and the commit point moves on as soon as
+    /// XZepr answers, without a restart. The waits grow with each round
+    /// ([`Reporter::resubmit_delay`](crate::report::Reporter::resubmit_delay)),
+    /// and a waiting record holds a slot of the reporter's queue, so the
+    /// submitters (and the handlers behind them) stop while the queue is full.
+    /// It ends as failed, which holds the offset, once the reporter is gone,
+    /// the event's partition is revoked, or the pipeline stops.
     fn acknowledged(
         self: Arc<Self>,
         result: Result<String, crate::report::ReportError>,
         record: Lifecycle,
         ack: AckFn,
+        round: u32,
     ) {
         use crate::report::ReportError;
         match result {
@@ -235,19 +267,41 @@ impl SinkInner {
             Err(ReportError::Rejected { body, .. }) => ack.send(Acked::Rejected(body.to_string())),
             // The event's other post was rejected: this one can never help.
             Err(ReportError::Failed { .. }) if !ack.wanted() => ack.send(Acked::Abandoned),
+            Err(ReportError::Failed { .. }) if !ack.current() || self.stopped.is_cancelled() => {
+                ack.send(Acked::Failed);
+            }
             Err(ReportError::Failed { .. }) => match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
-                    runtime.spawn(async move {
-                        tokio::time::sleep(self.reporter.resubmit_after()).await;
-                        let again = self.record(record, ack);
-                        // A closed reporter drops it, which acknowledges `Closed`.
-                        let _ = self.reporter.send(again).await;
-                    });
+                    runtime.spawn(self.resubmit(record, ack, round));
                 }
                 Err(_) => ack.send(Acked::Failed),
             },
             Err(_) => ack.send(Acked::Failed),
         }
+    }
+
+    /// Takes a queue slot, waits out the round's delay, and submits the
+    /// record again through the slot, unless it became moot meanwhile.
+    async fn resubmit(self: Arc<Self>, record: Lifecycle, ack: AckFn, round: u32) {
+        let delay = self.reporter.resubmit_delay(round);
+        let slot = tokio::select! {
+            slot = self.reporter.reserve() => slot,
+            () = self.stopped.cancelled() => None,
+        };
+        let Some(slot) = slot else {
+            return ack.send(Acked::Failed);
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = self.stopped.cancelled() => return ack.send(Acked::Failed),
+        }
+        if !ack.wanted() {
+            return ack.send(Acked::Abandoned);
+        }
+        if !ack.current() {
+            return ack.send(Acked::Failed);
+        }
+        slot.send(self.record_round(record, ack, round.saturating_add(1)));
     }
 }
 
@@ -462,6 +516,7 @@ impl PipelineBuilder {
         self.sink = Some(SinkDebug(Arc::new(ReporterSink(Arc::new(SinkInner {
             reporter,
             work,
+            stopped: tokio_util::sync::CancellationToken::new(),
         })))));
         self
     }

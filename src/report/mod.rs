@@ -42,7 +42,18 @@
 //!   5xx and 429 (a `Retry-After` is honoured); other 4xx are final. A **circuit
 //!   breaker** opens after a run of failures: posts wait out the cool-down (they
 //!   are not failed), then one probe goes out alone (half-open); its success
-//!   closes the breaker, its failure opens it again.
+//!   closes the breaker, its failure opens it again (see `breaker.rs`).
+//! - **A refused token** (401/403) holds the posts the same way from the first
+//!   refusal, with a hold that doubles per refused probe up to
+//!   [`ReporterConfig::unauthorized_hold_max`]: one post now and then instead of
+//!   every record in a loop. [`ReporterStats::unauthorized`] is set (the
+//!   pipeline is not ready, `xzepr_consumer_reporter_unauthorized` is 1) and
+//!   one error names the status, until a post is answered otherwise. While held,
+//!   the queue fills and the submitters wait. Once every [`Reporter`] is
+//!   dropped, held posts are acknowledged [`ReportError::Closed`].
+//! - **Resubmission** by the pipeline of records that failed for now waits
+//!   [`Reporter::resubmit_delay`] (growing per round) holding a queue slot
+//!   ([`ReporterConfig::queue_capacity`]), so unreported work cannot pile up.
 //! - **Receiver rediscovery**: XZepr keeps receivers in memory, so after it
 //!   restarts a receiver id comes back 404. For a receiver this client discovered
 //!   ([`XzeprClient::discover_or_create_event_receiver`]) the reporter discovers it
@@ -54,16 +65,18 @@
 //! hold parked records.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{
-    AtomicBool, AtomicU32,
-    Ordering::{Acquire, Relaxed, Release},
-};
+mod breaker;
+
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::Value;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use breaker::{Answer, Breaker};
 
 use crate::client::{ClientError, LifecycleBody, Phase, WorkRef, XzeprClient};
 use crate::config::ConfigError;
@@ -109,8 +122,11 @@ impl ReportError {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ReporterConfig {
-    /// Records waiting to be sent. Default 4096 (two per event: ~2,000 events of
-    /// slack). Full: submitters wait.
+    /// Records waiting to be sent, counting those that failed for now and
+    /// wait to be submitted again ([`Reporter::resubmit_delay`]). Default 4096
+    /// (two per event: ~2,000 events of slack). Full: submitters wait, so while
+    /// XZepr takes nothing the handlers stop being fed instead of piling up
+    /// unreported work.
     pub queue_capacity: usize,
     /// Posts in flight at once. Default 128: the real server (~5.5 ms a post)
     /// reached ~7,800 posts/s at 64 concurrent connections; twice that keeps the
@@ -129,7 +145,19 @@ pub struct ReporterConfig {
     /// Consecutive failures that open the breaker. Default 20.
     pub breaker_threshold: u32,
     /// How long the open breaker holds posts before one probes. Default 2 s.
+    /// Also the first hold after XZepr refuses the credentials (401/403).
     pub breaker_cooldown: Duration,
+    /// Longest hold between probes while XZepr refuses the credentials
+    /// (401/403): the hold starts at `breaker_cooldown` and doubles with each
+    /// refused probe, with jitter. Default 60 s: one post a minute at most
+    /// against a refusing XZepr, and a fixed token is noticed within a minute.
+    pub unauthorized_hold_max: Duration,
+    /// Longest wait before a record that failed for now (retries exhausted, a
+    /// 404 no rediscovery fixed, a refusal) is submitted again by the
+    /// pipeline: the wait starts at `backoff_max` and doubles with each
+    /// resubmission of the record, with jitter. Default 60 s, for the same
+    /// reasons as `unauthorized_hold_max`.
+    pub resubmit_backoff_max: Duration,
     /// Acknowledged (work id, status) pairs remembered for coalescing. Default
     /// 65,536 (a few MB); the oldest are forgotten first.
     pub dedup_capacity: usize,
@@ -151,6 +179,8 @@ impl Default for ReporterConfig {
             backoff_max: Duration::from_secs(5),
             breaker_threshold: 20,
             breaker_cooldown: Duration::from_secs(2),
+            unauthorized_hold_max: Duration::from_secs(60),
+            resubmit_backoff_max: Duration::from_secs(60),
             dedup_capacity: 65_536,
             rate_limit: None,
             failed_starts_capacity: 65_536,
@@ -302,6 +332,12 @@ pub struct ReporterStats {
     /// `completed`/`failed` records failed unsent because their `started` was
     /// not acknowledged.
     pub terminal_without_started: std::sync::atomic::AtomicU64,
+    /// True from a 401/403 answer until XZepr answers a post otherwise: it
+    /// refuses this client's credentials, posts are held (one probes now and
+    /// then), and the pipeline is not ready.
+    pub unauthorized: std::sync::atomic::AtomicBool,
+    /// Posts answered 401 or 403.
+    pub unauthorized_answers: std::sync::atomic::AtomicU64,
 }
 
 /// The receiver ids this service reports under: the ones it was seeded with and
@@ -385,8 +421,35 @@ pub struct Reporter {
     stats: Arc<ReporterStats>,
     own: OwnReceivers,
     /// The longest retry delay: how long a record that failed waits before it
-    /// is submitted again by the pipeline.
+    /// is submitted again by the pipeline, the first time.
     resubmit_after: Duration,
+    /// The longest such wait ([`ReporterConfig::resubmit_backoff_max`]).
+    resubmit_max: Duration,
+    /// Closes the reporter when the last handle is dropped.
+    _open: Arc<OpenGuard>,
+}
+
+/// Cancels `closing` when dropped, with the last [`Reporter`]: the posts held
+/// by a refusal give up then, so a drain ends.
+#[derive(Debug)]
+struct OpenGuard(CancellationToken);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// A slot taken in the reporter's queue ([`Reporter::reserve`]): the record
+/// sent through it is queued without waiting.
+pub(crate) struct Slot(mpsc::OwnedPermit<Record>);
+
+impl Slot {
+    /// Queues `record` in the slot. Should the reporter have stopped meanwhile,
+    /// the record is dropped, which acknowledges [`ReportError::Closed`].
+    pub(crate) fn send(self, record: Record) {
+        let _ = self.0.send(record);
+    }
 }
 
 impl Reporter {
@@ -402,7 +465,10 @@ impl Reporter {
         let own = OwnReceivers::new();
         let posters = config.max_in_flight.max(1);
         let resubmit_after = config.backoff_max.max(Duration::from_millis(1));
+        let resubmit_max = config.resubmit_backoff_max.max(resubmit_after);
+        let closing = CancellationToken::new();
         let shared = Arc::new(Shared {
+            closing: closing.clone(),
             client,
             config,
             stats: Arc::clone(&stats),
@@ -424,15 +490,37 @@ impl Reporter {
                 stats,
                 own,
                 resubmit_after,
+                resubmit_max,
+                _open: Arc::new(OpenGuard(closing)),
             },
             ReporterTask { task },
         )
     }
 
     /// How long a record that failed for now waits before it is submitted again
-    /// (the longest retry delay, [`ReporterConfig::backoff_max`]).
+    /// the first time (the longest retry delay, [`ReporterConfig::backoff_max`]).
     pub fn resubmit_after(&self) -> Duration {
         self.resubmit_after
+    }
+
+    /// How long a record that failed for now waits before it is submitted again
+    /// for the `round`-th time (from 0): [`Reporter::resubmit_after`] doubled
+    /// `round` times, capped at [`ReporterConfig::resubmit_backoff_max`], of
+    /// which a random half to all (records that failed together spread out).
+    pub fn resubmit_delay(&self, round: u32) -> Duration {
+        let cap = self
+            .resubmit_after
+            .saturating_mul(1u32 << round.min(16))
+            .min(self.resubmit_max);
+        cap.mul_f64(0.5 + rand::random::<f64>() / 2.0)
+    }
+
+    /// Takes a slot in the queue, waiting while it is full, for a record to be
+    /// sent later ([`Slot::send`]): a record held for resubmission counts
+    /// against [`ReporterConfig::queue_capacity`], so submitters wait behind it.
+    /// `None` once the reporter's tasks are gone.
+    pub(crate) async fn reserve(&self) -> Option<Slot> {
+        self.tx.clone().reserve_owned().await.ok().map(Slot)
     }
 
     /// Submits a record, waiting while the queue is full.
@@ -481,15 +569,28 @@ pub struct ReporterTask {
 
 impl ReporterTask {
     /// Waits (up to `deadline`) for every queued and in-flight record after all
-    /// `Reporter` handles were dropped. Returns false when the deadline passed.
-    pub async fn drain(self, deadline: Duration) -> bool {
-        tokio::time::timeout(deadline, self.task).await.is_ok()
+    /// `Reporter` handles were dropped. Records held because XZepr refuses the
+    /// credentials (401/403) are not waited for: they are acknowledged
+    /// [`ReportError::Closed`] once the last handle is gone. Returns false when
+    /// the deadline passed; the posting tasks are then stopped, and what they
+    /// still held is acknowledged [`ReportError::Closed`] (nothing is posted
+    /// after `drain` returns).
+    pub async fn drain(mut self, deadline: Duration) -> bool {
+        if tokio::time::timeout(deadline, &mut self.task).await.is_ok() {
+            return true;
+        }
+        // Dropping the join set aborts every posting task.
+        self.task.abort();
+        let _ = self.task.await;
+        false
     }
 }
 
 /// Shared state of the posting tasks.
 struct Shared {
     client: XzeprClient,
+    /// Cancelled when the last [`Reporter`] handle is dropped.
+    closing: CancellationToken,
     config: ReporterConfig,
     stats: Arc<ReporterStats>,
     /// The record queue. A task takes one record at a time and admits it while it
@@ -723,22 +824,38 @@ async fn post_with_rediscovery(
     match post(shared, body, &record.work.work_id).await {
         Err(Posted::NotFound(e)) => {
             let stale = record.work.receiver_id.clone();
-            match shared.client.rediscover_receiver(&stale).await {
+            let own = shared.own.contains(&stale);
+            // XZepr publishes the new receiver's `receiver.created` before it
+            // answers the create: the own-event guard must know the id from the
+            // create's answer on, not only once the discovery is over.
+            let created = |id: &str| {
+                if own {
+                    shared.own.insert(id);
+                }
+            };
+            match shared
+                .client
+                .rediscover_receiver_with(&stale, &created)
+                .await
+            {
                 Ok(Some(new)) if new != stale => {
-                    tracing::warn!(
-                        stale = %stale, receiver = %new,
-                        "Receiver came back 404: discovered again."
-                    );
-                    // Before the first post under the new id: the own-event guard
-                    // must know it by the time XZepr republishes that post.
-                    if shared.own.contains(&stale) {
+                    // Before the first post under the new id, as above.
+                    if own {
                         shared.own.insert(&new);
                     }
-                    shared
+                    let before = shared
                         .moved
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(stale, new.clone());
+                        .insert(stale.clone(), new.clone());
+                    // Every posting task with a record for the stale id gets
+                    // here from the one shared discovery: log it once.
+                    if before.as_deref() != Some(new.as_str()) {
+                        tracing::warn!(
+                            stale = %stale, receiver = %new,
+                            "Receiver came back 404: discovered again."
+                        );
+                    }
                     record.work.receiver_id = new;
                     let body = encode(record, buf)?;
                     post(shared, body, &record.work.work_id)
@@ -824,7 +941,10 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
     loop {
         attempt += 1;
         wait_rate(shared).await;
-        let permit = shared.breaker.admit(cfg).await;
+        let Some(permit) = shared.breaker.admit(cfg, &shared.closing).await else {
+            // Held for a refusal when the reporter closed: waiting cannot help.
+            return Err(Posted::Failed(ReportError::Closed));
+        };
         if lost {
             shared
                 .stats
@@ -838,12 +958,16 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
             );
         }
         let result = shared.client.post_event_body(body.clone()).await;
-        shared.breaker.record(
-            permit,
-            result.as_ref().map_or_else(|e| e.is_retryable(), |_| false),
-            cfg,
-            &shared.stats,
-        );
+        let answer = match &result {
+            Ok(_) => Answer::Answered,
+            Err(ClientError::Unauthorized { status }) => {
+                shared.stats.unauthorized_answers.fetch_add(1, Relaxed);
+                Answer::Refused { status: *status }
+            }
+            Err(e) if e.is_retryable() => Answer::Unreachable,
+            Err(_) => Answer::Answered,
+        };
+        shared.breaker.record(permit, answer, cfg, &shared.stats);
         match result {
             Ok(id) => {
                 shared.stats.posted.fetch_add(1, Relaxed);
@@ -872,7 +996,12 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
                         return Err(Posted::NotFound(err));
                     }
                     shared.stats.failed.fetch_add(1, Relaxed);
-                    tracing::error!(work_id, error = %e, attempt, "Lifecycle post failed.");
+                    if e.is_unauthorized() {
+                        // Logged once per refusal by the gate, not per post.
+                        tracing::debug!(work_id, error = %e, "Lifecycle post refused.");
+                    } else {
+                        tracing::error!(work_id, error = %e, attempt, "Lifecycle post failed.");
+                    }
                     return Err(Posted::Failed(err));
                 }
                 shared.stats.retries.fetch_add(1, Relaxed);
@@ -904,122 +1033,6 @@ fn backoff(cfg: &ReporterConfig, attempt: u32, err: &ClientError) -> Duration {
     }
 }
 
-/// The circuit breaker: closed, open until a deadline, or half-open with one
-/// probe out.
-struct Breaker {
-    /// Mirrors `state == Closed`: the per-post fast path reads only this.
-    closed: AtomicBool,
-    state: Mutex<BreakerState>,
-    /// Consecutive retryable failures.
-    failures: AtomicU32,
-    /// Wakes the posts waiting on a half-open breaker when its probe ends.
-    probe_done: tokio::sync::Notify,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Eq)]
-enum BreakerState {
-    #[default]
-    Closed,
-    Open {
-        until: tokio::time::Instant,
-    },
-    HalfOpen,
-}
-
-impl Default for Breaker {
-    fn default() -> Self {
-        Breaker {
-            closed: AtomicBool::new(true),
-            state: Mutex::new(BreakerState::Closed),
-            failures: AtomicU32::new(0),
-            probe_done: tokio::sync::Notify::new(),
-        }
-    }
-}
-
-/// Whether a post is the half-open breaker's probe.
-#[derive(Clone, Copy)]
-struct Permit {
-    probe: bool,
-}
-
-impl Breaker {
-    /// Waits until a post may go out.
-    async fn admit(&self, cfg: &ReporterConfig) -> Permit {
-        loop {
-            if self.closed.load(Acquire) {
-                return Permit { probe: false };
-            }
-            let probe_done = self.probe_done.notified();
-            tokio::pin!(probe_done);
-            // Registered before the state is read, so a wake-up in between is kept.
-            probe_done.as_mut().enable();
-            let state = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-            match state {
-                BreakerState::Closed => return Permit { probe: false },
-                BreakerState::Open { until } => {
-                    if until > tokio::time::Instant::now() {
-                        tokio::time::sleep_until(until).await;
-                        continue;
-                    }
-                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if *st == state {
-                        *st = BreakerState::HalfOpen;
-                        return Permit { probe: true };
-                    }
-                }
-                BreakerState::HalfOpen => {
-                    // The cool-down bounds the wait should the probe's task vanish.
-                    let _ = tokio::time::timeout(cfg.breaker_cooldown, probe_done).await;
-                    let st = *self.state.lock().unwrap_or_else(|p| p.into_inner());
-                    if st == BreakerState::HalfOpen {
-                        // Nobody reported: let this post probe instead.
-                        return Permit { probe: true };
-                    }
-                }
-            }
-        }
-    }
-
-    /// Records a post's outcome: a retryable failure counts toward opening (and
-    /// reopens a half-open breaker); anything else means the server answered, so
-    /// the breaker closes.
-    fn record(&self, permit: Permit, failed: bool, cfg: &ReporterConfig, stats: &ReporterStats) {
-        if !failed && self.closed.load(Acquire) {
-            // The common case, without the lock.
-            if self.failures.load(Relaxed) != 0 {
-                self.failures.store(0, Relaxed);
-            }
-            return;
-        }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if !failed {
-            self.failures.store(0, Relaxed);
-            if *st != BreakerState::Closed {
-                *st = BreakerState::Closed;
-                self.closed.store(true, Release);
-                stats.breaker_open.store(false, Relaxed);
-                tracing::info!("XZepr breaker closed.");
-                self.probe_done.notify_waiters();
-            }
-            return;
-        }
-        let run = self.failures.fetch_add(1, Relaxed) + 1;
-        let now = tokio::time::Instant::now();
-        let open = now.checked_add(cfg.breaker_cooldown).unwrap_or(now);
-        if permit.probe || (*st == BreakerState::Closed && run >= cfg.breaker_threshold) {
-            if *st == BreakerState::Closed {
-                stats.breaker_opened.fetch_add(1, Relaxed);
-                tracing::warn!(failures = run, "XZepr breaker open.");
-            }
-            *st = BreakerState::Open { until: open };
-            self.closed.store(false, Release);
-            stats.breaker_open.store(true, Relaxed);
-            self.probe_done.notify_waiters();
-        }
-    }
-}
-
 async fn wait_rate(shared: &Shared) {
     let Some(rate) = shared.config.rate_limit.filter(|r| *r > 0) else {
         return;
@@ -1038,191 +1051,4 @@ async fn wait_rate(shared: &Shared) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(threshold: u32) -> ReporterConfig {
-        ReporterConfig {
-            breaker_threshold: threshold,
-            breaker_cooldown: Duration::from_secs(2),
-            ..ReporterConfig::default()
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_breaker_opens_then_lets_one_probe_through() {
-        let cfg = config(3);
-        let stats = ReporterStats::default();
-        let b = Arc::new(Breaker::default());
-        for _ in 0..3 {
-            let p = b.admit(&cfg).await;
-            assert!(!p.probe);
-            b.record(p, true, &cfg, &stats);
-        }
-        assert_eq!(stats.breaker_opened.load(Relaxed), 1);
-        assert!(stats.breaker_open.load(Relaxed));
-        let t0 = tokio::time::Instant::now();
-        let probe = b.admit(&cfg).await;
-        assert!(probe.probe, "the first post after the cool-down probes");
-        assert!(t0.elapsed() >= cfg.breaker_cooldown);
-        // While the probe is out, the others wait.
-        let waiting = {
-            let (b, cfg) = (Arc::clone(&b), cfg.clone());
-            tokio::spawn(async move { b.admit(&cfg).await.probe })
-        };
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!waiting.is_finished());
-        // The probe fails: open again, for another cool-down.
-        b.record(probe, true, &cfg, &stats);
-        assert!(
-            stats.breaker_open.load(Relaxed),
-            "still open after a failed probe"
-        );
-        let reprobe = waiting.await.unwrap();
-        assert!(reprobe, "after the second cool-down the waiter probes");
-        // It succeeds: closed, and posts go straight out.
-        b.record(Permit { probe: true }, false, &cfg, &stats);
-        assert!(!b.admit(&cfg).await.probe);
-        assert_eq!(stats.breaker_opened.load(Relaxed), 1);
-        assert!(!stats.breaker_open.load(Relaxed));
-    }
-
-    fn record(work_id: &str, status: Status, acks: &Arc<Mutex<Vec<String>>>) -> Record {
-        let acks = Arc::clone(acks);
-        let tag = format!("{work_id}:{status:?}");
-        Record {
-            work: OwnedWork::new("R", work_id, "w", "1", "p", "svc"),
-            status,
-            details: Value::Null,
-            error: None,
-            ack: Ack::new(move |r| acks.lock().unwrap().push(format!("{tag}:{}", r.is_ok()))),
-        }
-    }
-
-    #[test]
-    fn duplicates_in_flight_park_and_terminals_wait_for_started() {
-        let acks = Arc::default();
-        let mut st = DedupState::default();
-        assert!(matches!(
-            st.admit(record("a", Status::Started, &acks)),
-            Admission::Post(_)
-        ));
-        // The same key while in flight: parked on it, not posted twice.
-        assert!(matches!(
-            st.admit(record("a", Status::Started, &acks)),
-            Admission::Parked
-        ));
-        assert_eq!(st.in_flight[&("a".to_owned(), Status::Started)].len(), 1);
-        // A terminal waits for its `started`.
-        assert!(matches!(
-            st.admit(record("a", Status::Completed, &acks)),
-            Admission::Parked
-        ));
-        assert_eq!(st.waiting["a"].len(), 1);
-        // Another work id is independent.
-        assert!(matches!(
-            st.admit(record("b", Status::Completed, &acks)),
-            Admission::Post(_)
-        ));
-        st.remember(
-            &ReporterConfig::default(),
-            ("c".to_owned(), Status::Started),
-            "E9",
-        );
-        match st.admit(record("c", Status::Started, &acks)) {
-            Admission::Done(_, Ok(id)) => assert_eq!(id, "E9"),
-            _ => panic!("an acknowledged key is coalesced with its event id"),
-        }
-    }
-
-    #[test]
-    fn a_terminal_after_a_failed_started_is_failed_unsent() {
-        let acks: Arc<Mutex<Vec<String>>> = Arc::default();
-        let cfg = ReporterConfig::default();
-        let mut st = DedupState::default();
-        st.started_ended(&cfg, "a", false);
-        assert!(matches!(
-            st.admit(record("a", Status::Completed, &acks)),
-            Admission::WithoutStarted(_)
-        ));
-        assert!(matches!(
-            st.admit(record("a", Status::Failed, &acks)),
-            Admission::WithoutStarted(_)
-        ));
-        // A replayed `started` goes out; its terminal waits for it, and once it is
-        // acknowledged the work is in order again.
-        assert!(matches!(
-            st.admit(record("a", Status::Started, &acks)),
-            Admission::Post(_)
-        ));
-        assert!(matches!(
-            st.admit(record("a", Status::Completed, &acks)),
-            Admission::Parked
-        ));
-        st.in_flight.clear();
-        st.started_ended(&cfg, "a", true);
-        assert!(matches!(
-            st.admit(record("a", Status::Completed, &acks)),
-            Admission::Post(_)
-        ));
-        // Bounded: the oldest failed work ids are forgotten first.
-        let small = ReporterConfig {
-            failed_starts_capacity: 2,
-            ..ReporterConfig::default()
-        };
-        for w in ["x", "y", "z"] {
-            st.started_ended(&small, w, false);
-        }
-        assert_eq!(st.failed_starts.len(), 2);
-        assert!(!st.failed_starts.contains("x"));
-    }
-
-    #[test]
-    fn own_receivers_are_shared_and_cheap_to_ask() {
-        let own = OwnReceivers::new();
-        assert!(!own.contains("R1"));
-        let seen_by_pipeline = own.clone();
-        assert!(own.insert("R1"));
-        assert!(!own.insert("R1"), "no duplicates");
-        assert!(seen_by_pipeline.contains("R1"));
-        assert!(!seen_by_pipeline.contains("R2"));
-        own.insert("R2");
-        assert!(seen_by_pipeline.contains("R2") && seen_by_pipeline.contains("R1"));
-        assert!(!seen_by_pipeline.contains("R"), "whole ids only");
-        assert_eq!(seen_by_pipeline.ids(), ["R1", "R2"]);
-    }
-
-    #[tokio::test]
-    async fn the_reporter_hands_out_one_shared_set() {
-        let client = XzeprClient::new(crate::client::XzeprClientConfig::new(
-            "http://127.0.0.1:9",
-            "",
-        ))
-        .unwrap();
-        let (reporter, _task) = Reporter::start(client, ReporterConfig::default());
-        reporter.own_receivers().insert("R1");
-        assert!(reporter.clone().own_receivers().contains("R1"));
-    }
-
-    #[test]
-    fn work_fields_must_not_be_empty() {
-        assert!(validate_work_fields("deploy", "1.0.0", "1.0.0", "deployer").is_ok());
-        for (args, field) in [
-            (["", "1", "1", "p"], "work_name"),
-            (["w", " ", "1", "p"], "work_version"),
-            (["w", "1", "", "p"], "release"),
-            (["w", "1", "1", "\t"], "package"),
-        ] {
-            let err = validate_work_fields(args[0], args[1], args[2], args[3]).unwrap_err();
-            assert_eq!(err, ConfigError::Empty { name: field });
-            assert!(err.to_string().contains(field), "{err}");
-        }
-    }
-
-    #[test]
-    fn a_dropped_record_acknowledges_closed() {
-        let acks: Arc<Mutex<Vec<String>>> = Arc::default();
-        drop(record("a", Status::Started, &acks));
-        assert_eq!(*acks.lock().unwrap(), ["a:Started:false"]);
-    }
-}
+mod tests;
