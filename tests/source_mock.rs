@@ -173,7 +173,10 @@ fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
     let workers = shuffling_workers(&mut source, Arc::clone(&seen), &[POISON]);
     wait_for("every message", || total(&seen) >= 2_000);
     // Later offsets finished; the commit point must still be the poison offset.
-    std::thread::sleep(Duration::from_millis(300));
+    let handle = source.handle();
+    wait_for("partition 0 committed to its end", || {
+        handle.committed().iter().any(|(_, p, o)| (*p, *o) == (0, 1_000))
+    });
     stop(&source, workers);
     let committed_now = committed(&brokers, "xzepr-consumer-poison-test", "poison", 2);
     assert_eq!(committed_now[&0], 1_000);
@@ -452,8 +455,14 @@ fn a_held_offset_stops_its_partition_at_the_tracking_limit() {
     wait_for("partition 1 to the end", || {
         seen.lock().unwrap().get(&1).map_or(0, BTreeSet::len) == 10_000
     });
-    // Long enough for partition 0 to run into its limit had it not paused.
-    std::thread::sleep(Duration::from_millis(500));
+    // Partition 0 runs into its tracking limit and pauses, its held offset
+    // first.
+    let held = source.handle();
+    wait_for("partition 0 paused at its limit", || {
+        held.partition_states()
+            .iter()
+            .any(|p| p.partition == 0 && p.paused && p.held == 1 && p.commit_point == Some(0))
+    });
     let handle = stop(&source, workers);
     let seen = seen.lock().unwrap();
     let dispatched0 = seen[&0].len();
@@ -471,9 +480,9 @@ fn a_held_offset_stops_its_partition_at_the_tracking_limit() {
         "{dispatched0} offsets tracked behind the held one"
     );
     let committed = committed(&brokers, "xzepr-consumer-held-test", "held", 2);
-    assert!(
-        committed[&0] <= 0,
-        "nothing committed past the held offset 0: {committed:?}"
+    assert_eq!(
+        committed[&0], 0,
+        "committed at the held offset 0, never past it: {committed:?}"
     );
     assert_eq!(committed[&1], 10_000);
 }
