@@ -17,11 +17,14 @@ WHERE p.event_id = u.event_id AND p.claim_token = u.token
   AND p.state = 'claimed' AND p.claimed_until > now()
 RETURNING p.event_id, p.claim_token";
 
+/// A queued renewal: key, claim token, where the answer goes.
+pub(super) type RenewRequest = (String, i64, oneshot::Sender<Result<bool, Error>>);
+
 impl Shared {
     /// Extends the leases of live claims; then frees `permit` if given.
     pub(super) async fn renew_batch(
         &self,
-        mut requests: Vec<(String, i64, oneshot::Sender<Result<bool, Error>>)>,
+        mut requests: Vec<RenewRequest>,
         permit: Option<OwnedSemaphorePermit>,
     ) {
         requests.sort_unstable_by(|a, b| a.0.cmp(&b.0));
