@@ -8,6 +8,8 @@ mod http_support;
 #[cfg(feature = "dev-stack")]
 mod kafka_support;
 mod pg_support;
+#[cfg(feature = "dev-stack")]
+mod slow_xzepr;
 
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::Arc;
@@ -567,5 +569,38 @@ fn a_pipeline_replaying_every_event_runs_each_work_once() {
         runs.len(),
         m.events_duplicates_total,
         m.statements_total
+    );
+}
+
+/// The claim outlives its lease while XZepr holds the lifecycle posts (it is
+/// renewed), so a duplicate of the key arriving after the lease would have run out
+/// finds it busy, then processed: the work runs once. As `failures_idempotency.rs`,
+/// on the table.
+#[cfg(feature = "dev-stack")]
+#[test]
+fn a_duplicate_after_the_lease_is_not_run_again_while_xzepr_is_slow() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some((_pg, pool)) = rt.block_on(server("slow_xzepr", 4)) else {
+        return;
+    };
+    let lease = Duration::from_millis(300);
+    let guard = rt.block_on(async {
+        IdempotencyGuard::builder(pool.clone())
+            .lease(lease)
+            .build()
+            .unwrap()
+    });
+    let cluster = kafka_support::cluster("slow-xzepr-pg", 1);
+    let brokers = cluster.bootstrap_servers();
+    slow_xzepr::duplicate_after_the_lease_is_not_run_again(
+        &rt,
+        &brokers,
+        "slow-xzepr-pg",
+        guard,
+        lease,
     );
 }

@@ -1,6 +1,6 @@
 //! The in-memory store: [`IdempotencyStore`] semantics inside one process.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -25,12 +25,20 @@ pub const DEFAULT_MEMORY_RETENTION: Duration = Duration::from_secs(3600);
 ///
 /// Bounded twice: a processed key is remembered for at most
 /// [`retention`](MemoryStoreBuilder::retention), and at most
-/// [`capacity`](MemoryStoreBuilder::capacity) keys are held. When a new key arrives
-/// at capacity, the oldest processed key is forgotten first (a replay of it would run
-/// its work again: at-least-once still holds, the dedup window shrinks); when every
-/// slot is a claim in flight, [`begin`](IdempotencyStore::begin) fails with
-/// [`Error::Full`]. Nothing survives a restart: claims of a crashed process vanish with
-/// it.
+/// [`capacity`](MemoryStoreBuilder::capacity) keys (claims and processed) are held.
+///
+/// When a new key arrives at capacity, one slot is freed, in this order:
+///
+/// 1. a claim whose lease ran out (its holder leaked or outran it; any `begin` of
+///    that key would take it over anyway), the one that ran out first;
+/// 2. else the oldest processed key, by the time it was processed (a replay of it
+///    would run its work again: at-least-once still holds, the dedup window
+///    shrinks from the oldest end);
+/// 3. else every slot is a live claim: [`begin`](IdempotencyStore::begin) fails with
+///    [`Error::Full`]. A live claim is never evicted.
+///
+/// Each step costs O(log n) (claims are kept ordered by lease end, processed keys
+/// by age). Nothing survives a restart: claims of a crashed process vanish with it.
 #[derive(Debug, Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
@@ -53,6 +61,9 @@ struct State {
     /// Processed keys, oldest first: the eviction order. A key enters once per
     /// `processed` transition and leaves when evicted, so it always matches `entries`.
     processed: VecDeque<(Instant, String)>,
+    /// Claims by the end of their lease (then token): the ones that ran out first are
+    /// evicted first. Exactly the `Claimed` entries, kept in step with them.
+    claims: BTreeMap<(Instant, i64), String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,8 +97,9 @@ impl Default for MemoryStoreBuilder {
 
 impl MemoryStoreBuilder {
     /// Most keys held (claims and processed). Default [`DEFAULT_MEMORY_CAPACITY`].
-    /// At capacity the oldest processed key is forgotten; with only claims left,
-    /// `begin` fails with [`Error::Full`].
+    /// At capacity a claim whose lease ran out is dropped first, else the oldest
+    /// processed key is forgotten; with only live claims left, `begin` fails with
+    /// [`Error::Full`] (see [`MemoryStore`]).
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
@@ -226,11 +238,11 @@ impl Inner {
 
     fn settle_now(&self, key: String, token: i64, done: bool) -> Result<(), Error> {
         let mut state = self.lock();
-        let held =
-            matches!(state.entries.get(&key), Some(Entry::Claimed { token: t, .. }) if *t == token);
-        if !held {
-            return Err(Error::LeaseLost { key });
-        }
+        let until = match state.entries.get(&key) {
+            Some(Entry::Claimed { token: t, until }) if *t == token => *until,
+            _ => return Err(Error::LeaseLost { key }),
+        };
+        state.claims.remove(&(until, token));
         if done {
             state.entries.insert(key.clone(), Entry::Processed);
             state.processed.push_back((Instant::now(), key));
@@ -241,6 +253,24 @@ impl Inner {
         }
         self.set_size(&state);
         Ok(())
+    }
+
+    fn renew_now(&self, key: &str, token: i64) -> bool {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let Some(Entry::Claimed { token: t, until }) = state.entries.get_mut(key) else {
+            return false;
+        };
+        // Ran out: a `begin` may already have been told it can take the key over.
+        if *t != token || *until <= now {
+            return false;
+        }
+        let old = std::mem::replace(until, now + self.lease);
+        let new = *until;
+        if let Some(key) = state.claims.remove(&(old, token)) {
+            state.claims.insert((new, token), key);
+        }
+        true
     }
 }
 
@@ -257,20 +287,36 @@ impl State {
         }
     }
 
-    /// Makes room for one key: the oldest processed key goes first, then expired
-    /// claims. False when every slot is a live claim.
+    /// Makes room for one key (the policy of [`MemoryStore`]): a claim whose lease
+    /// ran out goes first, then the oldest processed key. False when every slot is a
+    /// live claim.
     fn make_room(&mut self, now: Instant, capacity: usize) -> bool {
         if self.entries.len() < capacity {
             return true;
+        }
+        if let Some(entry) = self.claims.first_entry() {
+            if entry.key().0 <= now {
+                let key = entry.remove();
+                self.entries.remove(&key);
+                return true;
+            }
         }
         if let Some((_, key)) = self.processed.pop_front() {
             self.entries.remove(&key);
             return true;
         }
-        // Only claims left: a linear sweep, on this rare path only.
-        self.entries
-            .retain(|_, e| !matches!(e, Entry::Claimed { until, .. } if *until <= now));
-        self.entries.len() < capacity
+        false
+    }
+
+    /// Records a new claim of `key` (taking over an expired one in place).
+    fn claim(&mut self, key: &str, token: i64, until: Instant) {
+        let old = self
+            .entries
+            .insert(key.to_owned(), Entry::Claimed { token, until });
+        if let Some(Entry::Claimed { token, until }) = old {
+            self.claims.remove(&(until, token));
+        }
+        self.claims.insert((until, token), key.to_owned());
     }
 }
 
@@ -299,10 +345,7 @@ impl IdempotencyStore for MemoryStore {
                     }
                 }
             }
-            let until = now + inner.lease;
-            state
-                .entries
-                .insert(key.to_owned(), Entry::Claimed { token, until });
+            state.claim(key, token, now + inner.lease);
             inner.set_size(&state);
         }
         Ok(Begin::Run(Claim::new(
@@ -330,6 +373,14 @@ impl Settle for Inner {
     fn abandon(&self, key: String, token: i64) {
         // Lost already means someone else holds it: nothing to release.
         let _ = self.settle_now(key, token, false);
+    }
+
+    fn renew(&self, key: String, token: i64) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(std::future::ready(Ok(self.renew_now(&key, token))))
+    }
+
+    fn lease(&self) -> Duration {
+        self.lease
     }
 }
 
@@ -495,6 +546,61 @@ mod tests {
         assert!(matches!(s.begin("c").await, Err(Error::Full { .. })));
         tokio::time::advance(Duration::from_secs(6)).await;
         run(&s, "c").await.complete().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn capacity_evicts_expired_claims_before_processed_keys() {
+        let s = store(3, 3600, 5);
+        run(&s, "a").await.complete().await.unwrap();
+        run(&s, "b").await.complete().await.unwrap();
+        std::mem::forget(run(&s, "leaked").await); // its holder is gone
+        tokio::time::advance(Duration::from_secs(6)).await;
+        // Full: the claim that ran out makes room, not the oldest processed key.
+        let c = run(&s, "c").await;
+        for k in ["a", "b"] {
+            assert!(
+                matches!(s.begin(k).await.unwrap(), Begin::AlreadyProcessed),
+                "{k} was evicted"
+            );
+        }
+        // A live claim is never evicted: the oldest processed key goes next.
+        let d = run(&s, "d").await;
+        assert!(matches!(s.begin("c").await.unwrap(), Begin::Busy));
+        assert!(matches!(
+            s.begin("b").await.unwrap(),
+            Begin::AlreadyProcessed
+        ));
+        drop(run(&s, "a").await); // "a" was the one forgotten
+        c.complete().await.unwrap();
+        d.complete().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_alive_claim_outlives_its_lease_until_settled() {
+        let s = store(10, 3600, 3);
+        let mut claim = run(&s, "k").await;
+        claim.keep_alive(&tokio::runtime::Handle::current());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(matches!(s.begin("k").await.unwrap(), Begin::Busy));
+        claim.complete().await.unwrap();
+        assert!(matches!(
+            s.begin("k").await.unwrap(),
+            Begin::AlreadyProcessed
+        ));
+
+        // Dropped, it stops renewing and is released.
+        let mut claim = run(&s, "dropped").await;
+        claim.keep_alive(&tokio::runtime::Handle::current());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        drop(claim);
+        run(&s, "dropped").await.complete().await.unwrap();
+
+        // Released, a renewal already due does not revive it.
+        let mut claim = run(&s, "released").await;
+        claim.keep_alive(&tokio::runtime::Handle::current());
+        claim.release().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        run(&s, "released").await.complete().await.unwrap();
     }
 
     #[test]

@@ -35,7 +35,10 @@
 //!   worker that crashed never settles its claim; after the lease, the next `begin`
 //!   takes the key over with a new claim, and the old claim's `complete` then fails with
 //!   [`Error::LeaseLost`]. Set the lease above the handler's worst-case run time: past
-//!   it, a second worker may run the same work.
+//!   it, a second worker may run the same work. The pipeline renews its claims while
+//!   their work is pending (handler and lifecycle posts, which a slow XZepr can
+//!   stretch), every third of the lease, so there the lease only bounds how long a
+//!   crashed consumer's keys stay busy.
 //! - **processed**: every `begin` returns [`Begin::AlreadyProcessed`] (counted in
 //!   `events_duplicates_total`) until retention cleanup forgets the key.
 //!
@@ -296,6 +299,12 @@ pub(crate) trait Settle: Send + Sync + fmt::Debug {
     fn settle(&self, key: String, token: i64, done: bool) -> BoxFuture<'_, Result<(), Error>>;
     /// Releases without waiting (from `Drop`); the lease is the backstop if it cannot.
     fn abandon(&self, key: String, token: i64);
+    /// Extends the claim's lease by a whole lease from now, if the claim still holds
+    /// the key and its lease has not run out: `Ok(false)` once it does not (a
+    /// released claim is never revived).
+    fn renew(&self, key: String, token: i64) -> BoxFuture<'_, Result<bool, Error>>;
+    /// The store's lease.
+    fn lease(&self) -> Duration;
 }
 
 /// The right to run one key's work, from [`Begin::Run`]. Settle it with
@@ -307,6 +316,8 @@ pub struct Claim {
     token: i64,
     store: Arc<dyn Settle>,
     settled: bool,
+    /// The task renewing the lease ([`Claim::keep_alive`]), stopped with the claim.
+    renewal: Option<tokio::task::AbortHandle>,
 }
 
 impl Claim {
@@ -316,6 +327,54 @@ impl Claim {
             token,
             store,
             settled: false,
+            renewal: None,
+        }
+    }
+
+    /// Keeps the lease from running out while this claim lives: a task on `runtime`
+    /// extends it every third of the lease until the claim is completed, released or
+    /// dropped. The lease then only bounds how long a *crashed* holder's key stays
+    /// busy, not how long the work may take: the pipeline holds a claim until both
+    /// lifecycle posts are acknowledged, which a slow XZepr can stretch past any lease,
+    /// and a duplicate must not run the work meanwhile. Stops by itself once the claim
+    /// is lost (taken over, or not renewed in time because the store was down).
+    pub(crate) fn keep_alive(&mut self, runtime: &tokio::runtime::Handle) {
+        if self.renewal.is_some() {
+            return;
+        }
+        let store = Arc::clone(&self.store);
+        let (key, token) = (self.key.clone(), self.token);
+        // Three tries per lease: one slow or failed renewal does not lose the claim.
+        let every = (store.lease() / 3).max(Duration::from_millis(1));
+        let task = runtime.spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut logged = false;
+            loop {
+                tick.tick().await;
+                match store.renew(key.clone(), token).await {
+                    Ok(true) => logged = false,
+                    Ok(false) => {
+                        tracing::warn!(key, "Idempotency claim lost before its work was settled.");
+                        return;
+                    }
+                    Err(e) if e.is_retryable() => {
+                        if !logged {
+                            logged = true;
+                            tracing::warn!(key, error = %e, "Could not renew an idempotency claim; retrying.");
+                        }
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        self.renewal = Some(task.abort_handle());
+    }
+
+    /// Stops the renewal task, if any.
+    fn stop_renewal(&mut self) {
+        if let Some(task) = self.renewal.take() {
+            task.abort();
         }
     }
 
@@ -333,6 +392,7 @@ impl Claim {
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     pub(crate) fn disarm(mut self) {
         self.settled = true;
+        self.stop_renewal();
     }
 
     /// Marks the key processed: every later `begin` returns
@@ -345,6 +405,7 @@ impl Claim {
     /// claimed until the lease runs out, then the work runs again).
     pub async fn complete(mut self) -> Result<(), Error> {
         self.settled = true;
+        self.stop_renewal();
         let key = std::mem::take(&mut self.key);
         self.store.settle(key, self.token, true).await
     }
@@ -357,6 +418,7 @@ impl Claim {
     /// to release); a database error (the lease is then the backstop).
     pub async fn release(mut self) -> Result<(), Error> {
         self.settled = true;
+        self.stop_renewal();
         let key = std::mem::take(&mut self.key);
         self.store.settle(key, self.token, false).await
     }
@@ -364,6 +426,7 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
+        self.stop_renewal();
         if !self.settled {
             self.store
                 .abandon(std::mem::take(&mut self.key), self.token);

@@ -19,6 +19,8 @@ use super::{
 };
 use crate::config::ConfigError;
 
+mod renew;
+
 /// The shipped migration (`migrations/…_create_processed_events_table.sql`): the table,
 /// its retention index. Idempotent. Run it with [`IdempotencyGuard::migrate`].
 pub const MIGRATION_SQL: &str =
@@ -179,6 +181,11 @@ enum Request {
         done: bool,
         // None: released from `Drop`, nobody waits.
         reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    Renew {
+        key: String,
+        token: i64,
+        reply: oneshot::Sender<Result<bool, Error>>,
     },
 }
 
@@ -657,6 +664,21 @@ impl Settle for GuardInner {
             });
         }
     }
+
+    fn renew(&self, key: String, token: i64) -> BoxFuture<'_, Result<bool, Error>> {
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            self.sender()
+                .send(Request::Renew { key, token, reply })
+                .await
+                .map_err(|_| Error::Closed)?;
+            answer.await.map_err(|_| Error::Closed)?
+        })
+    }
+
+    fn lease(&self) -> Duration {
+        self.shared.settings.lease
+    }
 }
 
 /// A claim with an open transaction, from [`IdempotencyGuard::begin_in_tx`]. Write
@@ -1001,13 +1023,16 @@ async fn run_batcher(shared: Arc<Shared>, mut rx: mpsc::Receiver<Request>) {
     }
 }
 
-/// One batch: settles first (so a waiter polling the same key sees it processed), then
-/// claims; one statement each.
+/// One batch: renewals first (a release in the same batch then wins), settles next
+/// (so a waiter polling the same key sees it processed), then claims; one statement
+/// each.
 async fn execute(shared: Arc<Shared>, batch: Vec<Request>, permit: OwnedSemaphorePermit) {
     let mut claims = Vec::new();
     let mut settles = Vec::new();
+    let mut renewals = Vec::new();
     for request in batch {
         match request {
+            Request::Renew { key, token, reply } => renewals.push((key, token, reply)),
             Request::Claim { key, reply } => claims.push((key, reply)),
             Request::Settle {
                 key,
@@ -1023,11 +1048,19 @@ async fn execute(shared: Arc<Shared>, batch: Vec<Request>, permit: OwnedSemaphor
         }
     }
     shared.counters.statements.fetch_add(
-        u64::from(!claims.is_empty()) + u64::from(!settles.is_empty()),
+        u64::from(!claims.is_empty())
+            + u64::from(!settles.is_empty())
+            + u64::from(!renewals.is_empty()),
         Relaxed,
     );
     // The slot is held until the batch's last statement returns.
     let mut permit = Some(permit);
+    if !renewals.is_empty() {
+        let last = (claims.is_empty() && settles.is_empty())
+            .then(|| permit.take())
+            .flatten();
+        shared.renew_batch(renewals, last).await;
+    }
     if !settles.is_empty() {
         let last = claims.is_empty().then(|| permit.take()).flatten();
         shared.settle_batch(settles, last).await;

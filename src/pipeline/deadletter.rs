@@ -24,6 +24,11 @@ const CONNECT_CLASS: &str = "__connect.errors.exception.class.name";
 const CONNECT_MESSAGE: &str = "__connect.errors.exception.message";
 const CONNECT_STAGE: &str = "__connect.errors.stage";
 
+/// Header name prefixes of a dead letter's own headers (ours and Connect's): a
+/// message that already carries them (a dead letter replayed to a source topic)
+/// gets them replaced, not doubled, when it is dead-lettered again.
+const DEAD_LETTER_PREFIXES: &[&str] = &["xzepr.dlq.", "__connect.errors."];
+
 /// Our own dead-letter headers, beside Kafka Connect's.
 pub mod headers {
     /// Why: `handler_failed`, `malformed` or `report_rejected`.
@@ -108,7 +113,9 @@ impl DeadLetterConfig {
         Self::default()
     }
 
-    /// One dead-letter topic for every source topic.
+    /// One dead-letter topic for every source topic. It must not be one the
+    /// consumer reads (by name or `^regex`): the pipeline refuses to start then,
+    /// as each letter would be consumed and dead-lettered again, forever.
     pub fn topic(mut self, name: impl Into<String>) -> Self {
         self.topic = Some(name.into());
         self
@@ -133,6 +140,60 @@ impl DeadLetterConfig {
             Some(t) => Cow::Borrowed(t),
             None => Cow::Owned(format!("{source}{DEFAULT_DEAD_LETTER_SUFFIX}")),
         }
+    }
+
+    /// Refuses a dead-letter topic the consumer also reads: each of its letters
+    /// would be consumed, fail again and be dead-lettered again, forever.
+    ///
+    /// `subscriptions` are the consumer's topics as librdkafka takes them: a name,
+    /// or a regex when it starts with `^` (matched unanchored, as librdkafka does).
+    /// With one dead-letter topic, it must be neither subscribed nor matched by a
+    /// regex. With the per-topic default (`<topic>.dlq`), the letters of each named
+    /// topic must not be subscribed or matched either; for a regex subscription the
+    /// topics it will match are unknown until the broker is asked, so only the
+    /// named topics' letters are checked.
+    pub(crate) fn check_not_subscribed(&self, subscriptions: &[String]) -> Result<(), ConfigError> {
+        let regexes: Vec<(&str, regex::Regex)> = subscriptions
+            .iter()
+            .filter(|s| s.starts_with('^'))
+            // A pattern this engine cannot read is left to librdkafka to refuse.
+            .filter_map(|s| regex::Regex::new(s).ok().map(|r| (s.as_str(), r)))
+            .collect();
+        let read_by = |topic: &str| {
+            subscriptions
+                .iter()
+                .find(|s| *s == topic)
+                .map(String::as_str)
+                .or_else(|| {
+                    regexes
+                        .iter()
+                        .find(|(_, r)| r.is_match(topic))
+                        .map(|(s, _)| *s)
+                })
+        };
+        let letters: Vec<Cow<'_, str>> = match &self.topic {
+            Some(t) => vec![Cow::Borrowed(t.as_str())],
+            None => subscriptions
+                .iter()
+                .filter(|s| !s.starts_with('^'))
+                .map(|s| self.topic_for(s))
+                .collect(),
+        };
+        for letter in &letters {
+            if let Some(subscription) = read_by(letter) {
+                return Err(ConfigError::Invalid {
+                    name: "dead_letter.topic",
+                    value: if subscription == letter.as_ref() {
+                        format!("{letter} (a subscribed topic)")
+                    } else {
+                        format!("{letter} (matched by the subscription {subscription})")
+                    },
+                    expected: "a topic the consumer does not read: its dead letters would \
+                               be consumed and dead-lettered again, forever",
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -258,7 +319,7 @@ impl DeadLetters {
         self.config.topic_for(d.topic()).into_owned()
     }
 
-    /// The original headers, then Connect's and ours.
+    /// The original headers but for dead-letter ones, then Connect's and ours.
     fn headers<D: Delivery>(&self, d: &D, r: &Reason<'_>) -> OwnedHeaders {
         let (partition, offset) = (d.partition().to_string(), d.offset().to_string());
         let (attempts, time) = (
@@ -284,7 +345,10 @@ impl DeadLetters {
         ];
         let original = d.headers();
         let mut h = OwnedHeaders::new_with_capacity(original.len() + ours.len());
-        for (key, value) in original {
+        // An earlier dead letter's headers describe an earlier failure: this
+        // letter carries one set, its own (copying them would append a set per hop).
+        let earlier = |key: &str| DEAD_LETTER_PREFIXES.iter().any(|p| key.starts_with(p));
+        for (key, value) in original.into_iter().filter(|(k, _)| !earlier(k)) {
             h = h.insert(Header {
                 key,
                 value: Some(value),
@@ -358,6 +422,33 @@ mod tests {
         let c = DeadLetterConfig::new();
         assert_eq!(c.topic_for("xzepr.events"), "xzepr.events.dlq");
         assert_eq!(c.clone().topic("all.dlq").topic_for("x"), "all.dlq");
+    }
+
+    #[test]
+    fn a_dead_letter_topic_the_consumer_reads_is_refused() {
+        let subs = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let one = DeadLetterConfig::new().topic("orders.failed");
+        let per_topic = DeadLetterConfig::new();
+        for (config, topics) in [
+            (&one, subs(&["orders", "orders.failed"])),
+            (&one, subs(&["^orders"])),
+            (&one, subs(&["^.*failed$"])),
+            (&per_topic, subs(&["orders", "orders.dlq"])),
+            (&per_topic, subs(&["orders", "^orders\\..*"])),
+        ] {
+            let err = config.check_not_subscribed(&topics).unwrap_err();
+            assert!(err.to_string().contains("dead_letter.topic"), "{err}");
+        }
+        for (config, topics) in [
+            (&one, subs(&["orders"])),
+            (&one, subs(&["^orders$"])),
+            (&per_topic, subs(&["orders", "payments"])),
+            (&per_topic, subs(&["orders", "^payments\\..*"])),
+            // Not a pattern this engine reads: librdkafka decides.
+            (&one, subs(&["^orders(", "orders"])),
+        ] {
+            config.check_not_subscribed(&topics).unwrap();
+        }
     }
 
     #[test]

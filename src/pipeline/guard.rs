@@ -47,6 +47,9 @@ pub(crate) enum Skip {
     Duplicate,
     /// The store is gone for good: hold the offset (a restart replays it).
     Hold,
+    /// The partition was revoked while the event waited: drop it unhandled (the
+    /// new owner has it).
+    Stale,
 }
 
 impl Skip {
@@ -55,6 +58,10 @@ impl Skip {
         match self {
             Skip::Duplicate => finish_now(d, metrics),
             Skip::Hold => d.hold(),
+            Skip::Stale => {
+                Metrics::add(&metrics.stale_dropped, 1);
+                drop(d);
+            }
         }
     }
 }
@@ -77,7 +84,14 @@ impl Guard {
     /// Claims `key` for this event, waiting while another worker holds it or
     /// the store is unreachable: nothing can be decided then, so only this
     /// event's lane waits (other lanes go on), until the store answers or the
-    /// partition is revoked (which cancels the wait).
+    /// partition is revoked (which cancels an async wait, and ends a sync worker's
+    /// with [`Skip::Stale`]).
+    ///
+    /// The claim it returns renews its lease until it is settled (`Claim::keep_alive`):
+    /// it is settled only once both lifecycle posts are acknowledged, however long a
+    /// slow XZepr takes, and a duplicate of the key must find it busy meanwhile, not
+    /// expired. Marking the key done when the handler returns instead would let a
+    /// crash before the posts land skip the replayed event's posts for good.
     pub(crate) async fn admit<D: Delivery>(
         &self,
         key: &str,
@@ -88,11 +102,12 @@ impl Guard {
         let mut logged = false;
         loop {
             match self.store.begin(key).await {
-                Ok(Begin::Run(claim)) => {
+                Ok(Begin::Run(mut claim)) => {
+                    claim.keep_alive(&self.runtime);
                     return Ok(Mark {
                         claim,
                         runtime: self.runtime.clone(),
-                    })
+                    });
                 }
                 Ok(Begin::AlreadyProcessed) => {
                     Metrics::add(&metrics.duplicates, 1);
@@ -126,6 +141,12 @@ impl Guard {
                     return Err(Skip::Hold);
                 }
             }
+            // Asked before each pause: a sync worker's wait is not cancelled by the
+            // revocation, and a revoked partition's event must not wait for a key it
+            // will never run.
+            if !d.is_current() {
+                return Err(Skip::Stale);
+            }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(MAX_PAUSE);
         }
@@ -146,6 +167,96 @@ impl Guard {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::idempotency::MemoryStore;
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Mutex;
+
+    /// A delivery whose partition can be revoked; records how it was settled.
+    struct Revocable {
+        current: Arc<AtomicBool>,
+        settled: Arc<Mutex<Vec<&'static str>>>,
+    }
+
+    impl Delivery for Revocable {
+        fn topic(&self) -> &str {
+            "t"
+        }
+        fn topic_arc(&self) -> Arc<str> {
+            Arc::from("t")
+        }
+        fn partition(&self) -> i32 {
+            0
+        }
+        fn offset(&self) -> i64 {
+            7
+        }
+        fn payload(&self) -> Option<&[u8]> {
+            None
+        }
+        fn headers(&self) -> Vec<(&str, &[u8])> {
+            Vec::new()
+        }
+        fn is_current(&self) -> bool {
+            self.current.load(Relaxed)
+        }
+        fn finish(self) {
+            self.settled.lock().unwrap().push("finished");
+        }
+        fn hold(self) {
+            self.settled.lock().unwrap().push("held");
+        }
+    }
+
+    #[test]
+    fn a_sync_wait_on_a_busy_key_ends_when_the_partition_is_revoked() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // A lease no test outlives: only the revocation can end the wait.
+        let store = MemoryStore::builder()
+            .lease(Duration::from_secs(3600))
+            .retention(Duration::from_secs(7200))
+            .build()
+            .unwrap();
+        let held = match rt.block_on(store.begin("k")).unwrap() {
+            Begin::Run(claim) => claim,
+            other => panic!("{other:?}"),
+        };
+        let guard = Arc::new(Guard {
+            store: Arc::new(store),
+            key: IdempotencyKey::default(),
+            runtime: rt.handle().clone(),
+        });
+        let metrics = Arc::new(Metrics::default());
+        let current = Arc::new(AtomicBool::new(true));
+        let settled = Arc::default();
+        let d = Revocable {
+            current: Arc::clone(&current),
+            settled: Arc::clone(&settled),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (g, m) = (Arc::clone(&guard), Arc::clone(&metrics));
+        // A sync worker thread, waiting on the busy key.
+        std::thread::spawn(move || {
+            let admitted = g.admit_blocking("k", &d, &m);
+            let stale = matches!(admitted, Err(Skip::Stale));
+            if let Err(skip) = admitted {
+                skip.apply(d, &m);
+            }
+            let _ = tx.send(stale);
+        });
+        current.store(false, Relaxed);
+        let stale = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the wait went on after the revocation");
+        assert!(stale, "not dropped as stale");
+        assert_eq!(metrics.snapshot().stale_dropped, 1);
+        // Dropped unhandled: neither finished nor held by this path.
+        assert!(settled.lock().unwrap().is_empty());
+        drop(held);
+    }
 
     #[test]
     fn the_key_is_the_header_else_the_event_id() {

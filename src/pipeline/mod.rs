@@ -642,6 +642,9 @@ impl PipelineBuilder {
             }
             .into());
         }
+        if let Some(dlq) = &self.dead_letter {
+            dlq.check_not_subscribed(&self.kafka.topics)?;
+        }
         if let Some(w) = &self.work {
             crate::report::validate_work_fields(
                 &w.work_name,
