@@ -42,6 +42,10 @@ pub(crate) trait Delivery: Send + Sync + 'static {
     fn is_current(&self) -> bool {
         true
     }
+    /// Which assignment of its partition it came in (a new one per assignment).
+    fn epoch(&self) -> u64 {
+        0
+    }
     /// Marks the offset finished (handled and reported, or skipped).
     fn finish(self);
     /// Marks the offset held: never finished in this assignment, the commit

@@ -190,11 +190,14 @@ pub(crate) fn handle_sync<D: Delivery, H: Handler + ?Sized>(
     requeue: Option<&RetryTable<D>>,
 ) -> Option<(D, Instant)> {
     let metrics = &shared.metrics;
+    // The assignment is part of the key: after a revoke and a new assignment
+    // the same offset starts afresh, never from an old assignment's state.
     let mut key = requeue.map(|_| {
         (
             delivery.topic_arc(),
             delivery.partition(),
             delivery.offset(),
+            delivery.epoch(),
         )
     });
     let earlier = requeue
@@ -422,8 +425,12 @@ pub(crate) struct SyncRetry<D: Delivery> {
     mark: Option<Mark>,
 }
 
-/// Sync events waiting for their next attempt, by topic, partition and offset.
-pub(crate) type RetryTable<D> = Mutex<HashMap<(Arc<str>, i32, i64), SyncRetry<D>>>;
+/// Sync events waiting for their next attempt, by topic, partition, offset and
+/// assignment.
+pub(crate) type RetryTable<D> = Mutex<HashMap<RetryKey, SyncRetry<D>>>;
+
+/// Topic, partition, offset and assignment epoch.
+pub(crate) type RetryKey = (Arc<str>, i32, i64, u64);
 
 /// Holds the jobs of sync events waiting for their next attempt, and hands each
 /// back to the workers when it is due: the job keeps its lane (so its key, or
@@ -810,6 +817,7 @@ mod tests {
 
     struct TestDelivery {
         offset: i64,
+        epoch: u64,
         payload: Vec<u8>,
         finished: Arc<StdMutex<Vec<(i64, bool)>>>,
     }
@@ -826,6 +834,9 @@ mod tests {
         }
         fn offset(&self) -> i64 {
             self.offset
+        }
+        fn epoch(&self) -> u64 {
+            self.epoch
         }
         fn payload(&self) -> Option<&[u8]> {
             Some(&self.payload)
@@ -890,6 +901,7 @@ mod tests {
             .enumerate()
             .map(|(i, payload)| TestDelivery {
                 offset: i as i64,
+                epoch: 1,
                 payload,
                 finished: Arc::clone(&finished),
             })
@@ -999,6 +1011,40 @@ mod tests {
             ack.send(Acked::Ok);
         }
         assert_eq!(done(&finished), vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn an_earlier_assignments_retry_state_is_never_reused() {
+        let sink = Arc::new(HeldSink::default());
+        let sh = shared(
+            Some(Arc::clone(&sink)),
+            TypeFilter::any(),
+            MalformedPolicy::Skip,
+        );
+        // Offset 0 of assignment 1 waits for its next attempt (its `started`
+        // went out with that assignment).
+        let table: RetryTable<TestDelivery> = Mutex::new(HashMap::new());
+        let old = SyncRetry {
+            attempts: 1,
+            pending: None,
+            mark: None,
+        };
+        table.lock().unwrap().insert((Arc::from("t"), 0, 0, 1), old);
+        // The partition is revoked and assigned again: offset 0 comes back.
+        let (mut ds, finished) = deliveries(vec![event("ok", "x")]);
+        let mut again = ds.remove(0);
+        again.epoch = 2;
+        let handler = |_: &CloudEvent<'_>, _: &mut Work| -> Result<(), String> { Ok(()) };
+        let mut decoder = Decoder::new(DecoderConfig::default()).unwrap();
+        assert!(handle_sync(again, &mut decoder, &handler, &sh, Some(&table)).is_none());
+        // A first attempt of its own: counted in, with its own `started`.
+        let statuses: Vec<_> = sink.held.lock().unwrap().iter().map(|(r, _)| r.status).collect();
+        assert_eq!(statuses, [Status::Started, Status::Completed]);
+        assert_eq!(sh.metrics.snapshot().consumed, 1);
+        for (_, ack) in std::mem::take(&mut *sink.held.lock().unwrap()) {
+            ack.send(Acked::Ok);
+        }
+        assert_eq!(done(&finished), vec![0]);
     }
 
     #[test]

@@ -74,6 +74,9 @@ impl Delivery for Message {
     fn is_current(&self) -> bool {
         Message::is_current(self)
     }
+    fn epoch(&self) -> u64 {
+        self.epoch
+    }
     fn finish(self) {
         Message::finish(self);
     }

@@ -257,7 +257,7 @@ pub struct Message {
     pub offset: i64,
     /// Timestamp in milliseconds since the epoch, when the broker gave one.
     pub timestamp: Option<i64>,
-    epoch: u64,
+    pub(crate) epoch: u64,
     shared: Arc<PartShared>,
     completed: bool,
 }
