@@ -175,7 +175,10 @@ fn an_unfinished_offset_holds_the_commit_point_and_is_redelivered() {
     // Later offsets finished; the commit point must still be the poison offset.
     let handle = source.handle();
     wait_for("partition 0 committed to its end", || {
-        handle.committed().iter().any(|(_, p, o)| (*p, *o) == (0, 1_000))
+        handle
+            .committed()
+            .iter()
+            .any(|(_, p, o)| (*p, *o) == (0, 1_000))
     });
     stop(&source, workers);
     let committed_now = committed(&brokers, "xzepr-consumer-poison-test", "poison", 2);

@@ -42,10 +42,6 @@ pub(crate) trait Delivery: Send + Sync + 'static {
     fn is_current(&self) -> bool {
         true
     }
-    /// Which assignment of its partition it came in (a new one per assignment).
-    fn epoch(&self) -> u64 {
-        0
-    }
     /// Marks the offset finished (handled and reported, or skipped).
     fn finish(self);
     /// Marks the offset held: never finished in this assignment, the commit
@@ -104,9 +100,8 @@ impl AckFn {
 
 /// Where lifecycle records go.
 pub(crate) trait LifecycleSink: Send + Sync + 'static {
-    /// From a worker thread: blocks while the reporter's queue is full.
-    fn submit_blocking(&self, record: Lifecycle, ack: AckFn);
-    /// From a task: waits (without blocking a thread) while the queue is full.
+    /// Hands `record` to the reporter, waiting (without blocking a thread)
+    /// while its queue is full.
     fn submit(&self, record: Lifecycle, ack: AckFn) -> BoxFuture<()>;
 }
 
@@ -404,7 +399,7 @@ fn finish_marked<D: Delivery>(d: D, mark: Option<Mark>, metrics: &Arc<Metrics>) 
 }
 
 /// An event's idempotency claim, settled on the runtime that drives the store
-/// (sync workers have none of their own).
+/// (not a sync worker's own, which blocks while it waits for a job).
 pub(crate) struct Mark {
     pub(crate) claim: Claim,
     pub(crate) runtime: tokio::runtime::Handle,
@@ -460,21 +455,8 @@ fn started(w: &WorkStart<'_>) -> Lifecycle {
     }
 }
 
-/// From a worker thread: hands `started` to the sink (before the handler runs)
-/// and returns what will finish the offset once everything is acknowledged.
-pub(crate) fn begin_blocking<D: Delivery>(
-    sink: Option<&SharedSink>,
-    metrics: &Arc<Metrics>,
-    dead_letters: Option<&Arc<DeadLetters>>,
-    w: &WorkStart<'_>,
-) -> Option<Arc<Pending<D>>> {
-    let sink = sink?;
-    let p = Pending::new(Arc::clone(metrics), dead_letters.cloned());
-    sink.submit_blocking(started(w), p.acker(Status::Started));
-    Some(p)
-}
-
-/// [`begin_blocking`] from a task.
+/// Hands `started` to the sink (before the handler runs) and returns what
+/// will finish the offset once everything is acknowledged.
 pub(crate) async fn begin<D: Delivery>(
     sink: Option<&SharedSink>,
     metrics: &Arc<Metrics>,
@@ -559,28 +541,8 @@ fn settle_unreported<D: Delivery>(d: D, mark: Option<Mark>, hold: bool, metrics:
     }
 }
 
-/// From a worker thread, after the handler: posts the terminal record and
-/// finishes the offset (now, or once the posts are acknowledged).
-pub(crate) fn complete_blocking<D: Delivery>(
-    sink: Option<&SharedSink>,
-    metrics: &Arc<Metrics>,
-    pending: Option<Arc<Pending<D>>>,
-    d: D,
-    outcome: Outcome,
-) {
-    let hold = outcome.hold;
-    let (record, mark) = account(metrics, &d, outcome, sink.is_some());
-    match (sink, pending) {
-        (Some(sink), Some(p)) => {
-            let ack = p.acker(record.status);
-            sink.submit_blocking(record, ack);
-            p.handler_done(d, mark, hold);
-        }
-        _ => settle_unreported(d, mark, hold, metrics),
-    }
-}
-
-/// [`complete_blocking`] from a task.
+/// After the handler: posts the terminal record and finishes the offset
+/// (now, or once the posts are acknowledged).
 pub(crate) async fn complete<D: Delivery>(
     sink: Option<&SharedSink>,
     metrics: &Arc<Metrics>,

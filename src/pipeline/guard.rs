@@ -72,6 +72,10 @@ pub(crate) struct Guard {
     pub(crate) key: IdempotencyKey,
     /// Drives the store's futures and settles claims, also for sync workers.
     pub(crate) runtime: tokio::runtime::Handle,
+    /// The flows run elsewhere (sync workers, each on a runtime of its own):
+    /// the store's calls go to `runtime`, where its tasks (the PostgreSQL
+    /// batcher) are spawned and driven, never to a worker that may block.
+    pub(crate) remote: bool,
 }
 
 /// First pause before asking again about a busy key or after a store error
@@ -101,7 +105,7 @@ impl Guard {
         let mut pause = FIRST_PAUSE;
         let mut logged = false;
         loop {
-            match self.store.begin(key).await {
+            match self.begin(key).await {
                 Ok(Begin::Run(mut claim)) => {
                     claim.keep_alive(&self.runtime);
                     return Ok(Mark {
@@ -152,15 +156,20 @@ impl Guard {
         }
     }
 
-    /// [`Guard::admit`] from a sync worker thread (outside the runtime): the
-    /// worker waits as it would for any blocking call in a sync handler.
-    pub(crate) fn admit_blocking<D: Delivery>(
-        &self,
-        key: &str,
-        d: &D,
-        metrics: &Metrics,
-    ) -> Result<Mark, Skip> {
-        self.runtime.block_on(self.admit(key, d, metrics))
+    async fn begin(&self, key: &str) -> Result<Begin, crate::idempotency::Error> {
+        if !self.remote {
+            return self.store.begin(key).await;
+        }
+        let (store, key) = (Arc::clone(&self.store), key.to_owned());
+        match self
+            .runtime
+            .spawn(async move { store.begin(&key).await })
+            .await
+        {
+            Ok(begun) => begun,
+            // The store's runtime is shutting down.
+            Err(_) => Err(crate::idempotency::Error::Closed),
+        }
     }
 }
 
@@ -228,6 +237,7 @@ mod tests {
             store: Arc::new(store),
             key: IdempotencyKey::default(),
             runtime: rt.handle().clone(),
+            remote: true,
         });
         let metrics = Arc::new(Metrics::default());
         let current = Arc::new(AtomicBool::new(true));
@@ -238,9 +248,13 @@ mod tests {
         };
         let (tx, rx) = std::sync::mpsc::channel();
         let (g, m) = (Arc::clone(&guard), Arc::clone(&metrics));
-        // A sync worker thread, waiting on the busy key.
+        // A sync worker thread, on a runtime of its own, waiting on the busy key.
         std::thread::spawn(move || {
-            let admitted = g.admit_blocking("k", &d, &m);
+            let own = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            let admitted = own.block_on(g.admit("k", &d, &m));
             let stale = matches!(admitted, Err(Skip::Stale));
             if let Err(skip) = admitted {
                 skip.apply(d, &m);

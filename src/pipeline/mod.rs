@@ -24,11 +24,11 @@
 mod complete;
 mod deadletter;
 mod execute;
+mod flow;
 mod guard;
 mod retry;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,8 @@ use complete::{AckFn, Acked, Delivery, Lifecycle, LifecycleSink, SharedSink};
 pub use deadletter::{
     headers as dead_letter_headers, DeadLetterConfig, DEFAULT_DEAD_LETTER_SUFFIX,
 };
-use execute::{AsyncExecutor, DecoderPool, Shared, Tails};
+use execute::{AsyncAttempts, AsyncExecutor, DecoderPool};
+use flow::Shared;
 pub use guard::IdempotencyKey;
 pub use retry::RetryPolicy;
 
@@ -73,9 +74,6 @@ impl Delivery for Message {
     }
     fn is_current(&self) -> bool {
         Message::is_current(self)
-    }
-    fn epoch(&self) -> u64 {
-        self.epoch
     }
     fn finish(self) {
         Message::finish(self);
@@ -309,17 +307,13 @@ impl SinkInner {
 }
 
 impl LifecycleSink for ReporterSink {
-    fn submit_blocking(&self, record: Lifecycle, ack: AckFn) {
-        // Blocks while the reporter's queue is full: backpressure onto the worker.
-        // A closed reporter hands the record back; dropping it acknowledges
-        // `Closed`, so the offset is held.
-        let _ = self.0.reporter.send_blocking(self.0.record(record, ack));
-    }
-
     fn submit(&self, record: Lifecycle, ack: AckFn) -> BoxFuture<()> {
         let record = self.0.record(record, ack);
         let reporter = self.0.reporter.clone();
         Box::pin(async move {
+            // Waits while the reporter's queue is full: backpressure onto the
+            // lane. A closed reporter hands the record back; dropping it
+            // acknowledges `Closed`, so the offset is held.
             let _ = reporter.send(record).await;
         })
     }
@@ -692,7 +686,8 @@ impl PipelineBuilder {
         metrics: &Arc<Metrics>,
         runtime: Option<&tokio::runtime::Handle>,
         dead_letters: Option<&Arc<deadletter::DeadLetters>>,
-        tails: Option<&Tails>,
+        remote_store: bool,
+        tail_room: &Arc<tokio::sync::Semaphore>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             filter: self.filter.clone(),
@@ -709,11 +704,20 @@ impl PipelineBuilder {
                     store: Arc::clone(store),
                     key: self.idempotency_key.clone(),
                     runtime: runtime.clone(),
+                    remote: remote_store,
                 }),
             retry: self.retry.clone(),
             dead_letters: dead_letters.cloned(),
-            tails: tails.cloned(),
+            tail_room: Arc::clone(tail_room),
         })
+    }
+
+    /// The pipeline's room for dead letters waiting on the broker: at most
+    /// `max_in_flight` at once, each holding its message.
+    fn tail_room(&self) -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(
+            self.source.max_in_flight.max(1),
+        ))
     }
 
     /// The dead-letter producer, if one is set.
@@ -747,18 +751,20 @@ impl PipelineBuilder {
         };
         let listener = self.bind_metrics()?;
         let dead_letters = self.dead_letters()?;
-        let (tails, own_runtime) = match &dead_letters {
-            Some(_) => {
-                let (tails, own) = self.tails()?;
-                (Some(tails), own)
-            }
-            None => (None, None),
-        };
+        let decoders = Arc::new(DecoderPool::new(self.decoder.clone())?);
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(self.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
-        // Retried jobs wait in a timer, not on a worker, and come back here.
-        let requeue = (self.retry.max_attempts() > 1).then(|| tx.clone());
+        // Each worker drives its jobs' flows on a runtime of its own, made
+        // before anything starts so a failure to make one fails here.
+        let mut runtimes = Vec::with_capacity(self.workers);
+        for _ in 0..self.workers {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(SourceError::Spawn)?;
+            runtimes.push(runtime);
+        }
         let source = Source::start_with(
             &self.kafka,
             self.source.clone(),
@@ -766,36 +772,18 @@ impl PipelineBuilder {
             // Sync handlers: one job channel read by every worker thread.
             Box::new(crate::source::ChannelExecutor(tx)),
         )?;
-        let retries = match requeue {
-            Some(jobs) => {
-                let timer =
-                    execute::RetryTimer::spawn(jobs, source.clone(), self.source.max_in_flight);
-                match timer {
-                    Ok(timer) => Some((Arc::new(Mutex::new(HashMap::new())), timer)),
-                    Err(e) => {
-                        source.shutdown();
-                        return Err(SourceError::Spawn(e).into());
-                    }
-                }
-            }
-            None => None,
-        };
         let mut workers = Vec::with_capacity(self.workers);
         let mut metrics = Vec::with_capacity(self.workers);
-        for i in 0..self.workers {
+        let room = self.tail_room();
+        for (i, runtime) in runtimes.into_iter().enumerate() {
             let m = Arc::new(Metrics::default());
-            let shared = self.shared(
-                &m,
-                guard_runtime.as_ref(),
-                dead_letters.as_ref(),
-                tails.as_ref(),
-            );
+            let guard = guard_runtime.as_ref();
+            let shared = self.shared(&m, guard, dead_letters.as_ref(), true, &room);
             metrics.push(m);
-            let (rx, handler, retries) = (rx.clone(), Arc::clone(&handler), retries.clone());
-            let decoder = Decoder::new(self.decoder.clone())?;
+            let (rx, handler, decoders) = (rx.clone(), Arc::clone(&handler), Arc::clone(&decoders));
             let spawned = std::thread::Builder::new()
                 .name(format!("xzepr-worker-{i}"))
-                .spawn(move || execute::run_sync_worker(rx, decoder, handler, shared, retries));
+                .spawn(move || execute::run_sync_worker(rx, runtime, handler, shared, decoders));
             match spawned {
                 Ok(w) => workers.push(w),
                 Err(e) => {
@@ -804,30 +792,7 @@ impl PipelineBuilder {
                 }
             }
         }
-        let mut running = self.running(source, workers, metrics, listener)?;
-        running.own_runtime = OwnRuntime(own_runtime);
-        Ok(running)
-    }
-
-    /// Where sync workers hand their dead letters' waits: the runtime set,
-    /// else the current one, else one of the pipeline's own (one thread).
-    fn tails(&self) -> Result<(Tails, Option<tokio::runtime::Runtime>), crate::Error> {
-        let (runtime, own) = match self.runtime_for("") {
-            Ok(handle) => (handle, None),
-            Err(_) => {
-                let own = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(1)
-                    .thread_name("xzepr-dead-letters")
-                    .enable_all()
-                    .build()
-                    .map_err(SourceError::Spawn)?;
-                (own.handle().clone(), Some(own))
-            }
-        };
-        let room = Arc::new(tokio::sync::Semaphore::new(
-            self.source.max_in_flight.max(1),
-        ));
-        Ok((Tails { runtime, room }, own))
+        self.running(source, workers, metrics, listener)
     }
 
     /// Starts the pipeline with an async handler: each job runs as a task on the
@@ -843,23 +808,18 @@ impl PipelineBuilder {
         self.validate()?;
         let listener = self.bind_metrics()?;
         let dead_letters = self.dead_letters()?;
-        let tails = dead_letters.as_ref().map(|_| Tails {
-            runtime: runtime.clone(),
-            room: Arc::new(tokio::sync::Semaphore::new(
-                self.source.max_in_flight.max(1),
-            )),
-        });
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
             shared: self.shared(
                 &metrics,
                 Some(&runtime),
                 dead_letters.as_ref(),
-                tails.as_ref(),
+                false,
+                &self.tail_room(),
             ),
             runtime,
-            handler: Arc::new(handler),
-            decoders: Arc::new(DecoderPool::new(self.decoder.clone())),
+            attempts: Arc::new(AsyncAttempts(Arc::new(handler))),
+            decoders: Arc::new(DecoderPool::new(self.decoder.clone())?),
         });
         let source = Source::start_with(&self.kafka, self.source.clone(), None, executor)?;
         self.running(source, Vec::new(), vec![metrics], listener)
@@ -902,21 +862,6 @@ pub struct RunningPipeline {
     reporter: Option<Arc<crate::report::ReporterStats>>,
     /// The metrics and health endpoint, when served.
     server: std::sync::Mutex<Option<crate::observe::Server>>,
-    /// A runtime the pipeline made for itself (a sync pipeline's dead letters).
-    own_runtime: OwnRuntime,
-}
-
-/// A runtime the pipeline owns, shut down without waiting when it goes (its
-/// tasks hold messages whose offsets are then replayed).
-#[derive(Debug, Default)]
-struct OwnRuntime(Option<tokio::runtime::Runtime>);
-
-impl Drop for OwnRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 impl RunningPipeline {
@@ -933,7 +878,6 @@ impl RunningPipeline {
             drain_timeout: options.drain_timeout,
             reporter: None,
             server: std::sync::Mutex::new(None),
-            own_runtime: OwnRuntime::default(),
         }
     }
 

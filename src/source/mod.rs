@@ -257,7 +257,7 @@ pub struct Message {
     pub offset: i64,
     /// Timestamp in milliseconds since the epoch, when the broker gave one.
     pub timestamp: Option<i64>,
-    pub(crate) epoch: u64,
+    epoch: u64,
     shared: Arc<PartShared>,
     completed: bool,
 }
@@ -429,20 +429,40 @@ fn send_completion(done: &Sender<Completion>, c: Completion) {
 
 /// While it lives, completions made on this thread (finished offsets, released
 /// lanes) are held back and sent as one when it drops: a worker running a job
-/// of 64 events wakes the poll thread once, not 65 times. Only for code that
-/// runs a whole job on one thread (not async tasks, which may move).
-pub(crate) struct DeferCompletions(());
+/// of 64 events wakes the poll thread once, not 65 times. Used per poll of a
+/// job ([`deferring`]).
+struct DeferCompletions(());
 
 impl DeferCompletions {
-    pub(crate) fn new(done: &Batch) -> Self {
+    fn to(done: &Sender<Completion>, expected: usize) -> Self {
         DEFERRED.with(|d| {
             let mut d = d.borrow_mut();
             if d.is_none() {
-                *d = Some((done.done.clone(), Vec::with_capacity(done.len() + 1)));
+                *d = Some((done.clone(), Vec::with_capacity(expected)));
             }
         });
         DeferCompletions(())
     }
+}
+
+/// Where a job's deferred completions go ([`Batch::deferral`]).
+pub(crate) struct Deferral {
+    done: Sender<Completion>,
+    expected: usize,
+}
+
+/// Runs a job's future with its completions deferred during each poll: what
+/// finishes within one poll (often the whole job) reaches the poll thread as
+/// one message. A guard per poll, never across an `.await`, so it suits tasks
+/// that move between threads and jobs that wait.
+pub(crate) async fn deferring<F: std::future::Future>(to: Deferral, job: F) -> F::Output {
+    let Deferral { done, expected } = to;
+    let mut job = std::pin::pin!(job);
+    std::future::poll_fn(|cx| {
+        let _defer = DeferCompletions::to(&done, expected);
+        job.as_mut().poll(cx)
+    })
+    .await
 }
 
 impl Drop for DeferCompletions {
@@ -482,11 +502,6 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Puts a taken message back in front (to run again later, in order).
-    pub(crate) fn put_back(&mut self, message: Message) {
-        self.items.push_front(message);
-    }
-
     /// Messages not yet taken.
     pub fn len(&self) -> usize {
         self.items.len()
@@ -495,6 +510,14 @@ impl Batch {
     /// True when every message was taken.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
+    }
+
+    /// For [`deferring`] the job that runs this batch.
+    pub(crate) fn deferral(&self) -> Deferral {
+        Deferral {
+            done: self.done.clone(),
+            expected: self.len() + 1,
+        }
     }
 
     /// Cancelled once the batch's partition passed its drain deadline (`None`

@@ -115,7 +115,7 @@ mod tests {
         let timeout = Some(Duration::from_secs(10));
         let mut w = StallWatch::new(t0);
         let at = |s| t0 + Duration::from_secs(s);
-        assert_eq!(w.observe(("t", 0), Some(5), true, timeout, at(0)).1, false);
+        assert!(!w.observe(("t", 0), Some(5), true, timeout, at(0)).1);
         assert_eq!(
             w.observe(("t", 0), Some(5), true, timeout, at(9)),
             (Duration::from_secs(9), false)
