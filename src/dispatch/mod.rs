@@ -1,9 +1,15 @@
-//! The dispatch stage: which events a pipeline handles ([`TypeFilter`]), and what
-//! may run next ([`Ordering`], enforced by the lane scheduler in [`lanes`]).
+//! The dispatch stage: which events a pipeline handles ([`TypeFilter`], and
+//! [`OwnReceivers`]: not the service's own lifecycle posts coming back), and
+//! what may run next ([`Ordering`], enforced by the lane scheduler in `lanes`).
 
+// The scheduler's internals are public only for the fuzz targets.
+#[cfg(feature = "unstable-fuzzing")]
 pub mod lanes;
+#[cfg(not(feature = "unstable-fuzzing"))]
+pub(crate) mod lanes;
 
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 /// What order handlers keep, at any concurrency (see [`lanes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -165,8 +171,71 @@ fn glob_match(p: &[u8], t: &[u8]) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
+/// The receiver ids this service reports under, for the own-event filter: the
+/// ones it was seeded with and every id the reporter moved them to after XZepr lost them (a restart) and
+/// they were discovered again. The pipeline's own-event guard asks it whether an
+/// event's `source` is one of its own, so the guard follows the reporter.
+///
+/// Cheap to clone (clones share the set) and cheap to ask: a read lock and a
+/// comparison with each id (one, or a few after restarts); no allocation.
+#[derive(Debug, Clone, Default)]
+pub struct OwnReceivers {
+    ids: Arc<RwLock<Vec<Box<str>>>>,
+}
+
+impl OwnReceivers {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `receiver_id`; false if it was there already.
+    pub fn insert(&self, receiver_id: &str) -> bool {
+        let mut ids = self.ids.write().unwrap_or_else(|p| p.into_inner());
+        if ids.iter().any(|id| **id == *receiver_id) {
+            return false;
+        }
+        ids.push(receiver_id.into());
+        true
+    }
+
+    /// Whether `receiver_id` is one of this service's receivers.
+    pub fn contains(&self, receiver_id: &str) -> bool {
+        self.ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|id| **id == *receiver_id)
+    }
+
+    /// The ids, oldest first.
+    pub fn ids(&self) -> Vec<String> {
+        self.ids
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|id| id.to_string())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn own_receivers_are_shared_and_cheap_to_ask() {
+        let own = OwnReceivers::new();
+        assert!(!own.contains("R1"));
+        let seen_by_pipeline = own.clone();
+        assert!(own.insert("R1"));
+        assert!(!own.insert("R1"), "no duplicates");
+        assert!(seen_by_pipeline.contains("R1"));
+        assert!(!seen_by_pipeline.contains("R2"));
+        own.insert("R2");
+        assert!(seen_by_pipeline.contains("R2") && seen_by_pipeline.contains("R1"));
+        assert!(!seen_by_pipeline.contains("R"), "whole ids only");
+        assert_eq!(seen_by_pipeline.ids(), ["R1", "R2"]);
+    }
+
     use super::*;
 
     #[test]

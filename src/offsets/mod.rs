@@ -25,7 +25,11 @@
 //! [`progress`] encodes the offsets finished above the commit point into the
 //! commit's metadata, so a restart or the next owner skips them.
 
+// The completion map's encoding is public only for the fuzz targets and tests.
+#[cfg(feature = "unstable-fuzzing")]
 pub mod progress;
+#[cfg(not(feature = "unstable-fuzzing"))]
+pub(crate) mod progress;
 
 use std::collections::VecDeque;
 

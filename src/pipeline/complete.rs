@@ -21,6 +21,7 @@ use super::deadletter::{DeadLetters, Placed, Reason, Why};
 use crate::handler::{BoxFuture, HandlerError};
 use crate::idempotency::Claim;
 use crate::metrics::Metrics;
+pub(crate) use crate::report::Status;
 
 /// A message as the execution and completion stages see it (the source's
 /// [`Message`](crate::source::Message), or a test double).
@@ -119,12 +120,6 @@ pub(crate) struct Lifecycle {
     pub(crate) error: Option<(String, String)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Status {
-    Started,
-    Completed,
-    Failed,
-}
 
 /// Finishes a delivery once the handler returned and both posts were acknowledged.
 ///

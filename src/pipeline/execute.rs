@@ -367,7 +367,7 @@ mod tests {
         Shared {
             filter,
             own_receiver: Some({
-                let own = crate::report::OwnReceivers::new();
+                let own = crate::dispatch::OwnReceivers::new();
                 own.insert("ME");
                 own
             }),

@@ -39,7 +39,7 @@ use crate::source::Batch;
 pub(crate) struct Shared {
     pub(crate) filter: TypeFilter,
     /// Skip events whose source is one of these receivers (the service's own).
-    pub(crate) own_receiver: Option<crate::report::OwnReceivers>,
+    pub(crate) own_receiver: Option<crate::dispatch::OwnReceivers>,
     pub(crate) lifecycle: Option<SharedSink>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) malformed: MalformedPolicy,

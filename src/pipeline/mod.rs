@@ -126,7 +126,7 @@ pub struct PipelineBuilder {
     skip_own_events: bool,
     own_receiver: Option<String>,
     /// The reporter's own receivers (followed across its rediscoveries).
-    own_set: Option<crate::report::OwnReceivers>,
+    own_set: Option<crate::dispatch::OwnReceivers>,
     /// Checked when the pipeline starts.
     work: Option<WorkTemplate>,
     runtime: Option<tokio::runtime::Handle>,
@@ -216,7 +216,7 @@ impl SinkInner {
         ack: AckFn,
         round: u32,
     ) -> crate::report::Record {
-        use crate::report::{OwnedWork, Record, Status as S};
+        use crate::report::{OwnedWork, Record};
         let w = &self.work;
         let again = record.clone();
         // Weak: a queued record must not keep the reporter open (its handle
@@ -231,11 +231,7 @@ impl SinkInner {
                 record.platform_id,
                 w.package.clone(),
             ),
-            status: match record.status {
-                complete::Status::Started => S::Started,
-                complete::Status::Completed => S::Completed,
-                complete::Status::Failed => S::Failed,
-            },
+            status: record.status,
             details: record.details,
             error: record.error,
             ack: crate::report::Ack::new(move |r| match me.upgrade() {
@@ -660,7 +656,7 @@ impl PipelineBuilder {
     }
 
     /// The receiver ids whose events are this service's own, if skipped.
-    fn own_receivers(&self) -> Option<crate::report::OwnReceivers> {
+    fn own_receivers(&self) -> Option<crate::dispatch::OwnReceivers> {
         if !self.skip_own_events {
             return None;
         }
@@ -671,7 +667,7 @@ impl PipelineBuilder {
                 Some(set)
             }
             (None, Some(id)) => {
-                let set = crate::report::OwnReceivers::new();
+                let set = crate::dispatch::OwnReceivers::new();
                 set.insert(id);
                 Some(set)
             }

@@ -68,7 +68,7 @@ use std::collections::{HashMap, VecDeque};
 mod breaker;
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -340,53 +340,7 @@ pub struct ReporterStats {
     pub unauthorized_answers: std::sync::atomic::AtomicU64,
 }
 
-/// The receiver ids this service reports under: the ones it was seeded with and
-/// every id the reporter moved them to after XZepr lost them (a restart) and
-/// they were discovered again. The pipeline's own-event guard asks it whether an
-/// event's `source` is one of its own, so the guard follows the reporter.
-///
-/// Cheap to clone (clones share the set) and cheap to ask: a read lock and a
-/// comparison with each id (one, or a few after restarts); no allocation.
-#[derive(Debug, Clone, Default)]
-pub struct OwnReceivers {
-    ids: Arc<RwLock<Vec<Box<str>>>>,
-}
-
-impl OwnReceivers {
-    /// An empty set.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds `receiver_id`; false if it was there already.
-    pub fn insert(&self, receiver_id: &str) -> bool {
-        let mut ids = self.ids.write().unwrap_or_else(|p| p.into_inner());
-        if ids.iter().any(|id| **id == *receiver_id) {
-            return false;
-        }
-        ids.push(receiver_id.into());
-        true
-    }
-
-    /// Whether `receiver_id` is one of this service's receivers.
-    pub fn contains(&self, receiver_id: &str) -> bool {
-        self.ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .any(|id| **id == *receiver_id)
-    }
-
-    /// The ids, oldest first.
-    pub fn ids(&self) -> Vec<String> {
-        self.ids
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .map(|id| id.to_string())
-            .collect()
-    }
-}
+pub use crate::dispatch::OwnReceivers;
 
 /// Checks the work fields a lifecycle configuration gives every post: XZepr
 /// requires each to be non-empty, and an empty work name would be recorded as

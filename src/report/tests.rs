@@ -91,21 +91,6 @@ fn a_terminal_after_a_failed_started_is_failed_unsent() {
     assert!(!st.failed_starts.contains("x"));
 }
 
-#[test]
-fn own_receivers_are_shared_and_cheap_to_ask() {
-    let own = OwnReceivers::new();
-    assert!(!own.contains("R1"));
-    let seen_by_pipeline = own.clone();
-    assert!(own.insert("R1"));
-    assert!(!own.insert("R1"), "no duplicates");
-    assert!(seen_by_pipeline.contains("R1"));
-    assert!(!seen_by_pipeline.contains("R2"));
-    own.insert("R2");
-    assert!(seen_by_pipeline.contains("R2") && seen_by_pipeline.contains("R1"));
-    assert!(!seen_by_pipeline.contains("R"), "whole ids only");
-    assert_eq!(seen_by_pipeline.ids(), ["R1", "R2"]);
-}
-
 #[tokio::test]
 async fn the_reporter_hands_out_one_shared_set() {
     let client = XzeprClient::new(crate::client::XzeprClientConfig::new(
