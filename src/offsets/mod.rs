@@ -29,6 +29,7 @@
 #[cfg(feature = "unstable-fuzzing")]
 pub mod progress;
 #[cfg(not(feature = "unstable-fuzzing"))]
+#[allow(unreachable_pub, dead_code)] // the fuzz build's API, partly unused by the crate
 pub(crate) mod progress;
 
 use std::collections::VecDeque;

@@ -120,7 +120,6 @@ pub(crate) struct Lifecycle {
     pub(crate) error: Option<(String, String)>,
 }
 
-
 /// Finishes a delivery once the handler returned and both posts were acknowledged.
 ///
 /// Three events count down `remaining`: the handler's return and the two acks, in

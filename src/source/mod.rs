@@ -195,7 +195,7 @@ impl Default for SourceOptions {
 }
 
 impl SourceOptions {
-    fn validate(&self, session_timeout: Duration) -> Result<(), SourceError> {
+    pub(crate) fn validate(&self, session_timeout: Duration) -> Result<(), SourceError> {
         let bad = |field, reason| Err(SourceError::InvalidOption { field, reason });
         if self.max_in_flight == 0 {
             return bad("max_in_flight", "must be at least 1");
