@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
+pub mod duration;
+
 /// Configuration errors, each naming the field or environment variable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -53,9 +53,10 @@ class MessageHandler(ABC):
 
         Return None, or a dict added to the ``details`` of the ``completed``
         lifecycle post (JSON values, nested at most 128 levels: deeper, or a
-        value that contains itself, fails the event with a ``ValueError``). An exception is posted as ``failed`` (its type and
-        message) and the offset still finishes: retrying is the handler's
-        business, a poison message must not stall its lane.
+        value that contains itself, fails the event with a ``ValueError``).
+        An exception is posted as ``failed`` (its type and message) and the
+        offset still finishes: retrying is the handler's business, a poison
+        message must not stall its lane.
         """
 
 

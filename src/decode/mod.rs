@@ -36,8 +36,10 @@ pub use owned::{
 
 use serde::de::DeserializeOwned;
 
-/// Limits and tuning for a [`Decoder`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Limits and tuning for a [`Decoder`] (in configuration, every field is
+/// optional).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[non_exhaustive]
 pub struct DecoderConfig {
     /// Largest payload accepted, in bytes. Default 1 MiB: Kafka's default

@@ -13,7 +13,9 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 /// What order handlers keep, at any concurrency (see [`lanes`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// In configuration: `per_partition`, `per_key` or `unordered`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Ordering {
     /// In order within a partition (the default): at most one event of a
@@ -141,6 +143,40 @@ impl TypeFilter {
                 Pattern::Prefix(prefix) => ty.starts_with(prefix.as_str()),
                 Pattern::Glob(glob) => glob_match(glob.as_bytes(), ty.as_bytes()),
             })
+    }
+}
+
+/// In configuration, a list of patterns: one with `*` or `?` is a glob
+/// ([`TypeFilter::glob`]), any other a prefix ([`TypeFilter::prefix`]); the
+/// empty list accepts every type.
+impl serde::Serialize for TypeFilter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.patterns.iter().map(|p| match p {
+            Pattern::Prefix(t) | Pattern::Glob(t) => t,
+        }))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TypeFilter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let patterns = Vec::<String>::deserialize(d)?;
+        Ok(patterns
+            .into_iter()
+            .fold(TypeFilter::any(), TypeFilter::pattern))
+    }
+}
+
+impl TypeFilter {
+    /// Adds `pattern` as a glob when it holds `*` or `?`, else as a prefix:
+    /// how a configuration file or the command line's `--type` reads.
+    #[must_use]
+    pub fn pattern(self, pattern: impl Into<String>) -> Self {
+        let p = pattern.into();
+        if p.contains(['*', '?']) {
+            self.glob(p)
+        } else {
+            self.prefix(p)
+        }
     }
 }
 

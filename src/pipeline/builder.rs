@@ -7,9 +7,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::complete::MalformedPolicy;
+use super::config::PipelineConfig;
 use super::deadletter::{self, DeadLetterConfig};
 use super::flow::Shared;
 use super::guard::{self, IdempotencyKey};
+use super::reporting::Reporting;
 use super::retry::RetryPolicy;
 use super::sink::{ReporterSink, SinkDebug, SinkInner, WorkTemplate};
 use super::{Pipeline, PipelineError, RunningPipeline};
@@ -30,52 +32,33 @@ pub(super) type Bound = (std::net::SocketAddr, std::net::TcpListener);
 #[must_use]
 pub struct PipelineBuilder {
     pub(super) kafka: KafkaConsumerConfig,
-    pub(super) source: SourceOptions,
-    pub(super) decoder: DecoderConfig,
-    pub(super) filter: TypeFilter,
-    pub(super) skip_own_events: bool,
-    pub(super) own_receiver: Option<String>,
+    /// Every setting that is data.
+    pub(super) config: PipelineConfig,
     /// The reporter's own receivers (followed across its rediscoveries).
     pub(super) own_set: Option<crate::dispatch::OwnReceivers>,
     /// Checked when the pipeline starts.
     pub(super) work: Option<WorkTemplate>,
     pub(super) runtime: Option<tokio::runtime::Handle>,
     pub(super) sink: Option<SinkDebug>,
-    pub(super) malformed: MalformedPolicy,
-    pub(super) workers: usize,
-    pub(super) handler_timeout: Option<Duration>,
     pub(super) idempotency: Option<Arc<dyn IdempotencyStore>>,
-    pub(super) idempotency_key: IdempotencyKey,
-    /// Where `/metrics`, `/health` and `/ready` are served, if anywhere.
-    pub(super) metrics_addr: Option<std::net::SocketAddr>,
     /// The lifecycle reporter's counters (breaker state), for metrics and health.
     pub(super) reporter_stats: Option<Arc<crate::report::ReporterStats>>,
-    pub(super) retry: RetryPolicy,
-    pub(super) dead_letter: Option<DeadLetterConfig>,
+    /// Reporting set up by the run itself ([`PipelineBuilder::report_to`]).
+    pub(super) reporting: Option<Reporting>,
 }
 
 impl PipelineBuilder {
     pub(super) fn new(kafka: KafkaConsumerConfig) -> Self {
         PipelineBuilder {
             kafka,
-            source: SourceOptions::default(),
-            decoder: DecoderConfig::default(),
-            filter: TypeFilter::any(),
-            skip_own_events: true,
-            own_receiver: None,
+            config: PipelineConfig::default(),
             own_set: None,
             work: None,
             runtime: None,
             sink: None,
-            malformed: MalformedPolicy::Skip,
-            workers: std::thread::available_parallelism().map_or(2, usize::from),
-            handler_timeout: None,
             idempotency: None,
-            idempotency_key: IdempotencyKey::default(),
-            metrics_addr: None,
             reporter_stats: None,
-            retry: RetryPolicy::default(),
-            dead_letter: None,
+            reporting: None,
         }
     }
 
@@ -83,7 +66,7 @@ impl PipelineBuilder {
     /// the number of CPUs, since sync handlers are for CPU-bound work. Async
     /// handlers run on the tokio runtime and ignore it.
     pub fn workers(mut self, n: usize) -> Self {
-        self.workers = n;
+        self.config.workers = n;
         self
     }
 
@@ -92,14 +75,14 @@ impl PipelineBuilder {
     /// concurrently; for a sync handler it bounds the jobs queued for the
     /// worker threads. Past it, events wait in their lanes.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.source.max_in_flight = n;
+        self.config.source.max_in_flight = n;
         self
     }
 
     /// Most waiting events of one lane handed to a handler task or worker as
     /// one job (default 64; see [`SourceOptions::batch`]).
     pub fn batch(mut self, n: usize) -> Self {
-        self.source.batch = n;
+        self.config.source.batch = n;
         self
     }
 
@@ -107,7 +90,7 @@ impl PipelineBuilder {
     /// (default 16 MiB); over it, arriving partitions are paused until the
     /// buffers are half empty. See [`SourceOptions::buffer_budget`].
     pub fn buffer_budget(mut self, bytes: usize) -> Self {
-        self.source.buffer_budget = bytes;
+        self.config.source.buffer_budget = bytes;
         self
     }
 
@@ -115,7 +98,7 @@ impl PipelineBuilder {
     /// 50,000); over it, arriving partitions are paused like over the byte
     /// budget. See [`SourceOptions::max_buffered`].
     pub fn max_buffered(mut self, n: usize) -> Self {
-        self.source.max_buffered = n;
+        self.config.source.max_buffered = n;
         self
     }
 
@@ -123,14 +106,14 @@ impl PipelineBuilder {
     /// at the limit the partition pauses until its commit point moves. See
     /// [`SourceOptions::max_tracked`].
     pub fn max_tracked(mut self, n: usize) -> Self {
-        self.source.max_tracked = n;
+        self.config.source.max_tracked = n;
         self
     }
 
     /// Ordering mode (default per partition): what may run concurrently. See
     /// [`Ordering`]; a message without a key keeps its partition's order.
     pub fn ordering(mut self, ordering: Ordering) -> Self {
-        self.source.ordering = ordering;
+        self.config.source.ordering = ordering;
         self
     }
 
@@ -142,13 +125,13 @@ impl PipelineBuilder {
     /// (`handler_timeouts`) and logged, and its outcome stands: a success past
     /// the limit did its work and is reported `completed`, never run again.
     pub fn handler_timeout(mut self, timeout: Duration) -> Self {
-        self.handler_timeout = Some(timeout);
+        self.config.handler_timeout = Some(timeout);
         self
     }
 
     /// Which event types reach the handler; the rest finish at once and are committed.
     pub fn type_filter(mut self, filter: TypeFilter) -> Self {
-        self.filter = filter;
+        self.config.types = filter;
         self
     }
 
@@ -156,32 +139,32 @@ impl PipelineBuilder {
     /// default: XZepr republishes every event it records, so a service would
     /// otherwise see its own lifecycle posts come back).
     pub fn skip_own_events(mut self, skip: bool) -> Self {
-        self.skip_own_events = skip;
+        self.config.skip_own_events = skip;
         self
     }
 
     /// The service's own receiver id (set automatically when the pipeline reports
     /// lifecycle events; set it by hand when the handler posts by itself).
     pub fn own_receiver_id(mut self, id: impl Into<String>) -> Self {
-        self.own_receiver = Some(id.into());
+        self.config.own_receiver_id = Some(id.into());
         self
     }
 
     /// What to do with messages that do not decode (default: skip).
     pub fn malformed(mut self, policy: MalformedPolicy) -> Self {
-        self.malformed = policy;
+        self.config.malformed = policy;
         self
     }
 
     /// Decoder limits.
     pub fn decoder(mut self, config: DecoderConfig) -> Self {
-        self.decoder = config;
+        self.config.decoder = config;
         self
     }
 
     /// How often finished offsets are committed (default 1 s).
     pub fn commit_interval(mut self, every: Duration) -> Self {
-        self.source.commit_interval = every;
+        self.config.source.commit_interval = every;
         self
     }
 
@@ -190,7 +173,7 @@ impl PipelineBuilder {
     /// replayed by the next owner, and [`RunningPipeline::join`] waits at most
     /// this long for sync workers after the poll thread stopped.
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.source.drain_timeout = timeout;
+        self.config.source.drain_timeout = timeout;
         self
     }
 
@@ -200,7 +183,7 @@ impl PipelineBuilder {
     /// answers not alive, so `GET /health` answers 503 naming the partitions
     /// and their oldest unfinished offsets, until their commit points move.
     pub fn stall_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.source.stall_timeout = timeout.into();
+        self.config.source.stall_timeout = timeout.into();
         self
     }
 
@@ -208,7 +191,7 @@ impl PipelineBuilder {
     /// so a restart or the next owner after a rebalance skips them instead of
     /// replaying them (default on; see [`SourceOptions::completion_map`]).
     pub fn completion_map(mut self, on: bool) -> Self {
-        self.source.completion_map = on;
+        self.config.source.completion_map = on;
         self
     }
 
@@ -229,7 +212,7 @@ impl PipelineBuilder {
     /// name, version or package fails with [`crate::config::ConfigError::Empty`]
     /// naming it.
     pub fn lifecycle(mut self, reporter: crate::report::Reporter, work: WorkTemplate) -> Self {
-        self.own_receiver = Some(work.receiver_id.clone());
+        self.config.own_receiver_id = Some(work.receiver_id.clone());
         let own = reporter.own_receivers();
         own.insert(&work.receiver_id);
         self.own_set = Some(own);
@@ -240,6 +223,18 @@ impl PipelineBuilder {
             work,
             stopped: tokio_util::sync::CancellationToken::new(),
         })))));
+        self
+    }
+
+    /// Reports the work to XZepr as part of [`Pipeline::run`]: the run finds
+    /// the service's receiver by name and type (or creates it), starts the
+    /// reporter, sets the automatic lifecycle
+    /// ([`PipelineBuilder::lifecycle`]) with it, and after the pipeline
+    /// drained, waits up to the reporting's drain timeout for the posts still
+    /// queued. For [`Pipeline::start`] and [`Pipeline::start_async`], which
+    /// do not wait on XZepr, set [`PipelineBuilder::lifecycle`] instead.
+    pub fn report_to(mut self, reporting: Reporting) -> Self {
+        self.reporting = Some(reporting);
         self
     }
 
@@ -272,7 +267,7 @@ impl PipelineBuilder {
     /// is a timer in its task; a sync handler's job goes to a timer thread and
     /// back to the workers when due, so no worker thread sleeps through it.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
-        self.retry = policy;
+        self.config.retry = policy;
         self
     }
 
@@ -288,14 +283,14 @@ impl PipelineBuilder {
     /// The `failed` post of a dead-lettered event names the letter's topic,
     /// partition and offset in `details.dead_letter`.
     pub fn dead_letter(mut self, config: DeadLetterConfig) -> Self {
-        self.dead_letter = Some(config);
+        self.config.dead_letter = Some(config);
         self
     }
 
     /// Where the idempotency key comes from (default: the `idempotency_key`
     /// header, falling back to the CloudEvent `id`).
     pub fn idempotency_key(mut self, key: IdempotencyKey) -> Self {
-        self.idempotency_key = key;
+        self.config.idempotency_key = key;
         self
     }
 
@@ -309,7 +304,7 @@ impl PipelineBuilder {
     /// A start fails with [`PipelineError::MetricsBind`] when `addr` cannot be
     /// bound, before anything else starts.
     pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
-        self.metrics_addr = Some(addr);
+        self.config.metrics_addr = Some(addr);
         self
     }
 
@@ -317,14 +312,14 @@ impl PipelineBuilder {
     /// handlers draining them, before it pauses partitions (default 1 s; see
     /// [`SourceOptions::pause_after`]).
     pub fn pause_after(mut self, wait: Duration) -> Self {
-        self.source.pause_after = wait;
+        self.config.source.pause_after = wait;
         self
     }
 
     /// Longest single wait in `poll` while nothing runs (default 50 ms; see
     /// [`SourceOptions::poll_interval`]).
     pub fn poll_interval(mut self, every: Duration) -> Self {
-        self.source.poll_interval = every;
+        self.config.source.poll_interval = every;
         self
     }
 
@@ -332,15 +327,28 @@ impl PipelineBuilder {
     /// (default 2,048, at most 4,096; see
     /// [`SourceOptions::completion_map_max_bytes`]).
     pub fn completion_map_max_bytes(mut self, bytes: usize) -> Self {
-        self.source.completion_map_max_bytes = bytes;
+        self.config.source.completion_map_max_bytes = bytes;
         self
     }
 
     /// Every source setting at once (ordering, limits, budgets, timings),
     /// e.g. read from a service's own configuration file.
     pub fn source_options(mut self, options: SourceOptions) -> Self {
-        self.source = options;
+        self.config.source = options;
         self
+    }
+
+    /// Every data setting at once (replacing what setters set before; set
+    /// the others after it), e.g. read from a configuration file with
+    /// [`PipelineConfig::from_json`] or any `serde` format.
+    pub fn config(mut self, config: PipelineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The data settings as they stand.
+    pub fn settings(&self) -> &PipelineConfig {
+        &self.config
     }
 
     /// Checks every setting, and every rule between settings, and gives the
@@ -371,9 +379,21 @@ impl PipelineBuilder {
         self.build()?.start_async(handler)
     }
 
+    /// `report_to` is [`Pipeline::run`]'s: a start cannot wait on XZepr.
+    pub(super) fn no_reporting(&self) -> Result<(), SourceError> {
+        match self.reporting {
+            Some(_) => Err(SourceError::InvalidOption {
+                field: "report_to",
+                reason: "is set up by Pipeline::run; to start a pipeline, use `lifecycle` instead",
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Binds the metrics endpoint's address, if one is set.
     pub(super) fn bind_metrics(&self) -> Result<Option<Bound>, PipelineError> {
-        self.metrics_addr
+        self.config
+            .metrics_addr
             .map(|addr| match crate::observe::Server::bind(addr) {
                 Ok(listener) => Ok((addr, listener)),
                 Err(source) => Err(PipelineError::MetricsBind { addr, source }),
@@ -390,7 +410,7 @@ impl PipelineBuilder {
         metrics: Vec<Arc<Metrics>>,
         listener: Option<Bound>,
     ) -> Result<RunningPipeline, crate::Error> {
-        let mut running = RunningPipeline::new(source, workers, metrics, &self.source);
+        let mut running = RunningPipeline::new(source, workers, metrics, &self.config.source);
         running.reporter = self.reporter_stats.clone();
         if let Some((addr, listener)) = listener {
             let server = crate::observe::Server::start(listener, running.observed())
@@ -416,7 +436,9 @@ impl PipelineBuilder {
 
     /// Checks what spans fields, before any thread starts.
     pub(super) fn validate(&self) -> Result<(), crate::Error> {
-        if self.workers == 0 {
+        let c = &self.config;
+        c.check_known()?;
+        if c.workers == 0 {
             return Err(SourceError::InvalidOption {
                 field: "workers",
                 reason: "must be at least 1",
@@ -424,9 +446,18 @@ impl PipelineBuilder {
             .into());
         }
         self.kafka.to_client_config()?;
-        self.source.validate(self.kafka.session_timeout)?;
-        Decoder::new(self.decoder.clone())?;
-        if self.malformed == MalformedPolicy::DeadLetter && self.dead_letter.is_none() {
+        c.source.validate(self.kafka.session_timeout)?;
+        Decoder::new(c.decoder.clone())?;
+        c.retry.validate()?;
+        if c.handler_timeout == Some(Duration::ZERO) {
+            return Err(crate::config::ConfigError::Invalid {
+                name: "handler_timeout",
+                value: "0s".to_owned(),
+                expected: "more than zero (no setting means no limit)",
+            }
+            .into());
+        }
+        if c.malformed == MalformedPolicy::DeadLetter && c.dead_letter.is_none() {
             return Err(crate::config::ConfigError::Invalid {
                 name: "malformed",
                 value: "DeadLetter".to_owned(),
@@ -434,8 +465,12 @@ impl PipelineBuilder {
             }
             .into());
         }
-        if let Some(dlq) = &self.dead_letter {
+        if let Some(dlq) = &c.dead_letter {
+            dlq.validate()?;
             dlq.check_not_subscribed(&self.kafka.topics)?;
+        }
+        if let Some(r) = &self.reporting {
+            r.validate()?;
         }
         if let Some(w) = &self.work {
             crate::report::validate_work_fields(
@@ -456,11 +491,11 @@ impl PipelineBuilder {
 
     /// The receiver ids whose events are this service's own, if skipped.
     pub(super) fn own_receivers(&self) -> Option<crate::dispatch::OwnReceivers> {
-        if !self.skip_own_events {
+        if !self.config.skip_own_events {
             return None;
         }
         let set = self.own_set.clone();
-        match (set, &self.own_receiver) {
+        match (set, &self.config.own_receiver_id) {
             (Some(set), Some(id)) => {
                 set.insert(id);
                 Some(set)
@@ -485,23 +520,23 @@ impl PipelineBuilder {
         tail_room: &Arc<tokio::sync::Semaphore>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
-            filter: self.filter.clone(),
+            filter: self.config.types.clone(),
             own_receiver: self.own_receivers(),
             lifecycle: self.sink.as_ref().map(|s| Arc::clone(&s.0)),
             metrics: Arc::clone(metrics),
-            malformed: self.malformed,
-            handler_timeout: self.handler_timeout,
+            malformed: self.config.malformed,
+            handler_timeout: self.config.handler_timeout,
             idempotency: self
                 .idempotency
                 .as_ref()
                 .zip(runtime)
                 .map(|(store, runtime)| guard::Guard {
                     store: Arc::clone(store),
-                    key: self.idempotency_key.clone(),
+                    key: self.config.idempotency_key.clone(),
                     runtime: runtime.clone(),
                     remote: remote_store,
                 }),
-            retry: self.retry.clone(),
+            retry: self.config.retry.clone(),
             dead_letters: dead_letters.cloned(),
             tail_room: Arc::clone(tail_room),
         })
@@ -511,7 +546,7 @@ impl PipelineBuilder {
     /// `max_in_flight` at once, each holding its message.
     pub(super) fn tail_room(&self) -> Arc<tokio::sync::Semaphore> {
         Arc::new(tokio::sync::Semaphore::new(
-            self.source.max_in_flight.max(1),
+            self.config.source.max_in_flight.max(1),
         ))
     }
 
@@ -519,7 +554,8 @@ impl PipelineBuilder {
     pub(super) fn dead_letters(
         &self,
     ) -> Result<Option<Arc<deadletter::DeadLetters>>, crate::Error> {
-        self.dead_letter
+        self.config
+            .dead_letter
             .as_ref()
             .map(|c| deadletter::DeadLetters::new(&self.kafka, c.clone()).map(Arc::new))
             .transpose()

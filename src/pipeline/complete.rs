@@ -558,7 +558,9 @@ pub(crate) async fn complete<D: Delivery>(
 
 /// What the pipeline does with a message that does not decode as a CloudEvent.
 /// Either way it is counted and logged with topic, partition, offset and error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// In configuration: `skip`, `hold` or `dead_letter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum MalformedPolicy {
     /// Finish its offset (committed, never read again). The default: one bad

@@ -57,11 +57,17 @@ pub mod headers {
 /// The producer uses the consumer's connection and security settings, with
 /// idempotence on and `acks=all`, so an acknowledged dead letter is on every
 /// in-sync replica and written once.
-#[derive(Debug, Clone)]
+///
+/// In configuration: `{"topic": "orders.dlq", "message_timeout": "30s",
+/// "properties": {"compression.type": "zstd"}}`, every field optional.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 #[must_use]
 pub struct DeadLetterConfig {
     topic: Option<String>,
+    #[serde(with = "crate::config::duration")]
     message_timeout: Duration,
+    #[serde(with = "pairs")]
     properties: Vec<(String, String)>,
 }
 
@@ -72,6 +78,47 @@ impl Default for DeadLetterConfig {
             message_timeout: Duration::from_secs(30),
             properties: Vec::new(),
         }
+    }
+}
+
+/// Producer properties as a JSON object, kept in the order given (a later
+/// setting of a key overrides an earlier one, as librdkafka applies them).
+mod pairs {
+    use std::fmt;
+
+    use serde::de::{MapAccess, Visitor};
+    use serde::ser::SerializeMap;
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &[(String, String)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(v.len()))?;
+        for (k, value) in v {
+            map.serialize_entry(k, value)?;
+        }
+        map.end()
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, String)>, D::Error> {
+        struct Pairs;
+        impl<'de> Visitor<'de> for Pairs {
+            type Value = Vec<(String, String)>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of producer properties with text values")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Self::Value, A::Error> {
+                let mut v = Vec::new();
+                while let Some(pair) = a.next_entry::<String, String>()? {
+                    v.push(pair);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_map(Pairs)
     }
 }
 
@@ -140,6 +187,29 @@ impl DeadLetterConfig {
             Some(t) => Cow::Borrowed(t),
             None => Cow::Owned(format!("{source}{DEFAULT_DEAD_LETTER_SUFFIX}")),
         }
+    }
+
+    /// Refuses what the producer must not be given: a reserved property, an
+    /// empty topic name.
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some((key, reason)) = self.properties.iter().find_map(|(k, _)| {
+            let k = k.trim().to_ascii_lowercase();
+            RESERVED
+                .iter()
+                .find(|(r, _)| *r == k)
+                .map(|(_, reason)| (k.clone(), *reason))
+        }) {
+            return Err(ConfigError::Reserved {
+                property: key,
+                reason,
+            });
+        }
+        if self.topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            return Err(ConfigError::Empty {
+                name: "dead_letter.topic",
+            });
+        }
+        Ok(())
     }
 
     /// Refuses a dead-letter topic the consumer also reads: each of its letters
@@ -273,25 +343,7 @@ impl DeadLetters {
         kafka: &KafkaConsumerConfig,
         config: DeadLetterConfig,
     ) -> Result<Self, crate::Error> {
-        if let Some((key, reason)) = config.properties.iter().find_map(|(k, _)| {
-            let k = k.trim().to_ascii_lowercase();
-            RESERVED
-                .iter()
-                .find(|(r, _)| *r == k)
-                .map(|(_, reason)| (k.clone(), *reason))
-        }) {
-            return Err(ConfigError::Reserved {
-                property: key,
-                reason,
-            }
-            .into());
-        }
-        if config.topic.as_deref().is_some_and(|t| t.trim().is_empty()) {
-            return Err(ConfigError::Empty {
-                name: "dead_letter.topic",
-            }
-            .into());
-        }
+        config.validate()?;
         let mut c = kafka.to_client_config()?;
         for key in CONSUMER_ONLY {
             c.remove(key);

@@ -8,8 +8,10 @@ use super::complete::{finish_now, Delivery, Mark};
 use crate::idempotency::{Begin, IdempotencyStore, IDEMPOTENCY_KEY_HEADER};
 use crate::metrics::Metrics;
 
-/// Where an event's idempotency key comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where an event's idempotency key comes from. In configuration:
+/// `{"header": "name"}` or `"event_id"`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum IdempotencyKey {
     /// The value of this Kafka header (UTF-8), falling back to the CloudEvent

@@ -23,11 +23,13 @@
 
 mod builder;
 mod complete;
+mod config;
 mod consumer;
 mod deadletter;
 mod execute;
 mod flow;
 mod guard;
+mod reporting;
 mod retry;
 mod running;
 mod sink;
@@ -42,11 +44,13 @@ use crate::source::{Message, SourceError};
 pub use builder::PipelineBuilder;
 use complete::Delivery;
 pub use complete::MalformedPolicy;
+pub use config::PipelineConfig;
 pub use consumer::XzeprConsumer;
 pub use deadletter::{
     headers as dead_letter_headers, DeadLetterConfig, DEFAULT_DEAD_LETTER_SUFFIX,
 };
 pub use guard::IdempotencyKey;
+pub use reporting::{Reporting, DEFAULT_REPORT_DRAIN};
 pub use retry::RetryPolicy;
 pub use running::RunningPipeline;
 pub use sink::WorkTemplate;
@@ -106,6 +110,18 @@ pub enum PipelineError {
         /// Why not (in use, not permitted, ...).
         source: std::io::Error,
     },
+    /// [`Pipeline::run`] could not find or create the service's receiver
+    /// in XZepr ([`PipelineBuilder::report_to`]); nothing was consumed.
+    #[error("finding or creating receiver {name:?} of type {receiver_type:?} in XZepr")]
+    Discovery {
+        /// The receiver's name.
+        name: String,
+        /// The receiver's type.
+        receiver_type: String,
+        /// Why not.
+        #[source]
+        source: crate::client::ClientError,
+    },
     /// Worker threads still ran a handler when `join` gave up waiting (the
     /// drain timeout after the poll thread stopped); they are detached, and
     /// their offsets were not committed.
@@ -132,26 +148,49 @@ impl Pipeline {
 
     /// Runs `handler` until `shutdown` completes or the pipeline stops by
     /// itself (a fatal error), then stops fetching, drains within
-    /// [`drain_timeout`](PipelineBuilder::drain_timeout), commits, and
-    /// returns the final counters: the whole run cycle of a service that owns
-    /// its runtime, in one call.
+    /// [`drain_timeout`](PipelineBuilder::drain_timeout), commits, and (with
+    /// [`report_to`](PipelineBuilder::report_to)) sends the lifecycle posts
+    /// still queued: the whole run cycle of a service, in one call.
     ///
     /// # Errors
-    /// A start-up error ([`Pipeline::start_async`]), or the error the pipeline
-    /// stopped on.
-    pub async fn run<H, F>(self, handler: H, shutdown: F) -> Result<MetricsSnapshot, crate::Error>
+    /// A start-up error (an unreachable XZepr while finding the receiver, or
+    /// [`Pipeline::start_async`]'s), or the error the pipeline stopped on.
+    pub async fn run<H, F>(self, handler: H, shutdown: F) -> Result<Summary, crate::Error>
     where
         H: AsyncHandler,
         F: std::future::Future<Output = ()>,
     {
-        let running = Arc::new(self.start_async(handler)?);
+        self.run_watching(handler, |_| shutdown).await
+    }
+
+    /// [`Pipeline::run`], with `watch` given the running pipeline (to show
+    /// its progress, serve it, …): the run stops when `watch` returns.
+    ///
+    /// # Errors
+    /// As [`Pipeline::run`].
+    pub async fn run_watching<H, W, F>(self, handler: H, watch: W) -> Result<Summary, crate::Error>
+    where
+        H: AsyncHandler,
+        W: FnOnce(Arc<RunningPipeline>) -> F,
+        F: std::future::Future<Output = ()>,
+    {
+        let mut b = self.b;
+        let reporting = match b.reporting.take() {
+            Some(r) => {
+                let (reporter, task, work) = r.connect().await?;
+                b = b.lifecycle(reporter, work);
+                Some((task, r.drain_timeout))
+            }
+            None => None,
+        };
+        let running = Arc::new(Pipeline { b }.start_async(handler)?);
         tokio::select! {
-            () = shutdown => {}
+            () = watch(Arc::clone(&running)) => {}
             () = running.stopped() => {}
         }
         let draining = Arc::clone(&running);
         // Draining waits on threads: keep it off the runtime's workers.
-        tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             draining.shutdown();
             draining.join()
         })
@@ -159,7 +198,39 @@ impl Pipeline {
         .map_err(|_| SourceError::InvalidOption {
             field: "shutdown",
             reason: "the drain task panicked",
-        })??;
-        Ok(running.metrics())
+        })?;
+        let metrics = running.metrics();
+        // The pipeline holds the reporter: dropped, the reporter's queue
+        // closes and its task ends once the posts still queued are sent.
+        drop(running);
+        let reports_sent = match reporting {
+            Some((task, deadline)) => {
+                let sent = task.drain(deadline).await;
+                if !sent {
+                    tracing::warn!(
+                        deadline_s = deadline.as_secs(),
+                        "Lifecycle posts still unsent at the deadline; their offsets were not committed and are replayed."
+                    );
+                }
+                sent
+            }
+            None => true,
+        };
+        joined?;
+        Ok(Summary {
+            metrics,
+            reports_sent,
+        })
     }
+}
+
+/// How a [`Pipeline::run`] ended.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Summary {
+    /// The pipeline's final counters.
+    pub metrics: MetricsSnapshot,
+    /// Whether every queued lifecycle post was sent before the reporting's
+    /// drain timeout (true without reporting).
+    pub reports_sent: bool,
 }

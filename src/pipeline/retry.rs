@@ -30,10 +30,17 @@ pub(crate) const PANIC_CODE: &str = "handler_panic";
 ///     .retry_panics(false);
 /// assert_eq!(policy.max_attempts(), 5);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// In configuration: `{"max_attempts": 5, "backoff_base": "100ms",
+/// "backoff_max": "10s", "retry_errors": true, "retry_timeouts": true,
+/// "retry_panics": false}`, every field optional.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
     max_attempts: u32,
+    #[serde(with = "crate::config::duration")]
     backoff_base: Duration,
+    #[serde(with = "crate::config::duration")]
     backoff_max: Duration,
     retry_errors: bool,
     retry_timeouts: bool,
@@ -71,6 +78,12 @@ impl RetryPolicy {
         }
     }
 
+    /// The same policy with up to `n` attempts in all (0 counts as 1).
+    pub fn with_max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
     /// The first delay and the longest one (each at least 1 ms).
     pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
         self.backoff_base = base.max(Duration::from_millis(1));
@@ -103,6 +116,39 @@ impl RetryPolicy {
     }
 
     /// Whether a call that failed with `err` on attempt `attempt` runs again.
+    /// Refuses what the setters cannot make but a configuration file can.
+    pub(crate) fn validate(&self) -> Result<(), crate::config::ConfigError> {
+        let bad = |name, value: String, expected| {
+            Err(crate::config::ConfigError::Invalid {
+                name,
+                value,
+                expected,
+            })
+        };
+        if self.max_attempts == 0 {
+            return bad(
+                "retry.max_attempts",
+                "0".to_owned(),
+                "at least 1 (the first attempt)",
+            );
+        }
+        if self.backoff_base.is_zero() {
+            return bad(
+                "retry.backoff_base",
+                "0s".to_owned(),
+                "more than zero, so a failing handler never retries in a hot loop",
+            );
+        }
+        if self.backoff_max < self.backoff_base {
+            return bad(
+                "retry.backoff_max",
+                crate::config::duration::format(self.backoff_max),
+                "at least retry.backoff_base",
+            );
+        }
+        Ok(())
+    }
+
     pub(crate) fn retries(&self, err: &HandlerError, attempt: u32) -> bool {
         if attempt >= self.max_attempts || err.is_permanent() {
             return false;

@@ -19,6 +19,7 @@ impl Pipeline {
     /// consumer librdkafka refuses; [`crate::Error::Decode`] for bad decoder limits.
     pub fn start<H: Handler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
         let b = self.b;
+        b.no_reporting()?;
         let guard_runtime = match b.idempotency {
             Some(_) => Some(b.runtime_for(
                 "the idempotency store needs a tokio runtime (start from one, or set `runtime`)",
@@ -27,14 +28,14 @@ impl Pipeline {
         };
         let listener = b.bind_metrics()?;
         let dead_letters = b.dead_letters()?;
-        let decoders = Arc::new(DecoderPool::new(b.decoder.clone())?);
+        let decoders = Arc::new(DecoderPool::new(b.config.decoder.clone())?);
         let handler = Arc::new(handler);
-        let (tx, rx) = crossbeam_channel::bounded(b.source.max_in_flight.max(1));
+        let (tx, rx) = crossbeam_channel::bounded(b.config.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
         // Each worker drives its jobs' flows on a runtime of its own, made
         // before anything starts so a failure to make one fails here.
-        let mut runtimes = Vec::with_capacity(b.workers);
-        for _ in 0..b.workers {
+        let mut runtimes = Vec::with_capacity(b.config.workers);
+        for _ in 0..b.config.workers {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -43,13 +44,13 @@ impl Pipeline {
         }
         let source = Source::start_with(
             &b.kafka,
-            b.source.clone(),
+            b.config.source.clone(),
             Some(hooks),
             // Sync handlers: one job channel read by every worker thread.
             Box::new(crate::source::ChannelExecutor(tx)),
         )?;
-        let mut workers = Vec::with_capacity(b.workers);
-        let mut metrics = Vec::with_capacity(b.workers);
+        let mut workers = Vec::with_capacity(b.config.workers);
+        let mut metrics = Vec::with_capacity(b.config.workers);
         let room = b.tail_room();
         for (i, runtime) in runtimes.into_iter().enumerate() {
             let m = Arc::new(Metrics::default());
@@ -80,6 +81,7 @@ impl Pipeline {
     /// is no tokio runtime to drive the handler.
     pub fn start_async<H: AsyncHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
         let b = self.b;
+        b.no_reporting()?;
         let runtime =
             b.runtime_for("async handlers need a tokio runtime (call from one, or set `runtime`)")?;
         let listener = b.bind_metrics()?;
@@ -95,9 +97,9 @@ impl Pipeline {
             ),
             runtime,
             attempts: Arc::new(AsyncAttempts(Arc::new(handler))),
-            decoders: Arc::new(DecoderPool::new(b.decoder.clone())?),
+            decoders: Arc::new(DecoderPool::new(b.config.decoder.clone())?),
         });
-        let source = Source::start_with(&b.kafka, b.source.clone(), None, executor)?;
+        let source = Source::start_with(&b.kafka, b.config.source.clone(), None, executor)?;
         b.running(source, Vec::new(), vec![metrics], listener)
     }
 }

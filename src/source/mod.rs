@@ -93,8 +93,11 @@ pub enum SourceError {
     Spawn(#[from] std::io::Error),
 }
 
-/// Limits of the source stage.
-#[derive(Debug, Clone)]
+/// Limits of the source stage. In configuration files every field is
+/// optional (its default applies) and durations read as `500ms`, `30s`,
+/// `5m` or `1h` ([`crate::config::duration`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 #[non_exhaustive]
 pub struct SourceOptions {
     /// How events are put in lanes, and so what order is kept. Default: per
@@ -131,16 +134,20 @@ pub struct SourceOptions {
     /// and with it rebalances, goes on while nothing is fetched. While it does
     /// not poll, librdkafka still prefetches, within its own
     /// `queued.max.messages.kbytes`.
+    #[serde(with = "crate::config::duration")]
     pub pause_after: Duration,
     /// How often the contiguous commit points are committed (asynchronously).
     /// Default 1 s: a crash replays at most about a second of finished work.
+    #[serde(with = "crate::config::duration")]
     pub commit_interval: Duration,
     /// How long revoke and shutdown wait for running work before committing what
     /// finished and cancelling the rest. Default 10 s, well inside the 30 s
     /// session timeout.
+    #[serde(with = "crate::config::duration")]
     pub drain_timeout: Duration,
     /// Longest single wait in `poll` while nothing runs. Default 50 ms: commits
     /// and resumes are handled at least this often when no message arrives.
+    #[serde(with = "crate::config::duration")]
     pub poll_interval: Duration,
     /// Offsets tracked per partition from its commit point on: waiting, running,
     /// held, or finished behind an unfinished one. Default 100,000 (16 bytes
@@ -171,6 +178,7 @@ pub struct SourceOptions {
     /// service this crate serves (a handler, XZepr's 10–14 s posts while its
     /// Kafka is down, the reporter's retries), and short enough that a hung
     /// consumer is recovered within an incident rather than found the next day.
+    #[serde(with = "crate::config::duration::option")]
     pub stall_timeout: Option<Duration>,
 }
 

@@ -47,34 +47,17 @@ pub fn kafka_env(name: &str, default: &str) -> String {
 /// The filter for `--type` values: a value with `*` or `?` is a glob, any other
 /// a prefix; none accepts every type.
 pub fn type_filter(patterns: &[String]) -> TypeFilter {
-    patterns.iter().fold(TypeFilter::any(), |f, p| {
-        if p.contains(['*', '?']) {
-            f.glob(p.as_str())
-        } else {
-            f.prefix(p.as_str())
-        }
-    })
+    patterns
+        .iter()
+        .fold(TypeFilter::any(), |f, p| f.pattern(p.as_str()))
 }
 
-/// `500ms`, `30s`, `5m`, `1h`, or bare seconds (`30`).
+/// `500ms`, `30s`, `5m`, `1h`, or bare seconds (`30`); more than zero.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with ms, s, m or h"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m or h)")),
-    };
-    if d.is_zero() {
-        return Err(format!("{s:?}: must be more than zero"));
+    match xzepr_consumer::config::duration::parse(s)? {
+        d if d.is_zero() => Err(format!("{:?}: must be more than zero", s.trim())),
+        d => Ok(d),
     }
-    Ok(d)
 }
 
 /// `url` with any `user:password@` replaced, for logs and errors.

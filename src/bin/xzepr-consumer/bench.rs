@@ -427,18 +427,13 @@ fn run_forward(
     (endpoint, ordering): (&str, Ordering),
     api_url: Option<&str>,
 ) -> Result<(u64, f64)> {
-    use crate::run::{Action, Tuning};
+    use crate::run::Action;
     let forward = crate::forward::Forward::new(endpoint, false, 128)?;
-    let tuning = Tuning {
-        concurrency: 128,
-        ordering,
-        types: xzepr_consumer::dispatch::TypeFilter::any(),
-        timeout: Duration::from_secs(60),
-        drain_timeout: Duration::from_secs(10),
-        retry: xzepr_consumer::pipeline::RetryPolicy::attempts(3),
-        metrics_addr: None,
-        dead_letter: None,
-    };
+    let mut settings = xzepr_consumer::pipeline::PipelineConfig::default();
+    settings.source.max_in_flight = 128;
+    settings.source.ordering = ordering;
+    settings.handler_timeout = Some(Duration::from_secs(60));
+    settings.retry = xzepr_consumer::pipeline::RetryPolicy::attempts(3);
     let (lifecycle, task) = match api_url {
         Some(url) => {
             let (reporter, task) = rt.block_on(async {
@@ -456,7 +451,7 @@ fn run_forward(
     let running = crate::run::start(
         config(brokers, topic, group),
         Action::Forward(forward),
-        &tuning,
+        &settings,
         rt.handle().clone(),
         lifecycle,
     )?;

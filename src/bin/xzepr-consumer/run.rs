@@ -23,21 +23,21 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::decode::CloudEventMessage;
-use xzepr_consumer::dispatch::{Ordering, TypeFilter};
+use xzepr_consumer::dispatch::Ordering;
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
 use xzepr_consumer::pipeline::{
-    DeadLetterConfig, MalformedPolicy, Pipeline, RetryPolicy, RunningPipeline, WorkTemplate,
+    Pipeline, PipelineBuilder, PipelineConfig, Reporting, RetryPolicy, RunningPipeline,
+    WorkTemplate,
 };
-use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
+use xzepr_consumer::report::Reporter;
 
-use crate::args::{parse_duration, redact_url, type_filter, KafkaArgs};
+use crate::args::{parse_duration, redact_url, KafkaArgs};
 use crate::baseline::anyhow_like::Result;
 use crate::exec::Exec;
 use crate::forward::Forward;
@@ -50,6 +50,8 @@ const FORWARD_CONCURRENCY: usize = 128;
 const EXEC_RETRIES: u32 = 0;
 /// Default `--retries` for `--forward`: only transient answers are retried.
 const FORWARD_RETRIES: u32 = 2;
+/// Longest attempt at one event's work, unless `--timeout` or the file says.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the status is redrawn on a terminal.
 const STATUS_EVERY: Duration = Duration::from_millis(500);
 /// How often a status line is logged when stderr is not a terminal.
@@ -108,22 +110,22 @@ pub struct RunArgs {
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
     /// What stays in order: one event at a time per partition, per message
-    /// key (XZepr keys by event id), or none.
-    #[arg(long, value_enum, default_value_t = OrderingArg::Partition)]
-    pub ordering: OrderingArg,
+    /// key (XZepr keys by event id), or none [default: partition].
+    #[arg(long, value_enum)]
+    pub ordering: Option<OrderingArg>,
     /// Handle only these event types: a prefix (`deployment.`) or a glob
     /// (`*.failed`); repeat for more. Other events are committed unhandled.
     #[arg(long = "type", value_name = "PREFIX_OR_GLOB")]
     pub types: Vec<String>,
     /// Longest run of one attempt at an event's work; past it the program is
     /// killed (or the request dropped) and the attempt fails with code
-    /// `timeout`.
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "60s")]
-    pub timeout: Duration,
+    /// `timeout` [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
     /// On SIGINT/SIGTERM, how long work in flight may take to finish before it
-    /// is cancelled (and replayed by the next run).
-    #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "10s")]
-    pub drain_timeout: Duration,
+    /// is cancelled (and replayed by the next run) [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
     /// With --forward: send structured CloudEvents
     /// (application/cloudevents+json) instead of binary mode (ce-* headers).
     #[arg(long, requires = "forward")]
@@ -147,6 +149,15 @@ pub struct RunArgs {
     /// The dead-letter topic (implies --dead-letter).
     #[arg(long, value_name = "TOPIC")]
     pub dead_letter_topic: Option<String>,
+    /// Every pipeline setting (the library's `PipelineConfig`) from a JSON
+    /// file: budgets, commit and stall timings, retry backoff, dead-letter
+    /// producer properties, decoder limits... The flags above override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the settings `run` would use (the file, then the flags and the
+    /// command's defaults) as JSON, and exit without connecting.
+    #[arg(long)]
+    pub print_config: bool,
     /// POST each event to this URL as a CloudEvent; 2xx is completed.
     #[arg(long, value_name = "URL")]
     pub forward: Option<String>,
@@ -206,25 +217,97 @@ impl AsyncHandler for Action {
     }
 }
 
-/// The pipeline settings `run` takes from its flags.
-#[derive(Debug, Clone)]
-pub struct Tuning {
-    /// `max_in_flight`.
-    pub concurrency: usize,
-    /// The ordering mode.
-    pub ordering: Ordering,
-    /// Wanted types.
-    pub types: TypeFilter,
-    /// The handler timeout.
-    pub timeout: Duration,
-    /// The drain timeout.
-    pub drain_timeout: Duration,
-    /// Retries of failed events.
-    pub retry: RetryPolicy,
-    /// Where the metrics, health and readiness endpoint listens, if anywhere.
-    pub metrics_addr: Option<SocketAddr>,
-    /// Where failed events and malformed messages go, if anywhere.
-    pub dead_letter: Option<DeadLetterConfig>,
+/// The pipeline's settings: the `--config` file, then the flags over it,
+/// then the command's defaults (`concurrency`, `retries`, `timeout`, and
+/// malformed messages to the dead-letter topic when there is one) for what
+/// neither set.
+pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<PipelineConfig> {
+    use serde_json::json;
+    let mut v = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("--config {}: {e}", path.display()))?;
+            match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(map)) => map,
+                Ok(_) => {
+                    return Err(format!("--config {}: not a JSON object", path.display()).into())
+                }
+                Err(e) => return Err(format!("--config {}: {e}", path.display()).into()),
+            }
+        }
+        None => serde_json::Map::new(),
+    };
+    let duration = |d: Duration| json!(xzepr_consumer::config::duration::format(d));
+    // A flag given wins over the file; a default fills only what neither set.
+    fn put(
+        v: &mut serde_json::Map<String, Value>,
+        key: &str,
+        given: Option<Value>,
+        default: Option<Value>,
+    ) {
+        match (given, default) {
+            (Some(value), _) => {
+                v.insert(key.to_owned(), value);
+            }
+            (None, Some(value)) => {
+                v.entry(key).or_insert(value);
+            }
+            (None, None) => {}
+        }
+    }
+    let mut set = |key: &str, given, default| put(&mut v, key, given, default);
+    set(
+        "max_in_flight",
+        args.concurrency.map(|n| json!(n.max(1))),
+        Some(json!(concurrency)),
+    );
+    set(
+        "ordering",
+        args.ordering.map(|o| json!(Ordering::from(o))),
+        None,
+    );
+    set(
+        "types",
+        (!args.types.is_empty()).then(|| json!(args.types)),
+        None,
+    );
+    set(
+        "handler_timeout",
+        args.timeout.map(duration),
+        Some(duration(DEFAULT_TIMEOUT)),
+    );
+    set("drain_timeout", args.drain_timeout.map(duration), None);
+    set("metrics_addr", args.metrics_addr.map(|a| json!(a)), None);
+    let dead_letter = match (&args.dead_letter_topic, args.dead_letter) {
+        (Some(topic), _) => Some(json!({"topic": topic})),
+        (None, true) => Some(json!({})),
+        (None, false) => None,
+    };
+    set("dead_letter", dead_letter, None);
+    if v.get("dead_letter").is_some_and(|d| !d.is_null()) {
+        put(&mut v, "malformed", None, Some(json!("dead_letter")));
+    }
+    let mut config = PipelineConfig::from_json(&Value::Object(v.clone()).to_string())
+        .map_err(|e| format!("--config: {e}"))?;
+    // `--retries` sets the attempts and keeps the file's backoff.
+    let attempts = |n: u32| n.saturating_add(1);
+    match (args.retries, v.get("retry")) {
+        (Some(n), _) => config.retry = config.retry.clone().with_max_attempts(attempts(n)),
+        (None, None) => config.retry = RetryPolicy::attempts(attempts(retries)),
+        (None, Some(_)) => {}
+    }
+    Ok(config)
+}
+
+/// The pipeline for `action` on `runtime`, configured from `settings`.
+fn builder(
+    kafka: KafkaConsumerConfig,
+    settings: &PipelineConfig,
+    runtime: tokio::runtime::Handle,
+) -> PipelineBuilder {
+    Pipeline::builder(kafka)
+        .config(settings.clone())
+        .runtime(runtime)
 }
 
 /// Starts the pipeline running `action` on `runtime`, reporting through
@@ -232,26 +315,11 @@ pub struct Tuning {
 pub fn start(
     kafka: KafkaConsumerConfig,
     action: Action,
-    tuning: &Tuning,
+    settings: &PipelineConfig,
     runtime: tokio::runtime::Handle,
     lifecycle: Option<(Reporter, WorkTemplate)>,
 ) -> std::result::Result<RunningPipeline, xzepr_consumer::Error> {
-    let mut builder = Pipeline::builder(kafka)
-        .runtime(runtime)
-        .max_in_flight(tuning.concurrency)
-        .ordering(tuning.ordering)
-        .type_filter(tuning.types.clone())
-        .handler_timeout(tuning.timeout)
-        .drain_timeout(tuning.drain_timeout)
-        .retry(tuning.retry.clone());
-    if let Some(addr) = tuning.metrics_addr {
-        builder = builder.metrics_addr(addr);
-    }
-    if let Some(dlq) = &tuning.dead_letter {
-        builder = builder
-            .dead_letter(dlq.clone())
-            .malformed(MalformedPolicy::DeadLetter);
-    }
+    let mut builder = builder(kafka, settings, runtime);
     if let Some((reporter, work)) = lifecycle {
         builder = builder.lifecycle(reporter, work);
     }
@@ -295,25 +363,16 @@ async fn run_async(args: RunArgs) -> Result<()> {
         }
         (None, None) => return Err("one of --exec or --forward is required".into()),
     };
-    let tuning = Tuning {
-        concurrency: args.concurrency.unwrap_or(default_concurrency).max(1),
-        ordering: args.ordering.into(),
-        types: type_filter(&args.types),
-        timeout: args.timeout,
-        drain_timeout: args.drain_timeout,
-        retry: RetryPolicy::attempts(args.retries.unwrap_or(default_retries).saturating_add(1)),
-        metrics_addr: args.metrics_addr,
-        dead_letter: match (&args.dead_letter_topic, args.dead_letter) {
-            (Some(topic), _) => Some(DeadLetterConfig::new().topic(topic)),
-            (None, true) => Some(DeadLetterConfig::new()),
-            (None, false) => None,
-        },
-    };
-    let reporting = if args.no_report {
-        None
-    } else {
-        Some(connect_xzepr(&args, &service).await?)
-    };
+    let settings = settings(&args, default_concurrency, default_retries)?;
+    if args.print_config {
+        println!("{}", serde_json::to_string_pretty(&settings)?);
+        return Ok(());
+    }
+    let mut pipeline = builder(kafka.clone(), &settings, tokio::runtime::Handle::current());
+    if !args.no_report {
+        pipeline = pipeline.report_to(reporting(&args, &service)?);
+    }
+    let pipeline = pipeline.build()?;
     match &action {
         Action::Exec(e) => tracing::info!(program = %e.program(), "Handing events to a program."),
         Action::Forward(_) => tracing::info!(
@@ -326,48 +385,28 @@ async fn run_async(args: RunArgs) -> Result<()> {
         brokers = %kafka.brokers,
         topics = ?kafka.topics,
         group = %kafka.group_id,
-        concurrency = tuning.concurrency,
-        ordering = ?tuning.ordering,
-        types = ?tuning.types,
+        concurrency = settings.source.max_in_flight,
+        ordering = ?settings.source.ordering,
+        types = ?settings.types,
         "Consuming."
     );
-    let (lifecycle, reporter_task) = match reporting {
-        Some((reporter, task, work)) => (Some((reporter, work)), Some(task)),
-        None => (None, None),
-    };
-    let running = Arc::new(start(
-        kafka,
-        action,
-        &tuning,
-        tokio::runtime::Handle::current(),
-        lifecycle,
-    )?);
-    if let Some(addr) = running.metrics_addr() {
-        tracing::info!(%addr, "Serving /metrics, /health and /ready.");
-    }
-    let reason = watch(&running).await;
-    tracing::info!(reason, drain_timeout = ?tuning.drain_timeout, "Stopping: draining the work in flight, then committing.");
-    tokio::spawn(async {
-        if signal().await.is_some() {
-            tracing::warn!("Second signal: exiting without draining; unfinished work is replayed by the next run.");
-            std::process::exit(130);
-        }
-    });
-    let stopping = Arc::clone(&running);
-    let joined = tokio::task::spawn_blocking(move || {
-        stopping.shutdown();
-        stopping.join()
-    })
-    .await?;
-    let m = running.metrics();
-    // The pipeline holds the reporter: dropped, the reporter's queue closes
-    // and its task ends once the posts still queued are sent.
-    drop(running);
-    if let Some(task) = reporter_task {
-        if !task.drain(Duration::from_secs(30)).await {
-            tracing::warn!("Lifecycle posts still unsent after 30 s; their offsets were not committed and will be replayed.");
-        }
-    }
+    let drain_timeout = settings.source.drain_timeout;
+    let summary = pipeline
+        .run_watching(action, |running| async move {
+            if let Some(addr) = running.metrics_addr() {
+                tracing::info!(%addr, "Serving /metrics, /health and /ready.");
+            }
+            let reason = watch(&running).await;
+            tracing::info!(reason, ?drain_timeout, "Stopping: draining the work in flight, then committing.");
+            tokio::spawn(async {
+                if signal().await.is_some() {
+                    tracing::warn!("Second signal: exiting without draining; unfinished work is replayed by the next run.");
+                    std::process::exit(130);
+                }
+            });
+        })
+        .await?;
+    let m = summary.metrics;
     tracing::info!(
         handled = m.handled,
         failed = m.handler_failed,
@@ -378,15 +417,12 @@ async fn run_async(args: RunArgs) -> Result<()> {
         report_failed = m.report_failed,
         "Stopped."
     );
-    joined?;
     Ok(())
 }
 
-/// Finds or creates the receiver and starts the reporter.
-async fn connect_xzepr(
-    args: &RunArgs,
-    service: &str,
-) -> Result<(Reporter, ReporterTask, WorkTemplate)> {
+/// Where the lifecycle is reported: the client from the environment (and
+/// the flags), the receiver and the work.
+fn reporting(args: &RunArgs, service: &str) -> Result<Reporting> {
     let mut config = XzeprClientConfig::from_env()?;
     if let Some(url) = &args.api_url {
         config.base_url.clone_from(url);
@@ -396,28 +432,26 @@ async fn connect_xzepr(
             .map_err(|e| format!("--api-token-file {}: {e}", path.display()))?;
         config.token = token.trim().to_owned();
     }
-    let url = redact_url(&config.base_url);
+    tracing::info!(url = %redact_url(&config.base_url), "Reporting to XZepr.");
     let client = XzeprClient::new(config)?;
-    let name = args.receiver_name.as_deref().unwrap_or(service);
     let description = args
         .receiver_description
         .clone()
         .unwrap_or_else(|| format!("{service}: events handled by xzepr-consumer run"));
-    let receiver = client
-        .discover_or_create_event_receiver(
-            name,
+    Ok(Reporting::new(client, service)
+        .receiver(
+            args.receiver_name.as_deref().unwrap_or(service),
             &args.receiver_type,
+        )
+        .receiver_details(
             &args.receiver_version,
-            &description,
+            description,
             serde_json::json!({"type": "object"}),
         )
-        .await
-        .map_err(|e| format!("finding or creating receiver {name:?} at {url}: {e}"))?;
-    let work_name = args.work_name.as_deref().unwrap_or(service);
-    tracing::info!(%url, receiver = %receiver, work = work_name, "Reporting to XZepr.");
-    let (reporter, task) = Reporter::start(client, ReporterConfig::default());
-    let work = WorkTemplate::new(receiver, work_name, &args.work_version, service);
-    Ok((reporter, task, work))
+        .work(
+            args.work_name.as_deref().unwrap_or(service),
+            &args.work_version,
+        ))
 }
 
 /// SIGINT or SIGTERM; `None` when neither can be listened for.
