@@ -3,25 +3,37 @@
 //! # Architecture
 //!
 //! ```text
-//!  Kafka ──> source ──> lanes ──> execute ──> handler ──> complete ──> report ──> offsets ──> commit
-//!            (poll      (dispatch  (sync pool   (yours)    (acks gate   (XZepr    (contiguous
-//!             thread)    ::lanes)   or tasks)               the offset)  posts)    finished run)
+//!            ┌──────────── poll thread (source) ─────────────┐
+//!  Kafka ──> │ poll ─> copy once ─> lanes ─> jobs ────────────┼──> one event flow (pipeline::flow)
+//!            │  ^        (borrowed   (order,   (max_in_flight)│      decode ─> filter ─> claim ─> started
+//!            │  │         views)      budget share)           │      ─> attempts (retry) ─> dead letter
+//!  commit <──┼─ offsets <─ completions <──────────────────────┼───── ─> terminal post (report) ─> finished
+//!            └───────────────────────────────────────────────┘
 //! ```
+//!
+//! The poll thread never blocks on a handler: jobs go out, completions come
+//! back to it, and it alone moves each partition's commit point (the
+//! contiguous run of finished offsets, plus a completion map of what finished
+//! above it) and commits.
 //!
 //! | stage | module | what it does |
 //! | --- | --- | --- |
-//! | source | [`source`] | one OS thread owns the `BaseConsumer`, copies each payload once, tracks offsets, pauses partitions while the buffers are over budget, drains and commits on revoke and shutdown |
+//! | source | [`source`] | one OS thread owns the `BaseConsumer`, copies each payload once, pauses only the partitions over their share of the budget, takes completions back, drains and commits on revoke and shutdown, detects stalls |
 //! | decode | [`decode`] | borrowed [`decode::CloudEvent`] views into that one copy; `data` decoded only on demand |
-//! | dispatch | [`dispatch`], [`dispatch::lanes`] | type filter; the lane scheduler: what may run next under the ordering mode, up to `max_in_flight` |
-//! | execute | [`pipeline`] (`execute`) | sync handlers on a worker pool, async handlers as tokio tasks; panics caught, timeouts applied |
+//! | dispatch | [`dispatch`] | type filter, the service's own receivers, and the lane scheduler: what may run next under the ordering mode, up to `max_in_flight` |
+//! | flow | [`pipeline`] (`flow`, `execute`) | one per-event flow for every handler; the sync/async difference is how an attempt runs (worker thread or tokio task), with panics caught and timeouts applied |
 //! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`] |
-//! | complete | [`pipeline`] (`complete`) | lifecycle acks gate each offset; malformed-message policy |
-//! | report | [`client`], [`report`] | pooled XZepr REST client; bounded, coalescing, retrying lifecycle reporter |
+//! | lifecycle | [`pipeline`] (`complete`, `deadletter`, `guard`) | acknowledgements gate each offset; malformed-message policy; dead letters; idempotency claims |
+//! | report | [`client`], [`report`] | pooled XZepr REST client and receiver discovery; bounded, coalescing, retrying lifecycle reporter with a breaker |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
-//! | offsets | [`offsets`], [`offsets::progress`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
-//! | observe | [`observe`] | Prometheus metrics read from the stages' counters at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
+//! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
+//! | observe | [`observe`], [`metrics`] | counters the stages write; Prometheus text read from them at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
+//! | run | [`pipeline`] | [`pipeline::PipelineConfig`] (every setting, `serde`), [`pipeline::PipelineBuilder::build`], [`pipeline::Pipeline::run`] (receiver discovery, reporting, drain) |
 //!
-//! Configuration lives in [`config`]; every module has its own error enum, gathered in [`Error`].
+//! Configuration lives in [`config`] (Kafka, durations) and
+//! [`pipeline::PipelineConfig`]; every module has its own error enum, gathered
+//! in [`Error`]. With feature `dev-stack`, `devstack` embeds a mock Kafka
+//! cluster and an XZepr stand-in and `generate` makes realistic events.
 #![deny(unsafe_code)]
 #![deny(
     missing_docs,

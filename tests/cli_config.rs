@@ -78,7 +78,10 @@ fn every_setting_of_the_library_is_reachable_through_the_config_file() {
     let mut library = PipelineConfig::setting_names();
     names.sort();
     library.sort();
-    assert_eq!(names, library, "settings in the library but not in this test");
+    assert_eq!(
+        names, library,
+        "settings in the library but not in this test"
+    );
 
     let path = write("everything.json", &file);
     let (ok, stdout, stderr) = print_config(&["--config", path.to_str().unwrap()]);
@@ -110,7 +113,10 @@ fn flags_override_the_file_and_defaults_fill_only_what_neither_set() {
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["max_in_flight"], 3);
     assert_eq!(v["retry"]["max_attempts"], 5);
-    assert_eq!(v["retry"]["backoff_base"], "1s", "the file's backoff is kept");
+    assert_eq!(
+        v["retry"]["backoff_base"], "1s",
+        "the file's backoff is kept"
+    );
     assert_eq!(v["ordering"], "unordered");
     assert_eq!(v["commit_interval"], "300ms");
     assert_eq!(v["dead_letter"]["topic"], "x.dlq");
@@ -122,7 +128,10 @@ fn flags_override_the_file_and_defaults_fill_only_what_neither_set() {
     assert!(ok, "{stderr}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["max_in_flight"], 16, "--exec's default concurrency");
-    assert_eq!(v["retry"]["max_attempts"], 1, "--exec does not retry by default");
+    assert_eq!(
+        v["retry"]["max_attempts"], 1,
+        "--exec does not retry by default"
+    );
     assert_eq!(v["malformed"], "skip");
 }
 

@@ -16,7 +16,7 @@ use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::devstack::{NoSink, StandIn};
 use xzepr_consumer::generate::xzepr_event;
 use xzepr_consumer::handler::WorkInfo;
-use xzepr_consumer::pipeline::{Pipeline, Reporting};
+use xzepr_consumer::pipeline::{Pipeline, PipelineError, Reporting};
 use xzepr_consumer::source::SourceError;
 
 use kafka_support::*;
@@ -113,8 +113,24 @@ async fn a_run_that_cannot_reach_xzepr_fails_before_consuming() {
         .await
         .expect("the run gave up on XZepr within its retries")
         .unwrap_err();
-    assert!(matches!(err, xzepr_consumer::Error::Client(_)), "{err}");
-    assert!(committed(&brokers, "xzepr-consumer-svc", "noxzepr", 1).is_empty());
+    assert!(
+        matches!(
+            &err,
+            xzepr_consumer::Error::Pipeline(PipelineError::Discovery { name, .. }) if name == "svc"
+        ),
+        "{err}"
+    );
+    // The client's error is kept as the cause.
+    let cause = std::error::Error::source(&err);
+    assert!(
+        cause.is_some_and(|c| c.is::<xzepr_consumer::client::ClientError>()),
+        "{err:?}"
+    );
+    let committed = committed(&brokers, "xzepr-consumer-svc", "noxzepr", 1);
+    assert!(
+        committed.values().all(|o| *o < 0),
+        "nothing consumed: {committed:?}"
+    );
 }
 
 #[test]

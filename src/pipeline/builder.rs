@@ -264,8 +264,9 @@ impl PipelineBuilder {
 
     /// How failed handler calls are retried (default: not at all; see
     /// [`RetryPolicy`]). Only the event's lane waits: an async handler's retry
-    /// is a timer in its task; a sync handler's job goes to a timer thread and
-    /// back to the workers when due, so no worker thread sleeps through it.
+    /// is a timer in its task; a sync handler's waits on a timer of its worker's
+    /// own runtime while that worker runs other jobs, so no worker thread
+    /// sleeps through it.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.config.retry = policy;
         self

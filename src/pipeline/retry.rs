@@ -17,7 +17,8 @@ pub(crate) const PANIC_CODE: &str = "handler_panic";
 /// time up to that), so events failing together do not retry together. While
 /// it waits only its own lane waits: the rest of its key (under
 /// [`Ordering::PerKey`](crate::dispatch::Ordering::PerKey)) or of its partition (under
-/// `PerPartition`), never other lanes or a worker thread (a sync handler's job waits in a timer thread).
+/// `PerPartition`), never other lanes or a worker thread (a sync handler's job waits on
+/// a timer of its worker's runtime while the worker runs other jobs).
 /// One `started` is posted before the first attempt, and the terminal post
 /// after the last one carries `attempts` in its `details`.
 ///
