@@ -12,7 +12,7 @@ use rdkafka::ClientConfig;
 pub mod duration;
 
 /// Configuration errors, each naming the field or environment variable.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// A required value is absent.
@@ -49,14 +49,15 @@ pub enum ConfigError {
         reason: &'static str,
     },
     /// A certificate or key file cannot be read.
-    #[error("`{name}`: cannot read {path:?}: {reason}")]
+    #[error("`{name}`: cannot read {path:?}")]
     UnreadableFile {
         /// The field or variable.
         name: &'static str,
         /// The path given.
         path: PathBuf,
-        /// The I/O error.
-        reason: String,
+        /// The I/O error (shared: the error is `Clone`).
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
     },
 }
 
@@ -502,7 +503,7 @@ impl KafkaConsumerConfig {
                 std::fs::File::open(path).map_err(|e| ConfigError::UnreadableFile {
                     name,
                     path: path.clone(),
-                    reason: e.to_string(),
+                    source: std::sync::Arc::new(e),
                 })?;
                 c.set(key, path.to_string_lossy());
             }

@@ -36,6 +36,34 @@ pub enum Error {
 /// `Result` with this crate's [`Error`] as the default error type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// An error and its causes on one line (`outer: cause: root`), for logs and
+/// messages; a cause whose text is already in the line before it is left out.
+///
+/// ```
+/// # use xzepr_consumer::ErrorChain;
+/// let io = std::io::Error::other("refused");
+/// let e = xzepr_consumer::client::ClientError::Connect(Box::new(io));
+/// assert_eq!(ErrorChain(&e).to_string(), "connection failed: refused");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut line = self.0.to_string();
+        let mut cause = self.0.source();
+        while let Some(c) = cause {
+            let more = c.to_string();
+            if !line.contains(&more) {
+                line.push_str(": ");
+                line.push_str(&more);
+            }
+            cause = c.source();
+        }
+        f.write_str(&line)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

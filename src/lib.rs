@@ -63,4 +63,4 @@ pub mod pipeline;
 pub mod report;
 pub mod source;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorChain, Result};

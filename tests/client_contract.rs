@@ -286,6 +286,32 @@ async fn a_dead_server_is_a_retryable_connect_error() {
         matches!(e, ClientError::Connect(_)) && e.is_retryable(),
         "{e}"
     );
+    // The cause is kept as the source, not flattened into the message.
+    assert_eq!(e.to_string(), "connection failed");
+    assert!(std::error::Error::source(&e).is_some());
+    let line = xzepr_consumer::ErrorChain(&e).to_string();
+    assert!(
+        line.starts_with("connection failed: ") && line.len() > "connection failed: ".len(),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_the_contract_json_keeps_the_parse_error() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/receivers/x"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{not json"))
+        .mount(&server)
+        .await;
+    let c = XzeprClient::new(XzeprClientConfig::new(server.uri(), "t")).unwrap();
+    let e = c.get_event_receiver("x").await.unwrap_err();
+    assert!(matches!(e, ClientError::Decode { .. }), "{e:?}");
+    let source = std::error::Error::source(&e).expect("the parse error");
+    assert!(
+        source.downcast_ref::<serde_json::Error>().is_some(),
+        "{source:?}"
+    );
 }
 
 #[tokio::test]

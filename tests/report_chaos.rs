@@ -181,6 +181,14 @@ async fn replayed_records_are_coalesced_and_final_errors_come_back() {
         "{:?}",
         acks[0].2
     );
+    // The last attempt's client error is the source, not a flattened string.
+    let err = acks[0].2.as_ref().unwrap_err();
+    assert!(std::error::Error::source(err).is_some());
+    assert!(
+        err.client_error()
+            .is_some_and(|e| e.status().is_some_and(|s| s >= 500)),
+        "{err:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,7 +26,10 @@ fn json_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<Value> {
 fn to_json<T: serde::Serialize>(v: &T) -> Result<Json, ClientError> {
     serde_json::to_value(v)
         .map(Json)
-        .map_err(|e| ClientError::Decode(e.to_string().into()))
+        .map_err(|e| ClientError::Decode {
+            reason: "not representable as JSON".into(),
+            source: Some(Box::new(e)),
+        })
 }
 
 /// The native client: a pooled keep-alive connection shared by clones (the

@@ -78,22 +78,28 @@ use tokio_util::sync::CancellationToken;
 
 use breaker::{Answer, Breaker};
 
+pub use crate::client::Status;
 use crate::client::{ClientError, LifecycleBody, Phase, WorkRef, XzeprClient};
 use crate::config::ConfigError;
+use crate::ErrorChain;
 
 /// Reporter errors, as acknowledged to the submitter.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReportError {
-    /// The post failed for good (a final 4xx, or retries exhausted).
+    /// The post failed for good (a final 4xx, or retries exhausted), or was
+    /// never sent (`attempts: 0`).
     #[error("lifecycle post failed after {attempts} attempt(s): {reason}")]
     Failed {
         /// Attempts made.
         attempts: u32,
-        /// The last error.
+        /// Why it stopped there (the client's error, if any, is the source).
         reason: Arc<str>,
         /// Whether the last error was retryable (retries ran out).
         retryable: bool,
+        /// The last attempt's error, when one was made.
+        #[source]
+        source: Option<Arc<ClientError>>,
     },
     /// XZepr refused the post with a 4xx it will never accept (any but 401, 403,
     /// 404 and 429): sending it again cannot help.
@@ -112,6 +118,16 @@ pub enum ReportError {
 }
 
 impl ReportError {
+    /// The client error of the last attempt, when one was made (also the
+    /// error's `source()`, as an `Arc<ClientError>`: a failure is shared by
+    /// every record coalesced into the post).
+    pub fn client_error(&self) -> Option<&ClientError> {
+        match self {
+            ReportError::Failed { source, .. } => source.as_deref(),
+            _ => None,
+        }
+    }
+
     /// Whether XZepr will never accept the post ([`ReportError::Rejected`]).
     pub fn is_rejected(&self) -> bool {
         matches!(self, ReportError::Rejected { .. })
@@ -186,18 +202,6 @@ impl Default for ReporterConfig {
             failed_starts_capacity: 65_536,
         }
     }
-}
-
-/// Lifecycle status of a record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum Status {
-    /// `{work}.started`
-    Started,
-    /// `{work}.completed`
-    Completed,
-    /// `{work}.failed`
-    Failed,
 }
 
 /// What to post and whom to tell.
@@ -711,6 +715,7 @@ fn started_not_acknowledged() -> ReportError {
         attempts: 0,
         reason: "its `started` was not acknowledged".into(),
         retryable: true,
+        source: None,
     }
 }
 
@@ -818,7 +823,7 @@ async fn post_with_rediscovery(
                 }
                 Ok(_) => Err(e),
                 Err(discovery) => {
-                    tracing::error!(error = %discovery, "Rediscovering the receiver failed.");
+                    tracing::error!(error = %ErrorChain(&discovery), "Rediscovering the receiver failed.");
                     Err(e)
                 }
             }
@@ -845,25 +850,20 @@ fn moved_receiver(shared: &Shared, receiver_id: &str) -> Option<String> {
 
 /// The record's body in the contract's JSON, written into `buf`.
 fn encode(record: &Record, buf: &mut BytesMut) -> Result<Bytes, ReportError> {
-    let phase = match record.status {
-        Status::Started => Phase::Started,
-        Status::Completed => Phase::Completed,
-        Status::Failed => {
-            let (error, error_code) = record
-                .error
-                .as_ref()
-                .map_or((UNSPECIFIED_ERROR, UNSPECIFIED_ERROR_CODE), |(m, c)| {
-                    (m.as_str(), c.as_str())
-                });
-            Phase::Failed { error, error_code }
-        }
-    };
+    let error = record
+        .error
+        .as_ref()
+        .map_or((UNSPECIFIED_ERROR, UNSPECIFIED_ERROR_CODE), |(m, c)| {
+            (m.as_str(), c.as_str())
+        });
+    let phase = Phase::new(record.status, error);
     buf.reserve(BODY_CAPACITY);
     let body = LifecycleBody::new(record.work.as_ref(), phase, &record.details);
     serde_json::to_writer((&mut *buf).writer(), &body).map_err(|e| ReportError::Failed {
         attempts: 0,
-        reason: format!("cannot encode the lifecycle body: {e}").into(),
+        reason: "cannot encode the lifecycle body".into(),
         retryable: false,
+        source: Some(Arc::new(ClientError::json(e))),
     })?;
     Ok(buf.split().freeze())
 }
@@ -932,6 +932,13 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
                 lost = e.is_response_lost();
                 if !retryable || attempt >= cfg.max_attempts {
                     let not_found = e.is_not_found();
+                    // A 404 is not logged: the receiver is found again.
+                    if e.is_unauthorized() {
+                        // Logged once per refusal by the gate, not per post.
+                        tracing::debug!(work_id, error = %ErrorChain(&e), "Lifecycle post refused.");
+                    } else if !not_found {
+                        tracing::error!(work_id, error = %ErrorChain(&e), attempt, "Lifecycle post failed.");
+                    }
                     let err = match &e {
                         ClientError::Api(api) if rejects_for_good(api.status) => {
                             ReportError::Rejected {
@@ -942,20 +949,19 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
                         }
                         _ => ReportError::Failed {
                             attempts: attempt,
-                            reason: e.to_string().into(),
+                            reason: if retryable {
+                                "retries exhausted".into()
+                            } else {
+                                "refused".into()
+                            },
                             retryable,
+                            source: Some(Arc::new(e)),
                         },
                     };
                     if not_found {
                         return Err(Posted::NotFound(err));
                     }
                     shared.stats.failed.fetch_add(1, Relaxed);
-                    if e.is_unauthorized() {
-                        // Logged once per refusal by the gate, not per post.
-                        tracing::debug!(work_id, error = %e, "Lifecycle post refused.");
-                    } else {
-                        tracing::error!(work_id, error = %e, attempt, "Lifecycle post failed.");
-                    }
                     return Err(Posted::Failed(err));
                 }
                 shared.stats.retries.fetch_add(1, Relaxed);

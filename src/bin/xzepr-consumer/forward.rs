@@ -1,7 +1,7 @@
 //! `run --forward`: each event is POSTed to an HTTP endpoint as a CloudEvent,
-//! per the CloudEvents HTTP protocol binding, on one pooled hyper client (the
-//! stack the XZepr client uses: keep-alive connections, HTTP/1.1 and HTTP/2,
-//! rustls for `https`).
+//! per the CloudEvents HTTP protocol binding, on the library's pooled
+//! [`HttpTransport`] (the XZepr client's own: keep-alive connections, HTTP/1.1
+//! and HTTP/2, rustls for `https`).
 //!
 //! - **Binary** content mode (the default): attributes in `ce-*` headers, `data`
 //!   as the body with `Content-Type: application/json`.
@@ -30,15 +30,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use serde_json::{Map, Value};
+use xzepr_consumer::client::{HttpTransport, TransportConfig};
 use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
-
-type Https = hyper_rustls::HttpsConnector<HttpConnector>;
+use xzepr_consumer::ErrorChain;
 
 /// Most of a failed response's body kept for the error.
 const ERROR_BODY_MAX: usize = 512;
@@ -59,7 +56,7 @@ pub struct Forward {
 }
 
 struct Inner {
-    http: Client<Https, Full<Bytes>>,
+    http: HttpTransport,
     uri: http::Uri,
     structured: bool,
 }
@@ -92,28 +89,12 @@ impl Forward {
         if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
             return Err("--forward: credentials in the URL are not supported".into());
         }
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let mut tcp = HttpConnector::new();
-        tcp.enforce_http(false);
-        tcp.set_nodelay(true);
-        tcp.set_connect_timeout(Some(Duration::from_secs(5)));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(tcp);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(pool)
-            .build(https);
+        let http = HttpTransport::new(
+            &TransportConfig::default()
+                .with_pool_max_idle_per_host(pool)
+                .with_connect_timeout(Duration::from_secs(5)),
+        )
+        .map_err(|e| ErrorChain(&e).to_string())?;
         Ok(Forward {
             inner: Arc::new(Inner {
                 http,
@@ -174,10 +155,10 @@ impl Forward {
     ) -> Result<Value, HandlerError> {
         let req = self
             .request(&message, &info)?
-            .body(Full::new(self.body(&message)?))
+            .body(self.body(&message)?)
             .map_err(|e| HandlerError::with_code(e.to_string(), "encode").permanent())?;
-        let resp = self.inner.http.request(req).await.map_err(|e| {
-            HandlerError::with_code(format!("request failed: {}", chain(&e)), "transport")
+        let resp = self.inner.http.send(req).await.map_err(|e| {
+            HandlerError::with_code(format!("request failed: {}", ErrorChain(&e)), "transport")
         })?;
         let status = resp.status();
         let start = body_start(resp.into_body()).await;
@@ -290,18 +271,6 @@ fn text_start(body: &[u8]) -> String {
         _ => body,
     };
     String::from_utf8_lossy(body).trim().to_owned()
-}
-
-/// An error with its sources (hyper's top-level message says little).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -136,26 +136,10 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Display, not Debug: errors name the setting at fault, never a secret.
-            eprintln!("error: {}", chain(&*e));
+            eprintln!("error: {}", xzepr_consumer::ErrorChain(&*e));
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// An error and its causes on one line, a cause left out when its text is
-/// already in the message before it.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = c.source();
-    }
-    text
 }
 
 fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
