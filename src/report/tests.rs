@@ -1,5 +1,11 @@
 //! Unit tests of the reporter: admission, ordering, own receivers, logging.
+use std::sync::atomic::Ordering::Relaxed;
+
+use serde_json::Value;
+
+use super::dedup::Admission;
 use super::*;
+use crate::config::ConfigError;
 
 fn record(work_id: &str, status: Status, acks: &Arc<Mutex<Vec<String>>>) -> Record {
     let acks = Arc::clone(acks);
