@@ -18,37 +18,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::deadletter::{DeadLetters, Placed, Reason, Why};
+pub(crate) use super::delivery::Delivery;
 use crate::handler::{BoxFuture, HandlerError};
 use crate::idempotency::Claim;
 use crate::metrics::Metrics;
 pub(crate) use crate::report::Status;
-
-/// A message as the execution and completion stages see it (the source's
-/// [`Message`](crate::source::Message), or a test double).
-pub(crate) trait Delivery: Send + Sync + 'static {
-    fn topic(&self) -> &str;
-    /// The topic, shared (no allocation per message).
-    fn topic_arc(&self) -> Arc<str>;
-    fn partition(&self) -> i32;
-    fn offset(&self) -> i64;
-    fn payload(&self) -> Option<&[u8]>;
-    /// The Kafka key.
-    fn key(&self) -> Option<&[u8]> {
-        None
-    }
-    /// Kafka headers as `(key, value)` pairs (binary-mode CloudEvents).
-    fn headers(&self) -> Vec<(&str, &[u8])>;
-    /// False when the partition was revoked after this was handed over: drop it
-    /// unhandled.
-    fn is_current(&self) -> bool {
-        true
-    }
-    /// Marks the offset finished (handled and reported, or skipped).
-    fn finish(self);
-    /// Marks the offset held: never finished in this assignment, the commit
-    /// point stays before it, but drains do not wait for it.
-    fn hold(self);
-}
 
 /// How a lifecycle post ended.
 #[derive(Debug, Clone, PartialEq, Eq)]

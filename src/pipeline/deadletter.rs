@@ -10,7 +10,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde_json::{json, Value};
 
-use super::complete::Delivery;
+use super::delivery::Delivery;
 use crate::config::{ConfigError, KafkaConsumerConfig};
 
 /// The default dead-letter topic is the event's topic with this suffix.

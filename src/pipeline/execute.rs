@@ -24,12 +24,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use serde_json::Value;
 
-use super::flow::{run_job, Attempts, Shared};
+use super::flow::{run_job, Attempts, DecoderPool, Shared};
 use super::retry::PANIC_CODE;
-use crate::decode::{CloudEvent, CloudEventMessage, Decoder, DecoderConfig};
+use crate::decode::{CloudEvent, CloudEventMessage};
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
 use crate::metrics::Metrics;
 use crate::source::{deferring, Batch, Executor};
@@ -181,41 +181,6 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
     }
 }
 
-/// Decoders shared by every flow: each is taken for the synchronous decode
-/// step only (events borrow the message, not the decoder), so a handful serve
-/// any number of flows.
-pub(crate) struct DecoderPool {
-    config: DecoderConfig,
-    tx: Sender<Decoder>,
-    rx: Receiver<Decoder>,
-}
-
-impl DecoderPool {
-    /// Most idle decoders kept; more are made when needed, and dropped after.
-    const KEPT: usize = 16;
-
-    /// A pool of decoders with `config` (checked here: a bad limit fails now,
-    /// not on the first event).
-    pub(crate) fn new(config: DecoderConfig) -> Result<Self, crate::decode::Error> {
-        let (tx, rx) = crossbeam_channel::bounded(Self::KEPT);
-        let _ = tx.try_send(Decoder::new(config.clone())?);
-        Ok(DecoderPool { config, tx, rx })
-    }
-
-    pub(crate) fn with<R>(
-        &self,
-        f: impl FnOnce(&mut Decoder) -> R,
-    ) -> Result<R, crate::decode::Error> {
-        let mut decoder = match self.rx.try_recv() {
-            Ok(d) => d,
-            Err(_) => Decoder::new(self.config.clone())?,
-        };
-        let r = f(&mut decoder);
-        let _ = self.tx.try_send(decoder);
-        Ok(r)
-    }
-}
-
 /// Async handlers: a tokio task per job.
 pub(crate) struct AsyncExecutor<H: ?Sized> {
     pub(crate) runtime: tokio::runtime::Handle,
@@ -307,6 +272,7 @@ mod tests {
     use super::super::guard::Guard;
     use super::super::retry::RetryPolicy;
     use super::*;
+    use crate::decode::DecoderConfig;
     use crate::dispatch::TypeFilter;
     use crate::handler::BoxFuture;
     use serde_json::json;

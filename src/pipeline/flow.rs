@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 
 use super::complete::{
@@ -26,10 +27,9 @@ use super::complete::{
     Delivery, MalformedPolicy, Outcome, Pending, SharedSink, WorkStart,
 };
 use super::deadletter::{DeadLetters, Placed, Reason, Why};
-use super::execute::DecoderPool;
 use super::guard::Guard;
 use super::retry::{RetryPolicy, TIMEOUT_CODE};
-use crate::decode::CloudEvent;
+use crate::decode::{CloudEvent, Decoder, DecoderConfig};
 use crate::dispatch::TypeFilter;
 use crate::handler::{HandlerError, Work};
 use crate::metrics::Metrics;
@@ -389,5 +389,40 @@ fn annotate(details: &mut Value, key: &str, value: Value) {
     }
     if let Some(map) = details.as_object_mut() {
         map.insert(key.to_owned(), value);
+    }
+}
+
+/// Decoders shared by every flow: each is taken for the synchronous decode
+/// step only (events borrow the message, not the decoder), so a handful serve
+/// any number of flows.
+pub(crate) struct DecoderPool {
+    config: DecoderConfig,
+    tx: Sender<Decoder>,
+    rx: Receiver<Decoder>,
+}
+
+impl DecoderPool {
+    /// Most idle decoders kept; more are made when needed, and dropped after.
+    const KEPT: usize = 16;
+
+    /// A pool of decoders with `config` (checked here: a bad limit fails now,
+    /// not on the first event).
+    pub(crate) fn new(config: DecoderConfig) -> Result<Self, crate::decode::Error> {
+        let (tx, rx) = crossbeam_channel::bounded(Self::KEPT);
+        let _ = tx.try_send(Decoder::new(config.clone())?);
+        Ok(DecoderPool { config, tx, rx })
+    }
+
+    pub(crate) fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Decoder) -> R,
+    ) -> Result<R, crate::decode::Error> {
+        let mut decoder = match self.rx.try_recv() {
+            Ok(d) => d,
+            Err(_) => Decoder::new(self.config.clone())?,
+        };
+        let r = f(&mut decoder);
+        let _ = self.tx.try_send(decoder);
+        Ok(r)
     }
 }

@@ -26,6 +26,7 @@ mod complete;
 mod config;
 mod consumer;
 mod deadletter;
+mod delivery;
 mod execute;
 mod flow;
 mod guard;
@@ -39,10 +40,9 @@ use std::sync::Arc;
 use crate::config::KafkaConsumerConfig;
 use crate::handler::AsyncHandler;
 use crate::metrics::MetricsSnapshot;
-use crate::source::{Message, SourceError};
+use crate::source::SourceError;
 
 pub use builder::PipelineBuilder;
-use complete::Delivery;
 pub use complete::MalformedPolicy;
 pub use config::PipelineConfig;
 pub use consumer::XzeprConsumer;
@@ -54,39 +54,6 @@ pub use reporting::{Reporting, DEFAULT_REPORT_DRAIN};
 pub use retry::RetryPolicy;
 pub use running::RunningPipeline;
 pub use sink::WorkTemplate;
-
-impl Delivery for Message {
-    fn topic(&self) -> &str {
-        &self.topic
-    }
-    fn topic_arc(&self) -> Arc<str> {
-        Arc::clone(&self.topic)
-    }
-    fn partition(&self) -> i32 {
-        self.partition
-    }
-    fn offset(&self) -> i64 {
-        self.offset
-    }
-    fn payload(&self) -> Option<&[u8]> {
-        Message::payload(self)
-    }
-    fn key(&self) -> Option<&[u8]> {
-        Message::key(self)
-    }
-    fn headers(&self) -> Vec<(&str, &[u8])> {
-        self.header_pairs().collect()
-    }
-    fn is_current(&self) -> bool {
-        Message::is_current(self)
-    }
-    fn finish(self) {
-        Message::finish(self);
-    }
-    fn hold(self) {
-        Message::hold(self);
-    }
-}
 
 /// Pipeline errors (besides the stages' own, wrapped in [`crate::Error`]).
 #[derive(Debug, thiserror::Error)]

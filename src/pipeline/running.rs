@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::execute::{self, AsyncAttempts, AsyncExecutor, DecoderPool};
+use super::execute::{self, AsyncAttempts, AsyncExecutor};
+use super::flow::DecoderPool;
 use super::{Pipeline, PipelineError};
 use crate::handler::{AsyncHandler, Handler};
 use crate::metrics::{Metrics, MetricsSnapshot};
