@@ -282,6 +282,8 @@ mod tests {
         offset: i64,
         payload: Vec<u8>,
         finished: Arc<StdMutex<Vec<(i64, bool)>>>,
+        /// Cleared to revoke the delivery's partition.
+        current: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Delivery for TestDelivery {
@@ -302,6 +304,9 @@ mod tests {
         }
         fn headers(&self) -> Vec<(&str, &[u8])> {
             Vec::new()
+        }
+        fn is_current(&self) -> bool {
+            self.current.load(std::sync::atomic::Ordering::SeqCst)
         }
         fn finish(self) {
             self.finished.lock().unwrap().push((self.offset, true));
@@ -359,6 +364,7 @@ mod tests {
                 offset: i as i64,
                 payload,
                 finished: Arc::clone(&finished),
+                current: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             })
             .collect();
         (ds, finished)
@@ -620,5 +626,85 @@ mod tests {
         }
         assert_eq!(done(&finished), vec![0, 1, 2]);
         assert_eq!(sh.metrics.snapshot().handler_timeouts, 1);
+    }
+
+    /// The retry state of an event lives in its flow: a partition revoked while
+    /// the event waits for its next attempt ends that flow, and the event of the
+    /// next assignment starts from its first attempt with its own `started`.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_revoked_between_attempts_is_not_retried_and_a_reassigned_one_starts_afresh() {
+        let sink = Arc::new(HeldSink::default());
+        let mut sh = shared(
+            Some(Arc::clone(&sink)),
+            TypeFilter::any(),
+            MalformedPolicy::Skip,
+        );
+        sh.retry = RetryPolicy::attempts(3).backoff(Duration::from_secs(1), Duration::from_secs(1));
+        let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = Arc::clone(&calls);
+        let handler = move |_m: crate::decode::CloudEventMessage,
+                            _info: crate::handler::WorkInfo| {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Err("the first attempt fails".to_owned())
+                } else {
+                    Ok(json!({}))
+                }
+            }
+        };
+        let pool = Arc::new(DecoderPool::new(DecoderConfig::default()).unwrap());
+        let attempts = Arc::new(AsyncAttempts(Arc::new(handler)));
+        let sh = Arc::new(sh);
+        let (mut ds, finished) = deliveries(vec![event("x", "x")]);
+        let first = ds.remove(0);
+        let revoke = Arc::clone(&first.current);
+        let flow = tokio::spawn({
+            let (attempts, sh, pool) = (Arc::clone(&attempts), Arc::clone(&sh), Arc::clone(&pool));
+            async move { run_event(first, &*attempts, &sh, &pool).await }
+        });
+        // The first attempt failed and the flow waits out its backoff.
+        while calls.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        revoke.store(false, std::sync::atomic::Ordering::SeqCst);
+        flow.await.unwrap();
+        assert_eq!(
+            calls.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "not retried once revoked"
+        );
+        assert_eq!(sh.metrics.snapshot().stale_dropped, 1);
+        assert!(
+            finished.lock().unwrap().is_empty(),
+            "a revoked offset is never finished"
+        );
+        let statuses: Vec<_> = sink
+            .held
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(r, _)| r.status)
+            .collect();
+        assert_eq!(
+            statuses,
+            [Status::Started],
+            "no terminal post for a revoked event"
+        );
+
+        // The same offset of the next assignment: one attempt, its own started.
+        let (mut again, finished) = deliveries(vec![event("x", "x")]);
+        run_event(again.remove(0), &*attempts, &sh, &pool).await;
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+        let held = std::mem::take(&mut *sink.held.lock().unwrap());
+        let statuses: Vec<_> = held.iter().map(|(r, _)| r.status).collect();
+        assert_eq!(
+            statuses,
+            [Status::Started, Status::Started, Status::Completed]
+        );
+        for (_, ack) in held {
+            ack.send(Acked::Ok);
+        }
+        assert_eq!(done(&finished), vec![0]);
     }
 }
