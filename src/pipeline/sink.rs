@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::complete::{AckFn, Acked, Lifecycle, LifecycleSink, SharedSink};
 use crate::handler::BoxFuture;
+pub use crate::report::WorkTemplate;
 
 /// `Debug` placeholder for the type-erased sink.
 pub(super) struct SinkDebug(pub(super) SharedSink);
@@ -13,38 +14,6 @@ pub(super) struct SinkDebug(pub(super) SharedSink);
 impl std::fmt::Debug for SinkDebug {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("LifecycleSink")
-    }
-}
-
-/// What the automatic lifecycle posts are about: the work and where it is reported.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct WorkTemplate {
-    /// The service's receiver id (see
-    /// [`XzeprClient::discover_or_create_event_receiver`](crate::client::XzeprClient::discover_or_create_event_receiver)).
-    pub receiver_id: String,
-    /// Work name: events are posted as `{work_name}.started` and so on.
-    pub work_name: String,
-    /// Work version (also the release).
-    pub work_version: String,
-    /// The service's name (the posts' `package`).
-    pub package: String,
-}
-
-impl WorkTemplate {
-    /// Builds it.
-    pub fn new(
-        receiver_id: impl Into<String>,
-        work_name: impl Into<String>,
-        work_version: impl Into<String>,
-        package: impl Into<String>,
-    ) -> Self {
-        WorkTemplate {
-            receiver_id: receiver_id.into(),
-            work_name: work_name.into(),
-            work_version: work_version.into(),
-            package: package.into(),
-        }
     }
 }
 
@@ -80,20 +49,12 @@ impl SinkInner {
         round: u32,
     ) -> crate::report::Record {
         use crate::report::{OwnedWork, Record};
-        let w = &self.work;
         let again = record.clone();
         // Weak: a queued record must not keep the reporter open (its handle
         // is in here) once the pipeline let go of the sink.
         let me = Arc::downgrade(self);
         Record {
-            work: OwnedWork::new(
-                w.receiver_id.clone(),
-                record.work_id,
-                w.work_name.clone(),
-                w.work_version.clone(),
-                record.platform_id,
-                w.package.clone(),
-            ),
+            work: OwnedWork::of(&self.work, record.work_id, record.platform_id),
             status: record.status,
             details: record.details,
             error: record.error,

@@ -89,7 +89,7 @@ mod stats;
 
 pub use crate::client::Status;
 pub use config::ReporterConfig;
-pub use record::{validate_work_fields, Ack, OwnedWork, Record};
+pub use record::{validate_work_fields, Ack, OwnedWork, Record, WorkTemplate};
 pub use stats::ReporterStats;
 
 use crate::client::{ClientError, XzeprClient};

@@ -1,5 +1,7 @@
 //! What the reporter is given: a [`Record`] (the work, its status, details)
-//! and its [`Ack`], called exactly once.
+//! and its [`Ack`], called exactly once; and the work's identity,
+//! [`OwnedWork`] (borrowed: [`WorkRef`]), of which [`WorkTemplate`] is the
+//! service's part.
 
 use serde_json::Value;
 
@@ -83,7 +85,57 @@ pub struct OwnedWork {
     pub package: String,
 }
 
+/// The service's part of a work's identity, the same for every event: where
+/// the work is reported and as what. [`OwnedWork::of`] adds the event's part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkTemplate {
+    /// The service's receiver id (see
+    /// [`XzeprClient::discover_or_create_event_receiver`](crate::client::XzeprClient::discover_or_create_event_receiver)).
+    pub receiver_id: String,
+    /// Work name: events are posted as `{work_name}.started` and so on.
+    pub work_name: String,
+    /// Work version (also the release).
+    pub work_version: String,
+    /// The service's name (the posts' `package`).
+    pub package: String,
+}
+
+impl WorkTemplate {
+    /// Builds it.
+    pub fn new(
+        receiver_id: impl Into<String>,
+        work_name: impl Into<String>,
+        work_version: impl Into<String>,
+        package: impl Into<String>,
+    ) -> Self {
+        WorkTemplate {
+            receiver_id: receiver_id.into(),
+            work_name: work_name.into(),
+            work_version: work_version.into(),
+            package: package.into(),
+        }
+    }
+}
+
 impl OwnedWork {
+    /// The identity of the work `work_id` of an event from `platform_id`,
+    /// done by the service `template` describes.
+    pub fn of(
+        template: &WorkTemplate,
+        work_id: impl Into<String>,
+        platform_id: impl Into<String>,
+    ) -> Self {
+        OwnedWork {
+            receiver_id: template.receiver_id.clone(),
+            work_id: work_id.into(),
+            work_name: template.work_name.clone(),
+            work_version: template.work_version.clone(),
+            platform_id: platform_id.into(),
+            package: template.package.clone(),
+        }
+    }
+
     /// Builds it.
     pub fn new(
         receiver_id: impl Into<String>,
