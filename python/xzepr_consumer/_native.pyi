@@ -111,18 +111,11 @@ class Consumer:
     def __init__(
         self,
         config: dict[str, Any],
+        settings: str,
         *,
         client: Client | None = None,
-        receiver_id: str | None = None,
-        work_name: str | None = None,
-        work_version: str = "1.0.0",
-        ordering: str = "partition",
-        max_in_flight: int = 1024,
-        handler_timeout: float | None = None,
-        drain_timeout: float = 10.0,
-        commit_interval: float = 1.0,
-        type_prefixes: list[str] = ...,
-        skip_own_events: bool = True,
+        reporting: dict[str, str] | None = None,
+        idempotency: MemoryStore | PostgresStore | None = None,
     ) -> None: ...
     def take(self, max: int) -> list[tuple[int, CloudEventMessage, Token]]: ...
     def dropped(self) -> list[int]: ...
@@ -133,8 +126,39 @@ class Consumer:
     def stopping(self) -> bool: ...
     @property
     def finished(self) -> bool: ...
-    def join(self) -> Awaitable[None]: ...
+    def join(self) -> Awaitable[bool]: ...
     def metrics(self) -> dict[str, int]: ...
+    def health(self) -> dict[str, Any] | None: ...
+    @property
+    def metrics_addr(self) -> str | None: ...
+
+class MemoryStore:
+    def __init__(
+        self,
+        *,
+        capacity: int | None = None,
+        retention: float | None = None,
+        lease: float | None = None,
+    ) -> None: ...
+    def metrics(self) -> list[tuple[str, int]]: ...
+
+class PostgresStore:
+    @staticmethod
+    def connect(
+        dsn: str,
+        *,
+        retention: float | None = None,
+        lease: float | None = None,
+        max_connections: int = 8,
+        migrate: bool = True,
+        cleanup_interval: float | None = None,
+    ) -> Awaitable[PostgresStore]: ...
+    def metrics(self) -> list[tuple[str, int]]: ...
+
+def has_postgres() -> bool: ...
+def setting_names() -> list[str]: ...
+def default_settings() -> tuple[str, str]: ...
+def resolve_settings(text: str, kafka: dict[str, Any] | None = None) -> str: ...
 
 class StandIn:
     def __init__(self, token: str = "dev-token", latency_ms: int = 5) -> None: ...
@@ -155,6 +179,7 @@ class DevStack:
         api_latency_ms: int = 5,
         token: str = "dev-token",
         topic: str = "xzepr.dev.events",
+        extra_topics: list[str] = ...,
     ) -> None: ...
     @property
     def brokers(self) -> str: ...
@@ -180,3 +205,10 @@ def generate_events(
 def committed_offsets(
     brokers: str, group_id: str, topic: str, config: list[tuple[str, str]] = ...
 ) -> dict[int, tuple[int, int]]: ...
+def read_topic(
+    brokers: str,
+    topic: str,
+    count: int,
+    timeout_s: float = 20.0,
+    config: list[tuple[str, str]] = ...,
+) -> list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]: ...
