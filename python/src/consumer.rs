@@ -266,6 +266,16 @@ impl Consumer {
     }
 }
 
+/// The names of the pipeline's counters (`MetricsSnapshot`'s fields): what
+/// the package's `Metrics` must hold (its parity test compares them).
+#[pyfunction]
+pub(crate) fn metric_names() -> Vec<String> {
+    match serde_json::to_value(MetricsSnapshot::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
 /// Decodes one payload (structured mode, or binary mode with `ce_*` headers)
 /// into a `CloudEventMessage`, exactly as the consumer does.
 #[pyfunction]

@@ -76,6 +76,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(settings::default_settings, m)?)?;
     m.add_function(wrap_pyfunction!(settings::resolve_settings, m)?)?;
     m.add_function(wrap_pyfunction!(consumer::decode, m)?)?;
+    m.add_function(wrap_pyfunction!(consumer::metric_names, m)?)?;
     m.add_function(wrap_pyfunction!(convert::parse_timestamp, m)?)?;
     m.add_function(wrap_pyfunction!(config::kafka_config_from_env, m)?)?;
     m.add_function(wrap_pyfunction!(config::check_kafka_config, m)?)?;
