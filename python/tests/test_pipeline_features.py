@@ -26,6 +26,7 @@ from xzepr_consumer import (
     XzeprClient,
     XzeprClientConfig,
     XzeprConsumer,
+    XzeprConsumerError,
 )
 from xzepr_consumer.devstack import DevStack, produce, read_topic
 
@@ -260,3 +261,22 @@ def test_the_metrics_and_health_endpoint_is_served(
         assert consumer.metrics().handled == n
 
     asyncio.run(main())
+
+
+def test_an_unreachable_xzepr_fails_the_run_naming_the_receiver_and_the_cause(
+    stack: DevStack, kafka_config: Callable[[], KafkaConsumerConfig]
+) -> None:
+    produce(stack.brokers, stack.topic, [_event(0, "never")])
+    config = kafka_config()
+    handled: list[str] = []
+
+    async def main() -> None:
+        # Port 1 on loopback: nothing listens there.
+        client = XzeprClient(XzeprClientConfig("http://127.0.0.1:1", "t", timeout=2))
+        consumer = XzeprConsumer(config, client=client, receiver_name="py-unreachable")
+        with pytest.raises(XzeprConsumerError, match=r'receiver "py-unreachable".*refused'):
+            await asyncio.wait_for(consumer.run_with_callback(handled.append), 60)
+
+    asyncio.run(main())
+    assert handled == [], "nothing is consumed before the receiver is found"
+    assert committed(stack, config.group_id)[0] == 0
