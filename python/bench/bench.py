@@ -297,7 +297,7 @@ async def package_way(
                 raise RuntimeError("the consumer stopped on its own")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not done after 120 s: {consumer.metrics()}")
-            if lifecycle is not None and consumer.metrics().get("posted_completed", 0) >= n:
+            if lifecycle is not None and consumer.metrics().posted_completed >= n:
                 end, cpu_end = time.perf_counter(), time.process_time()
                 break
             try:

@@ -26,9 +26,13 @@ from typing import Any
 
 from xzepr_consumer import (
     CloudEventMessage,
+    DeadLetter,
     KafkaConsumerConfig,
+    MemoryStore,
     MessageHandler,
     Ordering,
+    RetryPolicy,
+    Settings,
     XzeprClient,
     XzeprConsumer,
 )
@@ -51,7 +55,8 @@ class DeploymentHandler(MessageHandler):
         # Simulate doing work (an await: other events proceed meanwhile).
         await asyncio.sleep(2)
         if not message.success:
-            # Posted as `deployment-processing.failed`, with this type and message.
+            # Retried twice; then posted as `deployment-processing.failed`, with
+            # this type and message, and dead-lettered.
             raise RuntimeError(f"deployment {message.id} reported failure")
         # Added to the `details` of `deployment-processing.completed`.
         return {
@@ -71,29 +76,28 @@ async def main() -> None:
     )
 
     async with XzeprClient.from_env() as client:
-        receiver_id = await client.discover_or_create_event_receiver(
-            name=f"{SERVICE_NAME}-receiver",
-            receiver_type="worker",
-            version="1.0.0",
-            description=f"Event receiver for {SERVICE_NAME} downstream service",
-            schema={
-                "type": "object",
-                "properties": {"work_id": {"type": "string"}, "status": {"type": "string"}},
-            },
-        )
-        logger.info("Using event receiver: %s", receiver_id)
-
         consumer = XzeprConsumer(
             kafka_config,
+            # The pipeline finds this receiver by name and type, or creates it.
             client=client,
-            receiver_id=receiver_id,
+            receiver_name=f"{SERVICE_NAME}-receiver",
             work_name="deployment-processing",
             work_version="1.0.0",
-            # Only deployment events reach the handler; the rest are committed as
-            # they pass, with no posts.
-            type_prefixes=["deployment."],
-            ordering=Ordering.PER_KEY,
-            max_in_flight=256,
+            settings=Settings(
+                # Only deployment events reach the handler; the rest are
+                # committed as they pass, with no posts.
+                types=["deployment."],
+                ordering=Ordering.PER_KEY,
+                max_in_flight=256,
+                # Three attempts, then the event goes to `<topic>.dlq` (which
+                # must exist: until the broker takes a letter, its offset waits).
+                retry=RetryPolicy(max_attempts=3),
+                dead_letter=DeadLetter(),
+                # Prometheus metrics, /health and /ready.
+                metrics_addr="127.0.0.1:9464",
+            ),
+            # A replayed event whose work was done already is not run again.
+            idempotency=MemoryStore(),
         )
         logger.info("Starting consumer loop")
         try:

@@ -197,13 +197,27 @@ impl Drop for Finisher {
     }
 }
 
+/// An error turned into its Python exception on the loop's thread (where the
+/// outcome is built), so making an exception of a class defined in Python
+/// never takes the GIL on a tokio thread.
+pub(crate) trait LoopError: Send + 'static {
+    fn into_py_err(self, py: Python<'_>) -> PyErr;
+}
+
+impl LoopError for PyErr {
+    fn into_py_err(self, _py: Python<'_>) -> PyErr {
+        self
+    }
+}
+
 /// Runs `future` on the shared tokio runtime and returns an asyncio future of
 /// the running loop that resolves to its output (or raises its error).
 /// Cancelling the asyncio future aborts the task.
-pub(crate) fn awaitable<'py, F, T>(py: Python<'py>, future: F) -> PyResult<Bound<'py, PyAny>>
+pub(crate) fn awaitable<'py, F, T, E>(py: Python<'py>, future: F) -> PyResult<Bound<'py, PyAny>>
 where
-    F: Future<Output = PyResult<T>> + Send + 'static,
+    F: Future<Output = Result<T, E>> + Send + 'static,
     T: for<'a> IntoPyObject<'a> + Send + 'static,
+    E: LoopError,
 {
     static PENDING: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
     let pending = PENDING.get_or_try_init(py, || {
@@ -229,7 +243,11 @@ where
         finisher.answered = true;
         finisher.shared.finish(
             id,
-            Box::new(move |py| output.and_then(|value| value.into_py_any(py))),
+            Box::new(move |py| {
+                output
+                    .map_err(|e| e.into_py_err(py))
+                    .and_then(|value| value.into_py_any(py))
+            }),
         );
     });
     running.insert(id, task.abort_handle());

@@ -1,373 +1,163 @@
-//! The pipeline with its handler on the caller's asyncio loop.
+//! The consumer: the library's `Pipeline::run`, with the handler on the
+//! caller's asyncio loop (through the [`Inbox`]).
 //!
-//! The core runs an async handler per event as a tokio future (up to
-//! `max_in_flight` at once, in the ordering mode's lanes). Here that future only
-//! parks the event in the [`Inbox`] and awaits its [`Token`]'s answer: it never
-//! touches Python. A park signals the inbox's [`Wake`] socket, which the loop
-//! watches; the loop side (`xzepr_consumer/consumer.py`) takes what is parked
-//! in one call under the GIL (converting it to dataclasses there), runs
-//! each as an asyncio task, and answers through the token, which is a plain
-//! channel send. The inbox holds at most `max_in_flight` events: a lane has one
-//! event in its handler at a time, and at most `max_in_flight` lanes run.
-//!
-//! A future the pipeline drops before its answer (at `handler_timeout`, at a
-//! revoke's or the stop's drain deadline) gives its event up: still parked, it
-//! is never handed over; already handed over, its key goes into the inbox's
-//! `dropped` list and the loop cancels its task.
+//! This module adds no run cycle of its own. It builds one `PipelineConfig`
+//! from the settings the package sends ([`crate::settings`]), hands it to
+//! `Pipeline::builder(kafka).config(..)` with the reporting
+//! (`report_to`: the pipeline finds or creates the receiver, reports, drains
+//! the reporter) and the idempotency store, and spawns `run_watching` on the
+//! shared runtime. The watch future holds the running pipeline until the
+//! package asks to stop; the package reads metrics and health through a weak
+//! reference, so the run's own drop of the pipeline (which closes the
+//! reporter's queue) is never held up by Python.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::{Arc, Mutex, Weak};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyTuple};
-use serde_json::Value;
-use tokio::sync::oneshot;
-use xzepr_consumer::decode::{CloudEventMessage, Decoder, DecoderConfig};
-use xzepr_consumer::dispatch::{Ordering, TypeFilter};
-use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
-use xzepr_consumer::pipeline::{Pipeline, RunningPipeline, WorkTemplate};
-use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
+use pyo3::types::{PyBytes, PyList};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use xzepr_consumer::decode::{Decoder, DecoderConfig};
+use xzepr_consumer::metrics::MetricsSnapshot;
+use xzepr_consumer::pipeline::{Pipeline, Reporting, RunningPipeline, Summary};
 
-use crate::bridge::{awaitable, Wake};
+use crate::bridge::awaitable;
 use crate::client::Client;
 use crate::config::KafkaArgs;
-use crate::convert::{message_to_py, py_to_value, Json};
-use crate::errors::{consumer_error, poisoned};
+use crate::convert::{message_to_py, Json};
+use crate::errors::{consumer_error, poisoned, Failure};
+use crate::idempotency::Store;
+use crate::inbox::{Bridge, Inbox};
 
-type Reply = oneshot::Sender<Result<Value, HandlerError>>;
+type Run = JoinHandle<Result<Summary, xzepr_consumer::Error>>;
 
-/// An event waiting for the loop to take it.
-struct Parked {
-    /// Names the event's asyncio task on the loop side.
-    key: u64,
-    message: CloudEventMessage,
-    info: WorkInfo,
-    reply: Reply,
+/// What the package and the run share.
+#[derive(Default)]
+struct State {
+    /// The running pipeline, while the run holds it.
+    running: Weak<RunningPipeline>,
+    /// The counters last read, and the final ones once the run ended.
+    last: Option<MetricsSnapshot>,
 }
 
-/// Where the pipeline's futures park events for the loop.
-struct Inbox {
-    queue: Mutex<VecDeque<Parked>>,
-    /// Signalled on every park and when the pipeline stops; the loop watches
-    /// its descriptor.
-    wake: Wake,
-    /// No event will be parked any more: the pipeline stopped and drained.
-    finished: AtomicBool,
-    /// The consumer was asked to stop: an event left unanswered is held for a
-    /// replay, not failed.
-    stopping: AtomicBool,
-    /// Keys of events whose future was dropped unanswered (the loop cancels
-    /// their tasks).
-    dropped: Mutex<Vec<u64>>,
-    next_key: AtomicU64,
-}
-
-impl Inbox {
-    fn new() -> std::io::Result<Self> {
-        Ok(Self {
-            queue: Mutex::default(),
-            wake: Wake::new()?,
-            finished: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
-            dropped: Mutex::default(),
-            next_key: AtomicU64::new(0),
-        })
-    }
-
-    fn finish(&self) {
-        self.finished.store(true, SeqCst);
-        self.wake.signal();
-    }
-}
-
-/// Tells the loop that an event's future ended without its answer, so that
-/// its task (if it has one) is cancelled: dropped at a timeout or a drain
-/// deadline, the handler must not go on with work whose outcome was decided.
-struct Unanswered {
-    inbox: Arc<Inbox>,
-    key: u64,
-    answered: bool,
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if !self.answered {
-            if let Ok(mut dropped) = self.inbox.dropped.lock() {
-                dropped.push(self.key);
-            }
-            self.inbox.wake.signal();
-        }
-    }
-}
-
-/// The core's async handler: parks the event and waits for the loop's answer.
-struct Bridge(Arc<Inbox>);
-
-impl AsyncHandler for Bridge {
-    fn handle(
-        &self,
-        message: CloudEventMessage,
-        info: WorkInfo,
-    ) -> BoxFuture<Result<Value, HandlerError>> {
-        let (reply, answer) = oneshot::channel();
-        let inbox = Arc::clone(&self.0);
-        let key = inbox.next_key.fetch_add(1, SeqCst);
-        let parked = Parked {
-            key,
-            message,
-            info,
-            reply,
-        };
-        Box::pin(async move {
-            match inbox.queue.lock() {
-                Ok(mut q) => q.push_back(parked),
-                Err(_) => return Err(HandlerError::with_code("inbox lock poisoned", "internal")),
-            }
-            inbox.wake.signal();
-            let mut guard = Unanswered {
-                inbox,
-                key,
-                answered: false,
-            };
-            let answer = answer.await;
-            guard.answered = true;
-            match answer {
-                Ok(result) => result,
-                // The loop dropped the token unanswered while stopping (a
-                // KeyboardInterrupt, a broken executor, a task cancelled at the
-                // stop): never report or finish it. Waiting lets the drain
-                // cancel this future, which leaves the offset held, so a
-                // restart replays the event.
-                Err(_) if guard.inbox.stopping.load(SeqCst) => std::future::pending().await,
-                // Otherwise a bug on the loop side: failing the event keeps its
-                // lane moving.
-                Err(_) => Err(HandlerError::with_code(
-                    "the handler's task ended without an answer",
-                    "unanswered",
-                )),
-            }
-        })
-    }
-}
-
-/// The answer slot of one event, handed to Python with it.
-#[pyclass(frozen, module = "xzepr_consumer._native")]
-pub(crate) struct Token {
-    reply: Mutex<Option<Reply>>,
-    info: WorkInfo,
-}
-
-impl Token {
-    fn answer(&self, result: Result<Value, HandlerError>) -> PyResult<bool> {
-        let reply = self.reply.lock().map_err(|_| poisoned())?.take();
-        // A closed channel means the pipeline gave up on the event (cancelled
-        // at its drain deadline): the answer no longer matters.
-        Ok(reply.is_some_and(|r| r.send(result).is_ok()))
-    }
-}
-
-#[pymethods]
-impl Token {
-    /// The handler succeeded; `details` (a JSON-able dict, or None) go into the
-    /// `completed` post. Returns False when the event was already answered or
-    /// abandoned by the pipeline.
-    #[pyo3(signature = (details = None))]
-    fn done(&self, details: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-        let details = match details {
-            Some(d) if !d.is_none() => py_to_value(d)?,
-            _ => Value::Null,
-        };
-        self.answer(Ok(details))
-    }
-
-    /// The handler raised: posted as `failed` with `error` "{error_type}: {message}"
-    /// and `error_code` the exception's type name.
-    fn fail(&self, error_type: &str, message: &str) -> PyResult<bool> {
-        let text = if message.is_empty() {
-            error_type.to_owned()
-        } else {
-            format!("{error_type}: {message}")
-        };
-        self.answer(Err(HandlerError::with_code(text, error_type)))
-    }
-
-    /// Whether the answer can no longer matter: already given, or the pipeline
-    /// gave the event up (its future was dropped at a timeout or a drain
-    /// deadline). Such an event must not run.
-    #[getter]
-    fn abandoned(&self) -> PyResult<bool> {
-        Ok(self
-            .reply
-            .lock()
-            .map_err(|_| poisoned())?
-            .as_ref()
-            .is_none_or(oneshot::Sender::is_closed))
-    }
-
-    #[getter]
-    fn work_id(&self) -> &str {
-        &self.info.work_id
-    }
-
-    #[getter]
-    fn topic(&self) -> &str {
-        &self.info.topic
-    }
-
-    #[getter]
-    fn partition(&self) -> i32 {
-        self.info.partition
-    }
-
-    #[getter]
-    fn offset(&self) -> i64 {
-        self.info.offset
-    }
-
-    fn __repr__(&self) -> String {
-        format!(
-            "Token(work_id={:?}, topic={:?}, partition={}, offset={})",
-            self.info.work_id, self.info.topic, self.info.partition, self.info.offset
-        )
-    }
-}
-
-fn ordering(py: Python<'_>, name: &str) -> PyResult<Ordering> {
-    match name {
-        "partition" => Ok(Ordering::PerPartition),
-        "key" => Ok(Ordering::PerKey),
-        "unordered" => Ok(Ordering::Unordered),
-        other => Err(crate::errors::config_error(
-            py,
-            format!("invalid ordering {other:?}: expected partition, key or unordered"),
-        )),
-    }
-}
-
-fn seconds(py: Python<'_>, name: &str, s: f64) -> PyResult<Duration> {
-    Duration::try_from_secs_f64(s)
-        .map_err(|_| crate::errors::config_error(py, format!("`{name}` must be >= 0: {s}")))
-}
-
-/// A running pipeline whose handler runs on the asyncio loop.
+/// A pipeline run whose handler runs on the asyncio loop.
 #[pyclass(frozen, module = "xzepr_consumer._native")]
 pub(crate) struct Consumer {
     inbox: Arc<Inbox>,
-    running: Arc<RunningPipeline>,
-    reporter: Mutex<Option<ReporterTask>>,
-    drain_timeout: Duration,
+    state: Arc<Mutex<State>>,
+    stop: watch::Sender<bool>,
+    run: Mutex<Option<Run>>,
+}
+
+/// The reporting's receiver and work, as the package names them.
+#[derive(Debug, FromPyObject)]
+#[pyo3(from_item_all)]
+pub(crate) struct ReportingArgs {
+    receiver_name: String,
+    receiver_type: String,
+    receiver_version: String,
+    receiver_description: String,
+    work_name: String,
+    work_version: String,
+}
+
+impl ReportingArgs {
+    fn to_reporting(&self, client: &Client, service: &str) -> Reporting {
+        Reporting::new(client.inner.clone(), service)
+            .receiver(&*self.receiver_name, &*self.receiver_type)
+            .receiver_details(
+                &*self.receiver_version,
+                &*self.receiver_description,
+                json!({"type": "object"}),
+            )
+            .work(&*self.work_name, &*self.work_version)
+    }
+}
+
+impl Consumer {
+    fn running(&self) -> PyResult<Option<Arc<RunningPipeline>>> {
+        Ok(self.state.lock().map_err(|_| poisoned())?.running.upgrade())
+    }
 }
 
 #[pymethods]
 impl Consumer {
-    /// Starts consuming. Lifecycle posts are on when `client`, `receiver_id`
-    /// and `work_name` are all given.
+    /// Checks everything (`build`), then starts the run: with `client` and
+    /// `reporting`, the pipeline first finds or creates the receiver.
+    /// Start-up failures (XZepr unreachable, the metrics address taken, a
+    /// consumer librdkafka refuses) come from `join`.
     #[new]
-    #[pyo3(signature = (
-        config, *, client = None, receiver_id = None, work_name = None,
-        work_version = "1.0.0".to_owned(), ordering = "partition", max_in_flight = 1024,
-        handler_timeout = None, drain_timeout = 10.0, commit_interval = 1.0,
-        type_prefixes = Vec::new(), skip_own_events = true,
-    ))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (config, settings, *, client = None, reporting = None, idempotency = None))]
     fn new(
         py: Python<'_>,
         config: KafkaArgs,
+        settings: &str,
         client: Option<PyRef<'_, Client>>,
-        receiver_id: Option<String>,
-        work_name: Option<String>,
-        work_version: String,
-        ordering: &str,
-        max_in_flight: usize,
-        handler_timeout: Option<f64>,
-        drain_timeout: f64,
-        commit_interval: f64,
-        type_prefixes: Vec<String>,
-        skip_own_events: bool,
+        reporting: Option<ReportingArgs>,
+        idempotency: Option<Store>,
     ) -> PyResult<Self> {
         let kafka = config.to_config(py)?;
         let service = kafka.service_name.clone();
-        let drain = seconds(py, "drain_timeout", drain_timeout)?;
-        let mut filter = TypeFilter::any();
-        for p in type_prefixes {
-            filter = filter.prefix(p);
-        }
+        let settings = crate::settings::parse(py, settings)?;
         let rt = crate::runtime();
         let mut builder = Pipeline::builder(kafka)
-            .runtime(rt.handle().clone())
-            .ordering(self::ordering(py, ordering)?)
-            .max_in_flight(max_in_flight)
-            .drain_timeout(drain)
-            .commit_interval(seconds(py, "commit_interval", commit_interval)?)
-            .type_filter(filter)
-            .skip_own_events(skip_own_events);
-        if let Some(t) = handler_timeout {
-            builder = builder.handler_timeout(seconds(py, "handler_timeout", t)?);
-        }
-        let mut reporter_task = None;
-        match (client, receiver_id, work_name) {
-            (Some(client), Some(receiver), Some(work)) => {
-                // The reporter's tasks are spawned on the runtime.
-                let _rt = rt.enter();
-                let (reporter, task) =
-                    Reporter::start(client.inner.clone(), ReporterConfig::default());
-                reporter_task = Some(task);
-                builder = builder.lifecycle(
-                    reporter,
-                    WorkTemplate::new(receiver, work, work_version, service),
-                );
+            .config(settings)
+            .runtime(rt.handle().clone());
+        match (client, reporting) {
+            (Some(client), Some(r)) => {
+                builder = builder.report_to(r.to_reporting(&client, &service))
             }
-            (None, None, None) => {}
+            (None, None) => {}
             _ => {
-                return Err(PyValueError::new_err(
-                    "automatic lifecycle needs client, receiver_id and work_name together",
+                return Err(crate::errors::config_error(
+                    py,
+                    "reporting needs both the client and the receiver and work".to_owned(),
                 ))
             }
         }
+        if let Some(store) = idempotency {
+            builder = store.apply(builder);
+        }
+        let pipeline = builder.build().map_err(|e| consumer_error(&e))?;
+
         let inbox = Arc::new(Inbox::new()?);
+        let state = Arc::new(Mutex::new(State::default()));
+        let (stop, mut stopped) = watch::channel(false);
         let bridge = Bridge(Arc::clone(&inbox));
-        // Creating the Kafka consumer may resolve names: not under the GIL.
-        let running = py
-            .detach(move || builder.start_async(bridge))
-            .map_err(|e| consumer_error(&e))?;
-        let running = Arc::new(running);
+        let shared = Arc::clone(&state);
+        let watched = Arc::clone(&state);
+        let run = rt.spawn(async move {
+            let ended = pipeline
+                .run_watching(bridge, move |running| async move {
+                    if let Ok(mut s) = watched.lock() {
+                        s.running = Arc::downgrade(&running);
+                    }
+                    // A stop asked for before the pipeline ran stops it now.
+                    if !*stopped.borrow_and_update() {
+                        let _ = stopped.changed().await;
+                    }
+                })
+                .await;
+            if let (Ok(summary), Ok(mut s)) = (&ended, shared.lock()) {
+                s.last = Some(summary.metrics);
+            }
+            ended
+        });
         Ok(Consumer {
             inbox,
-            running,
-            reporter: Mutex::new(reporter_task),
-            drain_timeout: drain,
+            state,
+            stop,
+            run: Mutex::new(Some(run)),
         })
     }
 
     /// Up to `max` parked events as `(key, CloudEventMessage, Token)`, without
-    /// waiting. Events the pipeline gave up on while they were parked are
-    /// dropped here, unrun.
+    /// waiting.
     fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
-        let parked: Vec<Parked> = {
-            let mut q = self.inbox.queue.lock().map_err(|_| poisoned())?;
-            let n = q.len().min(max);
-            q.drain(..n).collect()
-        };
-        let out = PyList::empty(py);
-        for p in parked {
-            if p.reply.is_closed() {
-                continue;
-            }
-            let key = p.key.into_pyobject(py)?.into_any();
-            let message = message_to_py(py, &p.message)?;
-            let token = Bound::new(
-                py,
-                Token {
-                    reply: Mutex::new(Some(p.reply)),
-                    info: p.info,
-                },
-            )?;
-            out.append(PyTuple::new(py, [key, message, token.into_any()])?)?;
-        }
-        Ok(out)
+        self.inbox.take(py, max)
     }
 
     /// The descriptor that becomes readable when events were parked or the
@@ -390,9 +180,14 @@ impl Consumer {
     }
 
     /// Stops fetching; running handlers drain (see `join`). Never blocks.
-    fn shutdown(&self) {
+    fn shutdown(&self) -> PyResult<()> {
         self.inbox.stopping.store(true, SeqCst);
-        self.running.shutdown();
+        self.stop.send_replace(true);
+        // At once, not when the run's task next runs.
+        if let Some(running) = self.running()? {
+            running.shutdown();
+        }
+        Ok(())
     }
 
     /// Whether `shutdown` was called: an event left unanswered from now on is
@@ -402,43 +197,82 @@ impl Consumer {
         self.inbox.stopping.load(SeqCst)
     }
 
-    /// Whether the pipeline stopped and drained (asked to, or on an error):
-    /// nothing more will be parked.
+    /// Whether the run ended (asked to, or on an error): nothing more will be
+    /// parked.
     #[getter]
     fn finished(&self) -> bool {
         self.inbox.finished.load(SeqCst)
     }
 
-    /// Waits, off the loop, until the pipeline stopped (on `shutdown` or on an
-    /// error) and drained, then marks the inbox finished and waits for the
-    /// reporter's last posts; raises the error the pipeline stopped on, if any.
-    /// Call it once, when the consumer starts: the loop keeps serving the
-    /// inbox until it is finished.
+    /// Waits until the run ended (the pipeline stopped, drained and committed,
+    /// the reporter's last posts sent or its deadline passed), then marks the
+    /// inbox finished. Resolves to whether every lifecycle post was sent;
+    /// raises the error the run stopped on, if any. Call it once, when the
+    /// consumer starts: the loop keeps serving the inbox until it is finished.
     fn join<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let running = Arc::clone(&self.running);
+        let run = self
+            .run
+            .lock()
+            .map_err(|_| poisoned())?
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("join was called already"))?;
         let inbox = Arc::clone(&self.inbox);
-        let reporter = self.reporter.lock().map_err(|_| poisoned())?.take();
-        let drain = self.drain_timeout;
         awaitable(py, async move {
-            let joined = tokio::task::spawn_blocking(move || running.join()).await;
+            let ended = run.await;
             inbox.finish();
-            if let Some(task) = reporter {
-                task.drain(drain).await;
-            }
-            match joined {
-                Ok(r) => r.map_err(|e| consumer_error(&e)),
-                Err(e) => Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
-                    "the drain task failed: {e}"
-                ))),
+            match ended {
+                Ok(Ok(summary)) => Ok(summary.reports_sent),
+                Ok(Err(e)) => Err(Failure::Run(e)),
+                Err(e) => Err(Failure::Internal(format!("the run's task failed: {e}"))),
             }
         })
     }
 
-    /// The pipeline's counters (consumed, handled, posted_started, finished, ...).
-    fn metrics<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let snapshot = serde_json::to_value(self.running.metrics())
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        Json(snapshot).into_pyobject(py)
+    /// The pipeline's counters as a dict (the package makes them a
+    /// `Metrics`): live while it runs, the final ones after.
+    fn metrics(&self) -> PyResult<Json> {
+        let running = self.running()?;
+        let mut state = self.state.lock().map_err(|_| poisoned())?;
+        // Kept: read again after the run dropped the pipeline and before it
+        // ended (the reporter's drain), the counters do not fall back to zero.
+        if let Some(running) = running {
+            state.last = Some(running.metrics());
+        }
+        let snapshot = state.last.unwrap_or_default();
+        drop(state);
+        serde_json::to_value(snapshot)
+            .map(Json)
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// Whether the pipeline is alive and ready, as `GET /health` and `GET
+    /// /ready` answer (a dict; the package makes it a `Health`); None unless
+    /// it runs.
+    fn health(&self) -> PyResult<Option<Json>> {
+        self.running()?
+            .map(|r| serde_json::to_value(r.health()).map(Json))
+            .transpose()
+            .map_err(|e| PyRuntimeError::new_err(e.to_string()))
+    }
+
+    /// The address the metrics endpoint listens on (`host:port`), while it
+    /// runs.
+    #[getter]
+    fn metrics_addr(&self) -> PyResult<Option<String>> {
+        Ok(self
+            .running()?
+            .and_then(|r| r.metrics_addr())
+            .map(|a| a.to_string()))
+    }
+}
+
+/// The names of the pipeline's counters (`MetricsSnapshot`'s fields): what
+/// the package's `Metrics` must hold (its parity test compares them).
+#[pyfunction]
+pub(crate) fn metric_names() -> Vec<String> {
+    match serde_json::to_value(MetricsSnapshot::default()) {
+        Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+        _ => Vec::new(),
     }
 }
 

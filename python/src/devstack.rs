@@ -141,14 +141,20 @@ pub(crate) struct DevStack {
 
 #[pymethods]
 impl DevStack {
+    /// `extra_topics` are created too, with one partition each (a dead-letter
+    /// topic, say).
     #[new]
-    #[pyo3(signature = (partitions = 3, api_latency_ms = 5, token = "dev-token", topic = "xzepr.dev.events"))]
+    #[pyo3(signature = (
+        partitions = 3, api_latency_ms = 5, token = "dev-token", topic = "xzepr.dev.events",
+        extra_topics = Vec::new(),
+    ))]
     fn new(
         py: Python<'_>,
         partitions: i32,
         api_latency_ms: u64,
         token: &str,
         topic: &str,
+        extra_topics: Vec<String>,
     ) -> PyResult<Self> {
         let (ready_tx, ready_rx) = mpsc::channel::<Result<String, String>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -164,9 +170,13 @@ impl DevStack {
                         return;
                     }
                 };
-                if let Err(e) = cluster.create_topic(&t, partitions, 1) {
-                    let _ = ready_tx.send(Err(e.to_string()));
-                    return;
+                let topics = std::iter::once((t.as_str(), partitions))
+                    .chain(extra_topics.iter().map(|x| (x.as_str(), 1)));
+                for (name, n) in topics {
+                    if let Err(e) = cluster.create_topic(name, n, 1) {
+                        let _ = ready_tx.send(Err(e.to_string()));
+                        return;
+                    }
                 }
                 let _ = ready_tx.send(Ok(cluster.bootstrap_servers()));
                 // Until `close` (or the stack is dropped).
@@ -356,6 +366,66 @@ pub(crate) fn committed_offsets(
                 .fetch_watermarks(topic, e.partition(), timeout)
                 .map_err(runtime_error)?;
             out.insert(e.partition(), (at, high));
+        }
+        Ok(out)
+    })
+}
+
+/// One record read back: key, payload and headers.
+type Record = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<(String, Vec<u8>)>);
+
+/// Reads `topic` from its start (every partition) until `count` records came
+/// or `timeout_s` passed, without committing: what a test checks was produced.
+#[pyfunction]
+#[pyo3(signature = (brokers, topic, count, timeout_s = 20.0, config = Vec::new()))]
+pub(crate) fn read_topic(
+    py: Python<'_>,
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    timeout_s: f64,
+    config: Vec<(String, String)>,
+) -> PyResult<Vec<Record>> {
+    use rdkafka::message::{Headers, Message};
+    let timeout = Duration::try_from_secs_f64(timeout_s).map_err(runtime_error)?;
+    py.detach(|| {
+        let c: BaseConsumer = client_config(brokers, &config)
+            .set("group.id", "xzepr-py-read-topic")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(runtime_error)?;
+        let metadata = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .map_err(runtime_error)?;
+        let mut tpl = TopicPartitionList::new();
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+                    .map_err(runtime_error)?;
+            }
+        }
+        c.assign(&tpl).map_err(runtime_error)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < count && std::time::Instant::now() < deadline {
+            let Some(m) = c.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let m = m.map_err(runtime_error)?;
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| (x.key.to_owned(), x.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push((
+                m.key().map(<[u8]>::to_vec),
+                m.payload().map(<[u8]>::to_vec),
+                headers,
+            ));
         }
         Ok(out)
     })

@@ -9,6 +9,8 @@ use xzepr_consumer::client::ClientError;
 use xzepr_consumer::decode::Error as DecodeError;
 use xzepr_consumer::source::SourceError;
 
+use crate::bridge::LoopError;
+
 static ERRORS: PyOnceLock<Py<PyModule>> = PyOnceLock::new();
 
 fn class<'py>(py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -73,15 +75,55 @@ pub(crate) fn config_error(py: Python<'_>, message: String) -> PyErr {
     raise(py, "ConfigError", (message,))
 }
 
-/// Anything else the core stopped on.
+/// A setting the core refused is a `ConfigError`; anything else the core
+/// stopped on an `XzeprConsumerError` whose text follows the error's chain of
+/// causes (`finding or creating receiver …: connection refused`).
 pub(crate) fn consumer_error(e: &xzepr_consumer::Error) -> PyErr {
+    use xzepr_consumer::Error as E;
     Python::attach(|py| match e {
-        xzepr_consumer::Error::Config(c) => config_error(py, c.to_string()),
-        xzepr_consumer::Error::Source(s @ SourceError::InvalidOption { .. }) => {
-            config_error(py, s.to_string())
-        }
-        other => raise(py, "XzeprConsumerError", (other.to_string(),)),
+        E::Config(_)
+        | E::Source(SourceError::InvalidOption { .. } | SourceError::Config(_))
+        | E::Decode(DecodeError::InvalidConfig { .. }) => config_error(py, e.to_string()),
+        other => raise(py, "XzeprConsumerError", (chain(other),)),
     })
+}
+
+/// An error's text, then each cause's that it does not already show.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// What a consumer's awaitables fail with, made an exception on the loop's
+/// thread (see [`LoopError`]).
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The error the run stopped on.
+    Run(xzepr_consumer::Error),
+    /// `XzeprConsumerError` with this text (a store that cannot open, …).
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    Consumer(String),
+    /// A bug of the bindings (a task that panicked).
+    Internal(String),
+}
+
+impl LoopError for Failure {
+    fn into_py_err(self, py: Python<'_>) -> PyErr {
+        match self {
+            Failure::Run(e) => consumer_error(&e),
+            Failure::Consumer(text) => raise(py, "XzeprConsumerError", (text,)),
+            Failure::Internal(text) => PyRuntimeError::new_err(text),
+        }
+    }
 }
 
 /// A poisoned lock: a bug, surfaced rather than hidden.

@@ -1,7 +1,8 @@
 //! `xzepr_consumer._native`: the Python package's bindings to the Rust core.
 //!
 //! ```text
-//!  Kafka ─> Rust pipeline (poll thread, decode, lanes, offsets, reporter)
+//!  Kafka ─> Pipeline::run (poll thread, decode, lanes, retry, dead letters,
+//!           idempotency, offsets, reporter, metrics endpoint)
 //!              │ each event's future (tokio) ──push──> Inbox ──take()──> asyncio loop
 //!              │                                                         (handler tasks)
 //!              └──<── Token.done()/fail() (oneshot, no GIL wait) ──<────────┘
@@ -10,7 +11,10 @@
 //! | module | what it binds |
 //! | --- | --- |
 //! | [`bridge`] | asyncio futures completed from tokio without taking the GIL there |
-//! | [`consumer`] | the pipeline with its handler on the asyncio loop, `decode` |
+//! | [`consumer`] | `Pipeline::run` with its handler on the asyncio loop, `decode` |
+//! | [`inbox`] | the handler's futures parking events for the loop, and their answers |
+//! | [`settings`] | the pipeline's settings: JSON read by `PipelineConfig::from_json` |
+//! | [`idempotency`] | the in-memory and PostgreSQL idempotency stores |
 //! | [`client`] | the XZepr REST client (awaitables on the shared tokio runtime) |
 //! | [`config`] | `KafkaConsumerConfig` from the `XZEPR_KAFKA_*` environment |
 //! | [`convert`] | owned messages into the package's dataclasses, JSON values both ways |
@@ -33,6 +37,9 @@ mod convert;
 #[cfg(feature = "dev-stack")]
 mod devstack;
 mod errors;
+mod idempotency;
+mod inbox;
+mod settings;
 
 use std::sync::OnceLock;
 
@@ -60,8 +67,16 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bridge::Completions>()?;
     m.add_class::<client::Client>()?;
     m.add_class::<consumer::Consumer>()?;
-    m.add_class::<consumer::Token>()?;
+    m.add_class::<inbox::Token>()?;
+    m.add_class::<idempotency::MemoryStore>()?;
+    #[cfg(feature = "postgres")]
+    m.add_class::<idempotency::PostgresStore>()?;
+    m.add_function(wrap_pyfunction!(idempotency::has_postgres, m)?)?;
+    m.add_function(wrap_pyfunction!(settings::setting_names, m)?)?;
+    m.add_function(wrap_pyfunction!(settings::default_settings, m)?)?;
+    m.add_function(wrap_pyfunction!(settings::resolve_settings, m)?)?;
     m.add_function(wrap_pyfunction!(consumer::decode, m)?)?;
+    m.add_function(wrap_pyfunction!(consumer::metric_names, m)?)?;
     m.add_function(wrap_pyfunction!(convert::parse_timestamp, m)?)?;
     m.add_function(wrap_pyfunction!(config::kafka_config_from_env, m)?)?;
     m.add_function(wrap_pyfunction!(config::check_kafka_config, m)?)?;
@@ -73,6 +88,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(devstack::produce, m)?)?;
         m.add_function(wrap_pyfunction!(devstack::generate_events, m)?)?;
         m.add_function(wrap_pyfunction!(devstack::committed_offsets, m)?)?;
+        m.add_function(wrap_pyfunction!(devstack::read_topic, m)?)?;
     }
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

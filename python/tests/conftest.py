@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
 from xzepr_consumer import KafkaConsumerConfig, XzeprConsumer
 from xzepr_consumer.devstack import DevStack, committed_offsets
+from xzepr_consumer.idempotency import HAS_POSTGRES
 
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 _groups = itertools.count()
@@ -38,6 +41,29 @@ def kafka_config(stack: DevStack) -> Callable[[], KafkaConsumerConfig]:
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def pg_dsn() -> Iterator[str]:
+    """A throwaway PostgreSQL server's DSN (see ``pg_server``): skipped when the
+    server or the build's ``postgres`` feature is missing, failed under CI."""
+    from pg_server import PgServer
+
+    def unavailable(reason: str) -> NoReturn:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {reason}")
+        pytest.skip(reason)
+
+    if not HAS_POSTGRES:
+        unavailable("this build of xzepr_consumer has no `postgres` feature")
+    try:
+        server = PgServer()
+    except RuntimeError as exc:
+        unavailable(str(exc))
+    try:
+        yield server.dsn
+    finally:
+        server.stop()
 
 
 def committed(stack: DevStack, group: str) -> tuple[int, int]:

@@ -74,14 +74,14 @@ def test_every_event_handled_reported_and_committed(
             return (
                 len(seen) >= n
                 and stats["completed"] >= n
-                and m["consumed"] >= n * 3 + 1
-                and m["finished"] == m["consumed"]
+                and m.consumed >= n * 3 + 1
+                and m.finished == m.consumed
             )
 
         await run_until(consumer, lambda: consumer.run(Handler()), done)
         m = consumer.metrics()
-        assert m["handler_failed"] == 0
-        assert m["posted_started"] == n and m["posted_completed"] == n
+        assert m.handler_failed == 0
+        assert m.posted_started == n and m.posted_completed == n
         stats = stack.api.stats()
         assert (stats["started"], stats["completed"], stats["failed"]) == (n, n, 0)
         done_, end = committed(stack, config.group_id)
@@ -120,12 +120,12 @@ def test_a_handler_exception_is_posted_failed_and_the_consumer_goes_on(
             return (
                 s["failed"] >= 10
                 and s["completed"] >= 20
-                and m["consumed"] >= 30 * 3 + 1
-                and m["finished"] == m["consumed"]
+                and m.consumed >= 30 * 3 + 1
+                and m.finished == m.consumed
             )
 
         await run_until(consumer, lambda: consumer.run_with_callback(handle), done)
-        assert consumer.metrics()["handler_failed"] == 10
+        assert consumer.metrics().handler_failed == 10
         done_, end = committed(stack, config.group_id)
         assert done_ == end
 
@@ -173,7 +173,7 @@ def test_per_key_order_holds_with_many_in_flight(
             lambda: consumer.run_with_callback(handle),
             lambda: sum(len(v) for v in order.values()) >= keys * per_key,
         )
-        assert consumer.metrics()["handler_failed"] == 0
+        assert consumer.metrics().handler_failed == 0
 
     asyncio.run(main())
     for k in range(keys):
@@ -212,7 +212,7 @@ def test_stop_mid_stream_then_restart_loses_nothing(
             lambda: committed(stack, config.group_id)[0] == n,
         )
         # The second run started at the first's commit point, not at zero.
-        assert second.metrics()["consumed"] <= n - partial + 1
+        assert second.metrics().consumed <= n - partial + 1
 
     asyncio.run(main())
     assert len(seen) == n

@@ -82,7 +82,7 @@ def _lane_moves_on_past(
             lambda: len(handled) == n - 1 and committed(stack, config.group_id)[0] == n,
             timeout=20,
         )
-        assert consumer.metrics()["handler_failed"] == 1
+        assert consumer.metrics().handler_failed == 1
 
     asyncio.run(main())
     assert handled == list(range(1, n))
@@ -130,7 +130,7 @@ def test_handler_timeout_cancels_the_handler_task(
             lambda: len(cancelled) == n and committed(stack, config.group_id)[0] == n,
             timeout=30,
         )
-        assert consumer.metrics()["handler_timeouts"] == n
+        assert consumer.metrics().handler_timeouts == n
 
     asyncio.run(main())
     assert finished == set()
@@ -151,7 +151,7 @@ def test_an_event_whose_native_future_was_dropped_while_parked_never_runs(
         ran.append(int(message.version))
         if len(ran) == 1:
             deadline = time.monotonic() + 20
-            while consumer.metrics()["handler_timeouts"] < n:
+            while consumer.metrics().handler_timeouts < n:
                 assert time.monotonic() < deadline, consumer.metrics()
                 time.sleep(0.01)
 
@@ -177,7 +177,7 @@ def test_a_token_dropped_unanswered_fails_its_event_and_the_lane_moves_on(
     config = kafka_config()
 
     async def main() -> None:
-        native = _native.Consumer(config._to_native(), drain_timeout=1)
+        native = _native.Consumer(config._to_native(), json.dumps({"drain_timeout": "1s"}))
         joined = native.join()
         deadline = time.monotonic() + 30
         taken = 0
@@ -229,7 +229,7 @@ def test_a_broken_executor_stops_the_consumer_with_the_offsets_unfinished(
     assert isinstance(raised.value.__cause__, (RuntimeError, concurrent.futures.BrokenExecutor))
     assert ran == []
     assert committed(stack, config.group_id) == (0, n), "nothing committed unprocessed"
-    assert consumer.metrics()["handler_failed"] == 0
+    assert consumer.metrics().handler_failed == 0
 
 
 DEEP_CHILD = textwrap.dedent(
@@ -272,8 +272,8 @@ DEEP_CHILD = textwrap.dedent(
         deadline = time.monotonic() + 60
         while True:
             m = consumer.metrics()
-            done = m.get("posted_failed", 0) + m.get("posted_completed", 0)
-            if done >= n and m["finished"] == m["consumed"]:
+            done = m.posted_failed + m.posted_completed
+            if done >= n and m.finished == m.consumed:
                 break
             if task.done():
                 task.result()
@@ -281,7 +281,7 @@ DEEP_CHILD = textwrap.dedent(
             await asyncio.sleep(0.05)
         consumer.stop()
         await asyncio.wait_for(task, 60)
-        print(json.dumps(consumer.metrics()), flush=True)
+        print(json.dumps(consumer.metrics().as_dict()), flush=True)
 
     asyncio.run(main())
     """

@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
             await asyncio.sleep(0.01)
 
         await consumer.run_with_callback(handle)
-        print(json.dumps({"handled": handled, **consumer.metrics()}), flush=True)
+        print(json.dumps({"handled": handled, **consumer.metrics().as_dict()}), flush=True)
 
     asyncio.run(main())
     """

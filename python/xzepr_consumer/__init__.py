@@ -1,7 +1,8 @@
 """XZepr Consumer: Kafka consumer for XZepr CloudEvents messages, on a Rust core.
 
 Handlers are ``async def`` coroutines on your asyncio loop; Kafka, decoding,
-ordering, offsets and lifecycle reporting run in Rust.
+ordering, retries, dead letters, idempotency, offsets, lifecycle reporting and
+the metrics endpoint run in Rust.
 """
 
 from .client import (
@@ -16,7 +17,7 @@ from .config import (
     SecurityProtocol,
     SslConfig,
 )
-from .consumer import MessageHandler, Ordering, XzeprConsumer
+from .consumer import MessageHandler, XzeprConsumer
 from .errors import (
     ConfigError,
     DecodeError,
@@ -26,6 +27,7 @@ from .errors import (
     XzeprConsumerError,
     XzeprNotFoundError,
 )
+from .idempotency import IdempotencyMetrics, MemoryStore, PostgresStore
 from .message import (
     CloudEventData,
     CloudEventMessage,
@@ -33,22 +35,46 @@ from .message import (
     EventReceiverEntity,
     EventReceiverGroupEntity,
 )
+from .observe import Health, Metrics, PartitionState
+from .settings import (
+    DeadLetter,
+    DecoderLimits,
+    Duration,
+    IdempotencyKey,
+    MalformedPolicy,
+    Ordering,
+    RetryPolicy,
+    Settings,
+)
 
 __all__ = [
     "CloudEventData",
     "CloudEventMessage",
     "ConfigError",
+    "DeadLetter",
     "DecodeError",
+    "DecoderLimits",
+    "Duration",
     "EventEntity",
     "EventReceiverEntity",
     "EventReceiverGroupEntity",
     "EventReceiverResponse",
+    "Health",
+    "IdempotencyKey",
+    "IdempotencyMetrics",
     "KafkaConsumerConfig",
+    "MalformedPolicy",
+    "MemoryStore",
     "MessageHandler",
+    "Metrics",
     "Ordering",
+    "PartitionState",
+    "PostgresStore",
+    "RetryPolicy",
     "SaslConfig",
     "SaslMechanism",
     "SecurityProtocol",
+    "Settings",
     "SslConfig",
     "XzeprApiError",
     "XzeprAuthError",

@@ -1,32 +1,50 @@
-"""The XZepr consumer: the Rust pipeline, with handlers on your asyncio loop.
+"""The XZepr consumer: the Rust library's pipeline run, with handlers on your
+asyncio loop.
 
-Rust owns Kafka (one poll thread), decoding, the lanes that keep the ordering
-mode, the offsets and the lifecycle reporter. Each event whose lane may run is
-handed to this loop and run as an asyncio task (up to ``max_in_flight`` at
-once); its answer goes back to Rust, which posts ``completed``/``failed`` and
-commits the offset once it and every earlier one are finished and acknowledged.
+Rust owns the whole run cycle (``Pipeline::run``): Kafka (one poll thread),
+decoding, the lanes that keep the ordering mode, retries, dead letters,
+idempotency, offsets, the lifecycle reporter and the metrics endpoint. Each
+event whose lane may run is handed to this loop and run as an asyncio task
+(up to ``max_in_flight`` at once); its answer goes back to Rust, which posts
+``completed``/``failed`` and commits the offset once it and every earlier one
+are finished and acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import copy
 import inspect
+import json
 import logging
 import signal
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from enum import Enum
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from . import _native
 from .client import XzeprClient
 from .config import KafkaConsumerConfig
 from .errors import XzeprConsumerError
+from .idempotency import MemoryStore, PostgresStore
 from .message import CloudEventMessage
+from .observe import Health, Metrics
+from .settings import (
+    DeadLetter,
+    Duration,
+    Ordering,
+    RetryPolicy,
+    Settings,
+    _optional_duration,
+    _types,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["Callback", "HandlerResult", "MessageHandler", "Ordering", "XzeprConsumer"]
 
 #: What a handler may return: None, or a dict of details for the ``completed`` post.
 HandlerResult = dict[str, Any] | None
@@ -54,54 +72,59 @@ class MessageHandler(ABC):
         Return None, or a dict added to the ``details`` of the ``completed``
         lifecycle post (JSON values, nested at most 128 levels: deeper, or a
         value that contains itself, fails the event with a ``ValueError``).
-        An exception is posted as ``failed`` (its type and message) and the
-        offset still finishes: retrying is the handler's business, a poison
-        message must not stall its lane.
+        An exception fails the attempt: it is retried by the retry policy
+        (``Settings.retry``; by default not at all), and the last one is
+        posted as ``failed`` (its type and message) and dead-lettered if a
+        dead-letter topic is set; the offset still finishes, so a poison
+        message never stalls its lane.
         """
 
 
-class Ordering(str, Enum):
-    """What may run at once (the Rust pipeline's ordering modes)."""
+@dataclass(frozen=True)
+class _Reporting:
+    """Where the lifecycle is reported (the pipeline finds or creates the
+    receiver by name and type)."""
 
-    #: One event of a partition at a time, in offset order (the default).
-    PER_PARTITION = "partition"
-    #: One event per message key at a time, in offset order within the key.
-    PER_KEY = "key"
-    #: Any event as soon as there is room under ``max_in_flight``.
-    UNORDERED = "unordered"
+    client: XzeprClient
+    receiver_name: str | None
+    receiver_type: str
+    receiver_id: str | None
+    work_name: str
+    work_version: str
 
 
 class XzeprConsumer:
     """Kafka consumer for XZepr CloudEvents messages.
 
-    Automatic lifecycle: given ``client``, ``receiver_id`` and ``work_name``, each
-    handled event is posted as ``{work_name}.started`` before its handler runs and
-    ``.completed`` or ``.failed`` after; its offset is committed only once both
-    posts were acknowledged. Without them, nothing is posted and an offset is
-    committed once its handler returned.
+    Automatic lifecycle: given ``client``, each handled event is posted as
+    ``{work_name}.started`` before its handler runs and ``.completed`` or
+    ``.failed`` after, under the service's receiver (found by
+    ``receiver_name`` and ``receiver_type``, or created); its offset is
+    committed only once both posts were acknowledged. Without a client,
+    nothing is posted and an offset is committed once its handler returned.
+
+    The pipeline's settings come from ``settings`` (a ``Settings``, or a
+    mapping of the library's ``PipelineConfig`` keys, as in the CLI's
+    ``--config`` file), with the keyword arguments below over them. They are
+    checked here, by the library: a refused one raises ``ConfigError``
+    naming it.
 
     Args:
         config: Kafka settings.
+        settings: every pipeline setting (see ``Settings``); default: the
+            library's defaults.
         client: the XZepr client the lifecycle posts go through.
-        receiver_id: the service's receiver (see
-            ``XzeprClient.discover_or_create_event_receiver``).
-        work_name: lifecycle events are named ``{work_name}.started`` and so on.
+        receiver_name: the service's receiver (default: the service name).
+        receiver_type: its type (default ``worker``).
+        receiver_id: instead of ``receiver_name``: a known receiver, looked up
+            when the run starts; the pipeline then finds it by its name and
+            type (the earliest such receiver, if several share them).
+        work_name: lifecycle events are named ``{work_name}.started`` and so
+            on (default: the service name).
         work_version: the posts' version and release.
-        ordering: see ``Ordering``.
-        max_in_flight: most handlers running at once; past it, events wait in
-            Rust (and partitions pause when its buffers fill).
-        handler_timeout: seconds a handler may run; past it, its task is
-            cancelled and its event posted ``failed`` with code ``timeout``
-            (a sync handler in ``executor`` cannot be stopped: it runs on, but
-            its outcome no longer counts). Default: no limit.
-        drain_timeout: seconds a stop (or a revoke) waits for running handlers;
-            those still running then are cancelled and their events replayed by
-            the next run.
-        commit_interval: seconds between commits of finished offsets.
-        type_prefixes: only event types starting with one of these reach the
-            handler (the rest are committed at once, without posts). Default: all.
-        skip_own_events: skip events whose source is ``receiver_id`` (XZepr
-            republishes every post, so the service would see its own).
+        idempotency: a ``MemoryStore`` or ``PostgresStore``: each event's work
+            runs at most once per idempotency key (see
+            ``xzepr_consumer.idempotency``).
         executor: where a *sync* handler runs. None (the default) runs it on the
             loop's thread, which suits quick, non-blocking work; give a
             ``concurrent.futures.Executor`` for blocking work. An executor that
@@ -109,69 +132,100 @@ class XzeprConsumer:
             no handler failure: the consumer stops, the events it could not run
             stay uncommitted (replayed by the next run), and ``run`` raises
             ``XzeprConsumerError`` saying why.
+        ordering, max_in_flight, handler_timeout, drain_timeout,
+        commit_interval, skip_own_events, retry, dead_letter, metrics_addr:
+            the ``Settings`` fields of the same names, over ``settings``.
+        type_prefixes: ``Settings.types``, over ``settings``.
     """
 
     def __init__(
         self,
         config: KafkaConsumerConfig,
         *,
+        settings: Settings | Mapping[str, Any] | None = None,
         client: XzeprClient | None = None,
+        receiver_name: str | None = None,
+        receiver_type: str = "worker",
         receiver_id: str | None = None,
         work_name: str | None = None,
         work_version: str = "1.0.0",
-        ordering: Ordering | str = Ordering.PER_PARTITION,
-        max_in_flight: int = 1024,
-        handler_timeout: float | None = None,
-        drain_timeout: float = 10.0,
-        commit_interval: float = 1.0,
-        type_prefixes: Sequence[str] = (),
-        skip_own_events: bool = True,
+        idempotency: MemoryStore | PostgresStore | None = None,
         executor: concurrent.futures.Executor | None = None,
+        ordering: Ordering | str | None = None,
+        max_in_flight: int | None = None,
+        handler_timeout: Duration | None = None,
+        drain_timeout: Duration | None = None,
+        commit_interval: Duration | None = None,
+        type_prefixes: Sequence[str] | None = None,
+        skip_own_events: bool | None = None,
+        retry: RetryPolicy | None = None,
+        dead_letter: DeadLetter | None = None,
+        metrics_addr: str | None = None,
     ) -> None:
-        lifecycle = (client, receiver_id, work_name)
-        if any(x is not None for x in lifecycle) and not all(x is not None for x in lifecycle):
-            raise ValueError("automatic lifecycle needs client, receiver_id and work_name")
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        if client is None and any(x is not None for x in (receiver_name, receiver_id, work_name)):
+            raise ValueError("receiver_name, receiver_id and work_name need a client to report to")
+        if receiver_name is not None and receiver_id is not None:
+            raise ValueError("give receiver_name or receiver_id, not both")
         self.config = config
-        self._client = client
-        self._receiver_id = receiver_id
-        self._work_name = work_name
-        self._work_version = work_version
-        self._ordering = Ordering(ordering)
-        self._max_in_flight = max_in_flight
-        self._handler_timeout = handler_timeout
-        self._drain_timeout = drain_timeout
-        self._commit_interval = commit_interval
-        self._type_prefixes = list(type_prefixes)
-        self._skip_own_events = skip_own_events
+        self._reporting = (
+            None
+            if client is None
+            else _Reporting(
+                client=client,
+                receiver_name=receiver_name,
+                receiver_type=receiver_type,
+                receiver_id=receiver_id,
+                work_name=work_name or config.service_name,
+                work_version=work_version,
+            )
+        )
+        overrides: dict[str, Any] = {
+            "ordering": None if ordering is None else Ordering(ordering)._config(),
+            "max_in_flight": max_in_flight,
+            "handler_timeout": _optional_duration(handler_timeout),
+            "drain_timeout": _optional_duration(drain_timeout),
+            "commit_interval": _optional_duration(commit_interval),
+            "types": None if type_prefixes is None else _types(type_prefixes),
+            "skip_own_events": skip_own_events,
+            "retry": None if retry is None else retry._config(),
+            "dead_letter": None if dead_letter is None else dead_letter._config(),
+            "metrics_addr": metrics_addr,
+        }
+        self._settings: dict[str, Any] = {
+            **_base_config(settings),
+            **{k: v for k, v in overrides.items() if v is not None},
+        }
+        # Checked by the library now (a full build, nothing started), so a
+        # refused setting fails here rather than when the run starts.
+        self._resolved: dict[str, Any] = json.loads(
+            _native.resolve_settings(json.dumps(self._settings), config._to_native())
+        )
+        self._idempotency = idempotency
         self._executor = executor
         self._native: _native.Consumer | None = None
         self._stop_requested = False
         self._closed = False
         self._interrupt: BaseException | None = None
-        self._last_metrics: dict[str, int] = {}
+        self._last_metrics = Metrics()
 
-    async def run(self, handler: MessageHandler, poll_timeout: float = 1.0) -> None:
+    async def run(self, handler: MessageHandler) -> None:
         """Consume until ``stop()``, SIGINT or SIGTERM, running ``handler.handle``.
 
         Returns after the drain: running handlers finished (or were cancelled at
         ``drain_timeout``), finished offsets committed, lifecycle posts sent.
-        ``poll_timeout`` is accepted for compatibility; polling is Rust's.
 
         Raises:
             XzeprConsumerError: the consumer stopped on an error (e.g. the broker
-                refused the credentials, or ``executor`` cannot run handlers).
+                refused the credentials, XZepr could not be reached to find the
+                receiver, or ``executor`` cannot run handlers).
             KeyboardInterrupt: raised in a handler; re-raised after the drain.
         """
-        del poll_timeout
         await self._consume(handler.handle)
 
-    async def run_with_callback(self, callback: Callback, poll_timeout: float = 1.0) -> None:
+    async def run_with_callback(self, callback: Callback) -> None:
         """As ``run``, with a callable: ``async def f(message)``, or a plain
         function (run on the loop's thread, or in ``executor`` if one was given).
         """
-        del poll_timeout
         await self._consume(callback)
 
     def stop(self) -> None:
@@ -187,14 +241,32 @@ class XzeprConsumer:
         self._closed = True
         self.stop()
 
-    def metrics(self) -> dict[str, int]:
-        """The pipeline's counters: consumed, handled, handler_failed,
-        posted_started, posted_completed, posted_failed, finished, ... (those
-        of the last run once it ended)."""
+    def metrics(self) -> Metrics:
+        """The pipeline's counters: live while it runs, those of the last run
+        once it ended."""
         native = self._native
         if native is not None:
-            self._last_metrics = native.metrics()
-        return dict(self._last_metrics)
+            self._last_metrics = Metrics._from_native(native.metrics())
+        return self._last_metrics
+
+    def health(self) -> Health | None:
+        """Whether the pipeline is alive and ready (what ``GET /health`` and
+        ``GET /ready`` answer); None unless it runs."""
+        native = self._native
+        h = native.health() if native is not None else None
+        return None if h is None else Health._from_native(h)
+
+    @property
+    def metrics_addr(self) -> str | None:
+        """Where ``/metrics``, ``/health`` and ``/ready`` are served
+        (``host:port``, the port bound when it was 0), while it runs."""
+        native = self._native
+        return None if native is None else native.metrics_addr
+
+    def pipeline_config(self) -> dict[str, Any]:
+        """The settings this consumer runs with, every default filled in, as
+        the CLI's ``--print-config`` shows them."""
+        return copy.deepcopy(self._resolved)
 
     async def _consume(self, call: Callback) -> None:
         if self._closed:
@@ -202,19 +274,14 @@ class XzeprConsumer:
         if self._native is not None:
             raise RuntimeError("the consumer is already running")
         loop = asyncio.get_running_loop()
+        reporting = await self._reporting_args()
+        store = self._idempotency
         native = _native.Consumer(
             self.config._to_native(),
-            client=self._client._client() if self._client is not None else None,
-            receiver_id=self._receiver_id,
-            work_name=self._work_name,
-            work_version=self._work_version,
-            ordering=self._ordering.value,
-            max_in_flight=self._max_in_flight,
-            handler_timeout=self._handler_timeout,
-            drain_timeout=self._drain_timeout,
-            commit_interval=self._commit_interval,
-            type_prefixes=self._type_prefixes,
-            skip_own_events=self._skip_own_events,
+            json.dumps(self._settings),
+            client=None if self._reporting is None else self._reporting.client._client(),
+            reporting=reporting,
+            idempotency=None if store is None else store._native,
         )
         self._native = native
         if self._stop_requested:
@@ -226,11 +293,12 @@ class XzeprConsumer:
             "Consuming %s as group %s (%s, max_in_flight=%d)",
             self.config.topic,
             self.config.group_id,
-            self._ordering.value,
-            self._max_in_flight,
+            self._resolved["ordering"],
+            self._resolved["max_in_flight"],
         )
-        # Resolves once the pipeline stopped (on stop() or on an error) and
-        # drained; until then the loop serves what it hands over.
+        # Resolves once the run ended (on stop() or on an error): the pipeline
+        # drained and committed, the reporter drained; until then the loop
+        # serves what it hands over.
         joined = native.join()
         try:
             await self._serve(native, call, inline, tasks)
@@ -241,7 +309,11 @@ class XzeprConsumer:
                     # Interrupted (cancelled): keep serving the drain, so what
                     # the pipeline hands over still runs and is committed.
                     await self._serve(native, call, inline, tasks)
-                await joined
+                if not await joined:
+                    logger.warning(
+                        "Lifecycle posts still unsent at the deadline; their offsets "
+                        "were not committed and are replayed"
+                    )
             finally:
                 # What is left was abandoned by the pipeline (its offsets are
                 # not committed and will be replayed).
@@ -250,13 +322,33 @@ class XzeprConsumer:
                     t.cancel()
                 if left:
                     await asyncio.gather(*left, return_exceptions=True)
-                self._last_metrics = native.metrics()
+                self._last_metrics = Metrics._from_native(native.metrics())
                 self._native = None
                 self._stop_requested = False
                 restore()
         interrupt, self._interrupt = self._interrupt, None
         if interrupt is not None:
             raise interrupt
+
+    async def _reporting_args(self) -> dict[str, str] | None:
+        """The reporting's receiver and work; a ``receiver_id`` is looked up
+        for its name and type."""
+        r = self._reporting
+        if r is None:
+            return None
+        name, receiver_type = r.receiver_name, r.receiver_type
+        if r.receiver_id is not None:
+            receiver = await r.client.get_event_receiver(r.receiver_id)
+            name, receiver_type = receiver.name, receiver.receiver_type
+        service = self.config.service_name
+        return {
+            "receiver_name": name or service,
+            "receiver_type": receiver_type,
+            "receiver_version": "1.0.0",
+            "receiver_description": f"{service}: events handled by xzepr-consumer",
+            "work_name": r.work_name,
+            "work_version": r.work_version,
+        }
 
     async def _serve(
         self,
@@ -452,6 +544,23 @@ class XzeprConsumer:
                     signal.signal(sig, previous)
 
         return restore
+
+
+def _base_config(settings: Settings | Mapping[str, Any] | None) -> dict[str, Any]:
+    """The ``PipelineConfig`` object of ``settings``; in a mapping, the
+    package's ``Ordering`` names are accepted beside the library's."""
+    if settings is None:
+        return {}
+    if isinstance(settings, Settings):
+        return settings.to_config()
+    base = dict(settings)
+    ordering = base.get("ordering")
+    if isinstance(ordering, str):
+        try:
+            base["ordering"] = Ordering(ordering)._config()
+        except ValueError:
+            pass  # refused by the library, naming it
+    return base
 
 
 def _text(exc: BaseException) -> str:

@@ -1,0 +1,260 @@
+//! Where the pipeline's handler futures hand events to the asyncio loop.
+//!
+//! The core runs an async handler per event as a tokio future (up to
+//! `max_in_flight` at once, in the ordering mode's lanes). Here that future
+//! ([`Bridge`]) only parks the event in the [`Inbox`] and awaits its
+//! [`Token`]'s answer: it never touches Python. A park signals the inbox's
+//! [`Wake`] socket, which the loop watches; the loop side
+//! (`xzepr_consumer/consumer.py`) takes what is parked in one call under the
+//! GIL ([`Inbox::take`], converting it to dataclasses there), runs each as an
+//! asyncio task, and answers through the token, which is a plain channel
+//! send. The inbox holds at most `max_in_flight` events: a lane has one event
+//! in its handler at a time, and at most `max_in_flight` lanes run.
+//!
+//! A future the pipeline drops before its answer (at `handler_timeout`, at a
+//! revoke's or the stop's drain deadline) gives its event up: still parked, it
+//! is never handed over; already handed over, its key goes into the inbox's
+//! `dropped` list and the loop cancels its task. A retried event (the
+//! pipeline's retry policy) is parked again, as a new key, for each attempt.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+use serde_json::Value;
+use tokio::sync::oneshot;
+use xzepr_consumer::decode::CloudEventMessage;
+use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
+
+use crate::bridge::Wake;
+use crate::convert::{message_to_py, py_to_value};
+use crate::errors::poisoned;
+
+type Reply = oneshot::Sender<Result<Value, HandlerError>>;
+
+/// An event waiting for the loop to take it.
+struct Parked {
+    /// Names the event's asyncio task on the loop side.
+    key: u64,
+    message: CloudEventMessage,
+    info: WorkInfo,
+    reply: Reply,
+}
+
+/// Where the pipeline's futures park events for the loop.
+pub(crate) struct Inbox {
+    queue: Mutex<VecDeque<Parked>>,
+    /// Signalled on every park and when the pipeline stops; the loop watches
+    /// its descriptor.
+    pub(crate) wake: Wake,
+    /// No event will be parked any more: the pipeline stopped and drained.
+    pub(crate) finished: AtomicBool,
+    /// The consumer was asked to stop: an event left unanswered is held for a
+    /// replay, not failed.
+    pub(crate) stopping: AtomicBool,
+    /// Keys of events whose future was dropped unanswered (the loop cancels
+    /// their tasks).
+    pub(crate) dropped: Mutex<Vec<u64>>,
+    next_key: AtomicU64,
+}
+
+impl Inbox {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            queue: Mutex::default(),
+            wake: Wake::new()?,
+            finished: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            dropped: Mutex::default(),
+            next_key: AtomicU64::new(0),
+        })
+    }
+
+    pub(crate) fn finish(&self) {
+        self.finished.store(true, SeqCst);
+        self.wake.signal();
+    }
+
+    /// Up to `max` parked events as `(key, CloudEventMessage, Token)`, without
+    /// waiting. Events the pipeline gave up on while they were parked are
+    /// dropped here, unrun.
+    pub(crate) fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
+        let parked: Vec<Parked> = {
+            let mut q = self.queue.lock().map_err(|_| poisoned())?;
+            let n = q.len().min(max);
+            q.drain(..n).collect()
+        };
+        let out = PyList::empty(py);
+        for p in parked {
+            if p.reply.is_closed() {
+                continue;
+            }
+            let key = p.key.into_pyobject(py)?.into_any();
+            let message = message_to_py(py, &p.message)?;
+            let token = Bound::new(
+                py,
+                Token {
+                    reply: Mutex::new(Some(p.reply)),
+                    info: p.info,
+                },
+            )?;
+            out.append(PyTuple::new(py, [key, message, token.into_any()])?)?;
+        }
+        Ok(out)
+    }
+}
+
+/// Tells the loop that an event's future ended without its answer, so that
+/// its task (if it has one) is cancelled: dropped at a timeout or a drain
+/// deadline, the handler must not go on with work whose outcome was decided.
+struct Unanswered {
+    inbox: Arc<Inbox>,
+    key: u64,
+    answered: bool,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            if let Ok(mut dropped) = self.inbox.dropped.lock() {
+                dropped.push(self.key);
+            }
+            self.inbox.wake.signal();
+        }
+    }
+}
+
+/// The core's async handler: parks the event and waits for the loop's answer.
+pub(crate) struct Bridge(pub(crate) Arc<Inbox>);
+
+impl AsyncHandler for Bridge {
+    fn handle(
+        &self,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> BoxFuture<Result<Value, HandlerError>> {
+        let (reply, answer) = oneshot::channel();
+        let inbox = Arc::clone(&self.0);
+        let key = inbox.next_key.fetch_add(1, SeqCst);
+        let parked = Parked {
+            key,
+            message,
+            info,
+            reply,
+        };
+        Box::pin(async move {
+            match inbox.queue.lock() {
+                Ok(mut q) => q.push_back(parked),
+                Err(_) => return Err(HandlerError::with_code("inbox lock poisoned", "internal")),
+            }
+            inbox.wake.signal();
+            let mut guard = Unanswered {
+                inbox,
+                key,
+                answered: false,
+            };
+            let answer = answer.await;
+            guard.answered = true;
+            match answer {
+                Ok(result) => result,
+                // The loop dropped the token unanswered while stopping (a
+                // KeyboardInterrupt, a broken executor, a task cancelled at the
+                // stop): never report or finish it. Waiting lets the drain
+                // cancel this future, which leaves the offset held, so a
+                // restart replays the event.
+                Err(_) if guard.inbox.stopping.load(SeqCst) => std::future::pending().await,
+                // Otherwise a bug on the loop side: failing the event keeps its
+                // lane moving.
+                Err(_) => Err(HandlerError::with_code(
+                    "the handler's task ended without an answer",
+                    "unanswered",
+                )),
+            }
+        })
+    }
+}
+
+/// The answer slot of one event, handed to Python with it.
+#[pyclass(frozen, module = "xzepr_consumer._native")]
+pub(crate) struct Token {
+    reply: Mutex<Option<Reply>>,
+    info: WorkInfo,
+}
+
+impl Token {
+    fn answer(&self, result: Result<Value, HandlerError>) -> PyResult<bool> {
+        let reply = self.reply.lock().map_err(|_| poisoned())?.take();
+        // A closed channel means the pipeline gave up on the event (cancelled
+        // at its drain deadline): the answer no longer matters.
+        Ok(reply.is_some_and(|r| r.send(result).is_ok()))
+    }
+}
+
+#[pymethods]
+impl Token {
+    /// The handler succeeded; `details` (a JSON-able dict, or None) go into the
+    /// `completed` post. Returns False when the event was already answered or
+    /// abandoned by the pipeline.
+    #[pyo3(signature = (details = None))]
+    fn done(&self, details: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let details = match details {
+            Some(d) if !d.is_none() => py_to_value(d)?,
+            _ => Value::Null,
+        };
+        self.answer(Ok(details))
+    }
+
+    /// The handler raised: posted as `failed` with `error` "{error_type}: {message}"
+    /// and `error_code` the exception's type name.
+    fn fail(&self, error_type: &str, message: &str) -> PyResult<bool> {
+        let text = if message.is_empty() {
+            error_type.to_owned()
+        } else {
+            format!("{error_type}: {message}")
+        };
+        self.answer(Err(HandlerError::with_code(text, error_type)))
+    }
+
+    /// Whether the answer can no longer matter: already given, or the pipeline
+    /// gave the event up (its future was dropped at a timeout or a drain
+    /// deadline). Such an event must not run.
+    #[getter]
+    fn abandoned(&self) -> PyResult<bool> {
+        Ok(self
+            .reply
+            .lock()
+            .map_err(|_| poisoned())?
+            .as_ref()
+            .is_none_or(oneshot::Sender::is_closed))
+    }
+
+    #[getter]
+    fn work_id(&self) -> &str {
+        &self.info.work_id
+    }
+
+    #[getter]
+    fn topic(&self) -> &str {
+        &self.info.topic
+    }
+
+    #[getter]
+    fn partition(&self) -> i32 {
+        self.info.partition
+    }
+
+    #[getter]
+    fn offset(&self) -> i64 {
+        self.info.offset
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Token(work_id={:?}, topic={:?}, partition={}, offset={})",
+            self.info.work_id, self.info.topic, self.info.partition, self.info.offset
+        )
+    }
+}

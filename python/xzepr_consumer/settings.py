@@ -1,0 +1,271 @@
+"""The pipeline's settings: every field of the Rust library's ``PipelineConfig``.
+
+``Settings`` is the typed way to write them; ``XzeprConsumer`` also takes a
+mapping of ``PipelineConfig`` keys (what the CLI's ``--config`` file holds).
+Either way the settings are sent to Rust as one JSON object and read there by
+``PipelineConfig::from_json``, so Python accepts and refuses exactly what the
+library and the CLI do; a refusal is a ``ConfigError`` naming the setting.
+
+Durations are seconds (``int`` or ``float``), a ``datetime.timedelta``, or text
+as in a configuration file (``"500ms"``, ``"30s"``, ``"5m"``, ``"1h"``).
+
+The defaults are the library's (a test compares them); the reason for each is
+on the setter of the same name of the Rust ``PipelineBuilder``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+from . import _native
+
+#: A duration: seconds, a ``timedelta``, or text such as ``"500ms"`` or ``"30s"``.
+Duration = float | int | str | timedelta
+
+
+class Ordering(str, Enum):
+    """What may run at once (the Rust pipeline's ordering modes).
+
+    The configuration file's names (``per_partition``, ``per_key``) are
+    accepted too.
+    """
+
+    #: One event of a partition at a time, in offset order (the default).
+    PER_PARTITION = "partition"
+    #: One event per message key at a time, in offset order within the key.
+    PER_KEY = "key"
+    #: Any event as soon as there is room under ``max_in_flight``.
+    UNORDERED = "unordered"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Ordering | None:
+        return {"per_partition": cls.PER_PARTITION, "per_key": cls.PER_KEY}.get(str(value))
+
+    def _config(self) -> str:
+        return {"partition": "per_partition", "key": "per_key"}.get(self.value, self.value)
+
+
+class MalformedPolicy(str, Enum):
+    """What a message that does not decode does."""
+
+    #: Finish its offset: one bad message must not stall its partition (default).
+    SKIP = "skip"
+    #: Hold its offset: nothing after it in its partition is committed.
+    HOLD = "hold"
+    #: Produce it unchanged to the dead-letter topic (which it needs).
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a failed handler call is retried; only the event's lane waits.
+
+    ``max_attempts`` counts the first one (1: no retry, the default). The
+    wait before attempt *n* is random up to ``backoff_base * 2**(n-2)``, at
+    most ``backoff_max``. An exception is retried with ``retry_errors``, a
+    ``handler_timeout`` with ``retry_timeouts``.
+    """
+
+    max_attempts: int = 1
+    backoff_base: Duration = 0.2
+    backoff_max: Duration = 30.0
+    retry_errors: bool = True
+    retry_timeouts: bool = True
+    #: A Rust handler's panic; a Python handler's exceptions are errors.
+    retry_panics: bool = False
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "max_attempts": self.max_attempts,
+            "backoff_base": _duration(self.backoff_base),
+            "backoff_max": _duration(self.backoff_max),
+            "retry_errors": self.retry_errors,
+            "retry_timeouts": self.retry_timeouts,
+            "retry_panics": self.retry_panics,
+        }
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """The dead-letter topic: an event whose last attempt failed (and a
+    malformed message under ``MalformedPolicy.DEAD_LETTER``) is produced to it
+    with its key, payload and headers, plus headers saying why; its offset
+    finishes once the broker acknowledged that.
+
+    ``topic`` defaults to ``<topic>.dlq``; ``properties`` are librdkafka
+    producer properties (the consumer's connection settings are reused).
+    """
+
+    topic: str | None = None
+    message_timeout: Duration = 30.0
+    properties: Mapping[str, str] = field(default_factory=dict)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "topic": self.topic,
+            "message_timeout": _duration(self.message_timeout),
+            "properties": dict(self.properties),
+        }
+
+
+@dataclass(frozen=True)
+class DecoderLimits:
+    """Limits of the CloudEvents decoder."""
+
+    max_payload_bytes: int = 1 << 20
+    max_depth: int = 128
+    simd_min_bytes: int = 4096
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "max_payload_bytes": self.max_payload_bytes,
+            "max_depth": self.max_depth,
+            "simd_min_bytes": self.simd_min_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """Where an event's idempotency key comes from (used with a store):
+    the Kafka header ``header`` (falling back to the CloudEvent ``id``), or,
+    with ``header=None``, always the CloudEvent ``id``."""
+
+    header: str | None = "idempotency_key"
+
+    @classmethod
+    def event_id(cls) -> IdempotencyKey:
+        """Always the CloudEvent ``id``."""
+        return cls(header=None)
+
+    def _config(self) -> Any:
+        return "event_id" if self.header is None else {"header": self.header}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every data setting of the pipeline, with the library's defaults.
+
+    ``workers`` is not here: Python handlers run on the asyncio loop, not on
+    the pipeline's worker threads.
+    """
+
+    #: What may run at once.
+    ordering: Ordering | str = Ordering.PER_PARTITION
+    #: Most handlers running at once; past it, events wait in their lanes.
+    max_in_flight: int = 1024
+    #: Most waiting events of one lane handed over as one job.
+    batch: int = 64
+    #: Bytes of events buffered; over it, arriving partitions pause.
+    buffer_budget: int = 16 << 20
+    #: Events buffered; over it, arriving partitions pause.
+    max_buffered: int = 50_000
+    #: How long polling stops, the buffers full, before partitions pause.
+    pause_after: Duration = 1.0
+    #: How often finished offsets are committed.
+    commit_interval: Duration = 1.0
+    #: How long a stop or revoke waits for running handlers before cancelling them.
+    drain_timeout: Duration = 10.0
+    #: Longest single wait in ``poll`` while nothing runs.
+    poll_interval: Duration = 0.05
+    #: Offsets tracked per partition; at the limit the partition pauses.
+    max_tracked: int = 100_000
+    #: Whether commits carry the offsets finished above the commit point.
+    completion_map: bool = True
+    #: Most bytes of one partition's completion map.
+    completion_map_max_bytes: int = 2048
+    #: How long a commit point may stand still with work pending before health
+    #: answers not alive; None turns detection off.
+    stall_timeout: Duration | None = 300.0
+    #: How long a handler may run before it is cancelled and its attempt fails
+    #: with code ``timeout``; None: no limit.
+    handler_timeout: Duration | None = None
+    #: How failed handler calls are retried.
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Event types that reach the handler: prefixes (``deployment.``) or globs
+    #: (``*.failed``); empty: all. The rest are committed at once, unhandled.
+    types: Sequence[str] = ()
+    #: Skip events whose source is the service's own receiver.
+    skip_own_events: bool = True
+    #: The service's own receiver id, when the handler posts by itself (set by
+    #: the pipeline when it reports).
+    own_receiver_id: str | None = None
+    #: What a message that does not decode does.
+    malformed: MalformedPolicy | str = MalformedPolicy.SKIP
+    #: Decoder limits.
+    decoder: DecoderLimits = field(default_factory=DecoderLimits)
+    #: The dead-letter topic; None: none.
+    dead_letter: DeadLetter | None = None
+    #: Where the idempotency key comes from (with an ``idempotency`` store).
+    idempotency_key: IdempotencyKey = field(default_factory=IdempotencyKey)
+    #: Where ``GET /metrics``, ``/health`` and ``/ready`` are served
+    #: (``"host:port"``; port 0 picks a free one); None: not served.
+    metrics_addr: str | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        """The ``PipelineConfig`` JSON object of these settings."""
+        return {
+            "ordering": Ordering(self.ordering)._config(),
+            "max_in_flight": self.max_in_flight,
+            "batch": self.batch,
+            "buffer_budget": self.buffer_budget,
+            "max_buffered": self.max_buffered,
+            "pause_after": _duration(self.pause_after),
+            "commit_interval": _duration(self.commit_interval),
+            "drain_timeout": _duration(self.drain_timeout),
+            "poll_interval": _duration(self.poll_interval),
+            "max_tracked": self.max_tracked,
+            "completion_map": self.completion_map,
+            "completion_map_max_bytes": self.completion_map_max_bytes,
+            "stall_timeout": _optional_duration(self.stall_timeout),
+            "handler_timeout": _optional_duration(self.handler_timeout),
+            "retry": self.retry._config(),
+            "types": _types(self.types),
+            "skip_own_events": self.skip_own_events,
+            "own_receiver_id": self.own_receiver_id,
+            "malformed": MalformedPolicy(self.malformed).value,
+            "decoder": self.decoder._config(),
+            "dead_letter": None if self.dead_letter is None else self.dead_letter._config(),
+            "idempotency_key": self.idempotency_key._config(),
+            "metrics_addr": self.metrics_addr,
+        }
+
+
+def resolve(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (``PipelineConfig`` keys) as the library reads it: every
+    default filled in, durations as text, as the CLI's ``--print-config``.
+
+    Raises:
+        ConfigError: a setting the library refuses, named in the message.
+    """
+    resolved: dict[str, Any] = json.loads(_native.resolve_settings(json.dumps(dict(config))))
+    return resolved
+
+
+def _types(types: Sequence[str]) -> list[str]:
+    if isinstance(types, str):
+        # One pattern, not its characters.
+        return [types]
+    return list(types)
+
+
+def _duration(d: Duration) -> str | float | int:
+    """A duration as ``PipelineConfig`` reads it: whole milliseconds as exact
+    text, anything else as seconds (text and ints pass through)."""
+    if isinstance(d, timedelta):
+        d = d.total_seconds()
+    if isinstance(d, bool) or not isinstance(d, (int, float, str)):
+        raise TypeError(f"a duration is seconds, a timedelta or text like '30s', not {d!r}")
+    if isinstance(d, float):
+        ms = round(d * 1000)
+        if abs(ms - d * 1000) < 1e-6 and ms >= 0:
+            return f"{ms}ms"
+    return d
+
+
+def _optional_duration(d: Duration | None) -> str | float | int | None:
+    return None if d is None else _duration(d)
