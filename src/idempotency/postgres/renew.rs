@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
-use super::{with_retries, Shared};
+use super::statements::with_retries;
+use super::Shared;
 use crate::idempotency::Error;
 
 // Only a claim whose lease still runs: a released claim (`-infinity`) is never revived

@@ -1,0 +1,98 @@
+//! What comes back to the poll thread ([`Completion`]), and how a job's
+//! completions are deferred and sent as one.
+
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+
+#[cfg(doc)]
+use super::Batch;
+use super::Message;
+use crate::dispatch::lanes::LaneId;
+
+thread_local! {
+    /// Completions held back on this thread while a [`DeferCompletions`] guard
+    /// lives, sent as one.
+    static DEFERRED: std::cell::RefCell<Option<(Sender<Completion>, Vec<Completion>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Sends `c` to the poll thread, or holds it back while this thread defers.
+pub(super) fn send_completion(done: &Sender<Completion>, c: Completion) {
+    let c = DEFERRED.with(|d| match &mut *d.borrow_mut() {
+        Some((to, held)) if to.same_channel(done) => {
+            held.push(c);
+            None
+        }
+        _ => Some(c),
+    });
+    if let Some(c) = c {
+        // The poll thread may be gone (shutdown): then nothing is committed, and
+        // the offset is replayed, which is the safe side.
+        let _ = done.send(c);
+    }
+}
+
+/// While it lives, completions made on this thread (finished offsets, released
+/// lanes) are held back and sent as one when it drops: a worker running a job
+/// of 64 events wakes the poll thread once, not 65 times. Used per poll of a
+/// job ([`deferring`]).
+struct DeferCompletions(());
+
+impl DeferCompletions {
+    fn to(done: &Sender<Completion>, expected: usize) -> Self {
+        DEFERRED.with(|d| {
+            let mut d = d.borrow_mut();
+            if d.is_none() {
+                *d = Some((done.clone(), Vec::with_capacity(expected)));
+            }
+        });
+        DeferCompletions(())
+    }
+}
+
+/// Where a job's deferred completions go ([`Batch::deferral`]).
+pub(crate) struct Deferral {
+    pub(super) done: Sender<Completion>,
+    pub(super) expected: usize,
+}
+
+/// Runs a job's future with its completions deferred during each poll: what
+/// finishes within one poll (often the whole job) reaches the poll thread as
+/// one message. A guard per poll, never across an `.await`, so it suits tasks
+/// that move between threads and jobs that wait.
+pub(crate) async fn deferring<F: std::future::Future>(to: Deferral, job: F) -> F::Output {
+    let Deferral { done, expected } = to;
+    let mut job = std::pin::pin!(job);
+    std::future::poll_fn(|cx| {
+        let _defer = DeferCompletions::to(&done, expected);
+        job.as_mut().poll(cx)
+    })
+    .await
+}
+
+impl Drop for DeferCompletions {
+    fn drop(&mut self) {
+        if let Some((to, held)) = DEFERRED.with(|d| d.borrow_mut().take()) {
+            if !held.is_empty() {
+                let _ = to.send(Completion::Many(held));
+            }
+        }
+    }
+}
+
+/// What comes back to the poll thread.
+#[derive(Debug)]
+pub(crate) enum Completion {
+    /// Several, from one job (see [`DeferCompletions`]).
+    Many(Vec<Completion>),
+    Offset {
+        topic: Arc<str>,
+        partition: i32,
+        offset: i64,
+        epoch: u64,
+        held: bool,
+    },
+    /// A job finished; its emptied vector comes back for reuse.
+    Release(LaneId, Vec<Message>),
+}

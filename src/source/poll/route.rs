@@ -1,0 +1,147 @@
+//! Routing: a burst of polled messages copied once, tracked, and put in their
+//! lanes.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message as _};
+
+use super::rebalance::Context;
+use super::state::{Part, PartKey};
+use crate::source::{Message, SourceOptions};
+
+/// Most messages taken from librdkafka per lock of the shared state.
+const BURST: usize = 64;
+
+/// Copies each message once, tracks its offset, puts it in its lane, hands
+/// over what may run, and marks partitions to pause. False when the state
+/// is poisoned.
+pub(super) fn route(
+    consumer: &BaseConsumer<Context>,
+    o: &SourceOptions,
+    topic_names: &mut HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
+    to_pause: &mut Vec<PartKey>,
+    burst: Vec<BorrowedMessage<'_>>,
+) -> bool {
+    let ctx = consumer.context();
+    let Ok(mut guard) = ctx.state.lock() else {
+        return false;
+    };
+    let st = &mut *guard;
+    for m in burst {
+        let topic = topic_arc(topic_names, m.topic());
+        let Some(p) = st.parts.get_mut(&(Arc::clone(&topic), m.partition())) else {
+            // A message for a partition we no longer own: the new owner reads it.
+            continue;
+        };
+        let partition = m.partition();
+        if let Some(skip) = &mut p.skip {
+            if skip.take(m.offset()) {
+                // Finished by a previous owner: finished here, never dispatched.
+                let _ = p.tracker.dispatched(m.offset());
+                p.tracker.finished(m.offset());
+                st.stats.skipped_done.fetch_add(1, Relaxed);
+                continue;
+            }
+            if skip.ranges.is_empty() {
+                p.skip = None;
+            }
+        }
+        let buf = st.recycle.take();
+        let msg = copy_message(&m, Arc::clone(&topic), p, buf);
+        drop(m);
+        let _ = p.tracker.dispatched(msg.offset);
+        st.sched.arrive(p.epoch, msg, &mut st.ready);
+        // Past its tracking limit a partition pauses until its commit point
+        // moves (the buffer budget is enforced between polls).
+        if p.tracker.tracked() >= o.max_tracked && !p.paused {
+            p.paused = true;
+            st.paused += 1;
+            to_pause.push((topic, partition));
+        }
+    }
+    st.run_ready();
+    st.publish_gauges();
+    true
+}
+
+/// What librdkafka already holds, up to [`BURST`] messages (`poll(0)` after
+/// the first does not wait), so the state lock is paid once per burst. While
+/// jobs run the first poll does not wait either: releases are waited for on
+/// their channel instead.
+pub(super) fn poll_burst(
+    consumer: &BaseConsumer<Context>,
+    poll_interval: Duration,
+    busy: bool,
+) -> Vec<BorrowedMessage<'_>> {
+    let mut burst = Vec::with_capacity(BURST);
+    let mut wait = if busy { Duration::ZERO } else { poll_interval };
+    while burst.len() < BURST {
+        match consumer.poll(wait) {
+            Some(Ok(m)) => burst.push(m),
+            Some(Err(e)) => tracing::warn!(error = %e, "Poll error."),
+            None => break,
+        }
+        wait = Duration::ZERO;
+    }
+    if !burst.is_empty() {
+        consumer
+            .context()
+            .stats
+            .polled
+            .fetch_add(burst.len() as u64, Relaxed);
+    }
+    burst
+}
+
+/// The shared topic name for `name`, allocated once per topic.
+fn topic_arc(
+    names: &mut HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
+    name: &str,
+) -> Arc<str> {
+    match names.get(name) {
+        Some(t) => Arc::clone(t),
+        None => {
+            let t: Arc<str> = Arc::from(name);
+            names.insert(name.to_owned(), Arc::clone(&t));
+            t
+        }
+    }
+}
+
+/// The one copy of a message out of librdkafka.
+fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part, mut data: Vec<u8>) -> Message {
+    data.clear();
+    let payload = m.payload();
+    let key = m.key();
+    data.extend_from_slice(payload.unwrap_or_default());
+    data.extend_from_slice(key.unwrap_or_default());
+    Message {
+        data,
+        payload_len: payload.map(<[u8]>::len),
+        has_key: key.is_some(),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        topic,
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
+        epoch: p.epoch,
+        shared: Arc::clone(&p.shared),
+        completed: false,
+    }
+}
