@@ -23,8 +23,8 @@
 //! | dispatch | [`dispatch`] | type filter, the service's own receivers, and the lane scheduler: what may run next under the ordering mode, up to `max_in_flight` |
 //! | flow | [`pipeline`] (`flow`, `execute`) | one per-event flow for every handler; the sync/async difference is how an attempt runs (worker thread or tokio task), with panics caught and timeouts applied |
 //! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`] |
-//! | lifecycle | [`pipeline`] (`complete`, `deadletter`, `guard`) | acknowledgements gate each offset; malformed-message policy; dead letters; idempotency claims |
-//! | report | [`client`], [`report`] | pooled XZepr REST client and receiver discovery; bounded, coalescing, retrying lifecycle reporter with a breaker |
+//! | lifecycle | [`pipeline`] (`delivery`, `complete`, `deadletter`, `guard`, `sink`) | a message with its offset's fate; acknowledgements gate each offset; malformed-message policy; dead letters; idempotency claims |
+//! | report | [`client`], [`report`] | pooled XZepr REST client ([`client::HttpTransport`]) and receiver discovery; the lifecycle vocabulary ([`client::Status`], [`report::OwnedWork`]); bounded, coalescing, retrying lifecycle reporter with a breaker |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
 //! | observe | [`observe`], [`metrics`] | counters the stages write; Prometheus text read from them at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |

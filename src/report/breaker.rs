@@ -11,7 +11,7 @@
 //!   one, for `breaker_cooldown` doubled with each refused probe (with jitter)
 //!   up to [`ReporterConfig::unauthorized_hold_max`]. Once the reporter is
 //!   closed (every handle dropped), the posts held by a refusal give up
-//!   ([`ReportError::Closed`]): waiting cannot help, and the drain must end.
+//!   ([`ReportError::Closed`](super::ReportError::Closed)): waiting cannot help, and the drain must end.
 
 use std::sync::atomic::{
     AtomicBool, AtomicU32,
