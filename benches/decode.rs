@@ -57,7 +57,7 @@ fn decode(c: &mut Criterion) {
         let label = format!("{name} ({} B)", bytes.len());
         g.throughput(Throughput::Bytes(bytes.len() as u64));
 
-        let mut dec = Decoder::new(DecoderConfig::default()).unwrap();
+        let dec = Decoder::new(DecoderConfig::default()).unwrap();
         g.bench_with_input(
             BenchmarkId::new("ours_envelope", &label),
             &bytes,

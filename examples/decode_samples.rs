@@ -11,7 +11,7 @@ use xzepr_consumer::decode::{Decoder, DecoderConfig};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let mut decoder = Decoder::new(DecoderConfig::default())?;
+    let decoder = Decoder::new(DecoderConfig::default())?;
     for sub in ["", "malformed"] {
         let mut files: Vec<_> = std::fs::read_dir(dir.join(sub))?
             .filter_map(Result::ok)

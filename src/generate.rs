@@ -82,7 +82,7 @@ mod tests {
 
     #[test]
     fn generated_events_decode_and_are_about_a_kilobyte() {
-        let mut dec = Decoder::new(DecoderConfig::default()).unwrap();
+        let dec = Decoder::new(DecoderConfig::default()).unwrap();
         for seq in [0u64, 1, 5, 16, 17, 999_999] {
             let (key, bytes) = xzepr_event(seq, "01M82X4ET7AYGAEYSHF5AKVAVW");
             assert!((900..1300).contains(&bytes.len()), "{}", bytes.len());

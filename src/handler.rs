@@ -269,7 +269,7 @@ mod tests {
             }
             Ok(())
         };
-        let mut dec = Decoder::new(DecoderConfig::default()).unwrap();
+        let dec = Decoder::new(DecoderConfig::default()).unwrap();
         let good = br#"{"id":"1","source":"s","specversion":"1.0","type":"good"}"#;
         let bad = br#"{"id":"1","source":"s","specversion":"1.0","type":"bad"}"#;
         let mut work = Work::new("w".into(), "t".into(), 0, 1);

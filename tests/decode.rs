@@ -30,7 +30,7 @@ fn oracle(bytes: &[u8]) -> serde_json::Value {
 fn check_envelope_against_oracle(name: &str) {
     let bytes = read(name);
     let v = oracle(&bytes);
-    let mut dec = decoder();
+    let dec = decoder();
     let ev = dec.decode(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
     let s = |k: &str| v[k].as_str().map(str::to_owned);
     assert_eq!(Some(ev.id().to_owned()), s("id"), "{name}: id");
@@ -78,7 +78,7 @@ fn realistic_vectors_decode_field_by_field() {
 #[test]
 fn plain_attributes_borrow_from_the_payload() {
     let bytes = read("kafka-work.started.json");
-    let mut dec = decoder();
+    let dec = decoder();
     let ev = dec.decode(&bytes).unwrap();
     let range = bytes.as_ptr_range();
     for s in [
@@ -103,7 +103,7 @@ fn escaped_and_unicode_strings_are_unescaped() {
         .map(|e| e.event_type().to_owned())
         .unwrap();
     assert_eq!(ev, "déploiement.terminé");
-    let mut dec = decoder();
+    let dec = decoder();
     let ev = dec.decode(&bytes).unwrap();
     assert_eq!(ev.platform_id(), Some("plateforme-✓"));
     let ents = ev.entities().unwrap();
@@ -115,7 +115,7 @@ fn escaped_and_unicode_strings_are_unescaped() {
 #[test]
 fn entities_of_the_receiver_sample() {
     let bytes = read("kafka-receiver.created.json");
-    let mut dec = decoder();
+    let dec = decoder();
     let ev = dec.decode(&bytes).unwrap();
     let ents = ev.entities().unwrap();
     assert_eq!(ents.events.len(), 1);
@@ -138,7 +138,7 @@ fn entities_of_the_receiver_sample() {
 #[test]
 fn group_sample_and_type_aliases() {
     let bytes = read("kafka-group.created.json");
-    let mut dec = decoder();
+    let dec = decoder();
     let msg = dec.decode(&bytes).unwrap().to_owned_message().unwrap();
     let g = &msg.data.event_receiver_groups[0];
     assert_eq!(g.group_type, "worker.pool");
@@ -256,7 +256,7 @@ fn binary_vector(name: &str) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
 #[test]
 fn binary_mode_from_headers() {
     let (headers, body) = binary_vector("binary/deployment-started.json");
-    let mut dec = decoder();
+    let dec = decoder();
     let pairs = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
     let ev = dec.decode_message(pairs, Some(&body)).unwrap();
     assert_eq!(ev.id(), "01M83F4444444444444444444E");
@@ -277,7 +277,7 @@ fn binary_mode_from_headers() {
 #[test]
 fn binary_mode_with_a_non_json_body() {
     let (headers, body) = binary_vector("binary/foreign-text.json");
-    let mut dec = decoder();
+    let dec = decoder();
     let ev = dec
         .decode_binary(
             headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())),
@@ -295,7 +295,7 @@ fn binary_mode_with_a_non_json_body() {
 
 #[test]
 fn binary_mode_errors() {
-    let mut dec = decoder();
+    let dec = decoder();
     let missing = [
         ("ce_id", &b"1"[..]),
         ("ce_specversion", b"1.0"),
@@ -433,7 +433,7 @@ fn invalid_json_reports_the_byte_position() {
 #[test]
 fn payload_over_the_maximum_is_rejected_before_parsing() {
     let bytes = read("large-8k.json");
-    let mut dec = Decoder::new(DecoderConfig::default().max_payload_bytes(4096)).unwrap();
+    let dec = Decoder::new(DecoderConfig::default().max_payload_bytes(4096)).unwrap();
     assert_eq!(
         dec.decode(&bytes).unwrap_err(),
         Error::PayloadTooLarge {
@@ -447,9 +447,9 @@ fn payload_over_the_maximum_is_rejected_before_parsing() {
 fn configured_depth_limit_applies() {
     let bytes = read("deployment-1k.json");
     // envelope(1) > data(2) > events(3) > event(4) > payload(5) > tags/health(6)
-    let mut dec = Decoder::new(DecoderConfig::default().max_depth(6)).unwrap();
+    let dec = Decoder::new(DecoderConfig::default().max_depth(6)).unwrap();
     assert!(dec.decode(&bytes).is_ok());
-    let mut dec = Decoder::new(DecoderConfig::default().max_depth(5)).unwrap();
+    let dec = Decoder::new(DecoderConfig::default().max_depth(5)).unwrap();
     assert_eq!(dec.decode(&bytes).unwrap_err(), Error::TooDeep { max: 5 });
 }
 
@@ -476,7 +476,7 @@ fn bad_decoder_config_names_the_field() {
 #[test]
 fn data_null_is_no_data() {
     let text = br#"{"id":"1","source":"s","specversion":"1.0","type":"t","data":null}"#;
-    let mut dec = decoder();
+    let dec = decoder();
     let ev = dec.decode(text).unwrap();
     assert_eq!(*ev.data(), Data::Absent);
     assert!(matches!(ev.entities(), Err(Error::DataShape { .. })));

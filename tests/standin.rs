@@ -108,7 +108,7 @@ async fn receivers_events_errors_and_publication_follow_the_contract() {
         2,
         "the receiver's system event and the work event"
     );
-    let mut dec = Decoder::new(DecoderConfig::default()).unwrap();
+    let dec = Decoder::new(DecoderConfig::default()).unwrap();
     let sys = dec.decode(&published[0].1).unwrap();
     assert_eq!(sys.event_type(), "xzepr.event.receiver.created");
     assert_eq!(sys.package(), Some("xzepr.system"));

@@ -13,7 +13,7 @@ struct Input {
 }
 
 fuzz_target!(|input: Input| {
-    let mut dec = Decoder::new(DecoderConfig::default()).expect("default config is valid");
+    let dec = Decoder::new(DecoderConfig::default()).expect("default config is valid");
     let pairs = input.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));
     let Ok(event) = dec.decode_binary(pairs, input.body.as_deref()) else {
         return;

@@ -6,7 +6,7 @@ use libfuzzer_sys::fuzz_target;
 use xzepr_consumer::decode::{Decoder, DecoderConfig, Error};
 
 fuzz_target!(|bytes: &[u8]| {
-    let mut dec = Decoder::new(DecoderConfig::default()).expect("default config is valid");
+    let dec = Decoder::new(DecoderConfig::default()).expect("default config is valid");
     let result = dec.decode(bytes);
 
     if let Ok(text) = std::str::from_utf8(bytes) {

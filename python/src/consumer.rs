@@ -285,7 +285,7 @@ pub(crate) fn decode<'py>(
     payload: &Bound<'py, PyBytes>,
     headers: Option<Vec<(String, Vec<u8>)>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let mut decoder =
+    let decoder =
         Decoder::new(DecoderConfig::default()).map_err(|e| crate::errors::decode_error(py, &e))?;
     let headers = headers.unwrap_or_default();
     let pairs = headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()));

@@ -156,7 +156,7 @@ impl Decoder {
     /// [`Error::PayloadTooLarge`], [`Error::InvalidJson`] (with byte offset),
     /// [`Error::NotAnObject`], [`Error::WrongType`], [`Error::MissingAttribute`],
     /// [`Error::UnsupportedSpecVersion`], [`Error::TooDeep`].
-    pub fn decode<'a>(&mut self, payload: &'a [u8]) -> Result<CloudEvent<'a>, Error> {
+    pub fn decode<'a>(&self, payload: &'a [u8]) -> Result<CloudEvent<'a>, Error> {
         self.check_size(payload.len())?;
         let text = std::str::from_utf8(payload).map_err(|e| {
             let offset = e.valid_up_to();
@@ -179,7 +179,7 @@ impl Decoder {
     /// [`Error::WrongType`] for a `ce_success` that is not `true`/`false`,
     /// [`Error::MissingAttribute`], [`Error::UnsupportedSpecVersion`].
     pub fn decode_binary<'a, I>(
-        &mut self,
+        &self,
         headers: I,
         body: Option<&'a [u8]>,
     ) -> Result<CloudEvent<'a>, Error>
@@ -198,7 +198,7 @@ impl Decoder {
     /// As [`Decoder::decode`] or [`Decoder::decode_binary`]; a structured message
     /// without a payload is [`Error::InvalidJson`] at offset 0.
     pub fn decode_message<'a, I>(
-        &mut self,
+        &self,
         headers: I,
         payload: Option<&'a [u8]>,
     ) -> Result<CloudEvent<'a>, Error>

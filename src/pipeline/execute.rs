@@ -4,11 +4,11 @@
 //! holds its two boundaries and their executors:
 //!
 //! - **Sync handlers** ([`SyncAttempts`]) run on a pool of worker threads that
-//!   all read one bounded channel of jobs. Each worker drives its jobs' flows
-//!   on a runtime of its own (one thread: itself), calling the handler in
-//!   place; a job that waits (a retry's backoff, a busy idempotency key, a
-//!   full reporter queue) gives the thread to the next job, so no worker waits
-//!   out a backoff.
+//!   all read one bounded channel of jobs. Each worker runs a job's flow in
+//!   place, calling the handler there; a job that waits (a retry's backoff, a
+//!   busy idempotency key, a full reporter queue) becomes a task on the
+//!   worker's own runtime (one thread: itself) and the worker takes the next
+//!   job, so no worker waits out a backoff.
 //! - **Async handlers** ([`AsyncAttempts`]) run as tokio tasks, one per job: up
 //!   to `max_in_flight` futures at once on the runtime, never a thread or a
 //!   `block_on` per event.
@@ -27,12 +27,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TryRecvError};
 use serde_json::Value;
 
-use super::flow::{run_job, Attempts, DecoderPool, Shared};
+use super::flow::{run_job, Attempts, Shared};
 use super::retry::PANIC_CODE;
-use crate::decode::{CloudEvent, CloudEventMessage};
+use crate::decode::{CloudEvent, CloudEventMessage, Decoder};
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
 use crate::metrics::Metrics;
-use crate::source::{deferring, Batch, Executor};
+use crate::source::{Batch, Executor};
 
 fn panicked() -> HandlerError {
     HandlerError::with_code("handler panicked", PANIC_CODE)
@@ -186,22 +186,24 @@ pub(crate) struct AsyncExecutor<H: ?Sized> {
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) attempts: Arc<AsyncAttempts<H>>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) decoders: Arc<DecoderPool>,
+    pub(crate) decoder: Arc<Decoder>,
 }
 
 impl<H: AsyncHandler + ?Sized> Executor for AsyncExecutor<H> {
     fn execute(&self, batch: Batch) -> Result<(), Batch> {
-        let (attempts, shared, decoders) = (
+        let (attempts, shared, decoder) = (
             Arc::clone(&self.attempts),
             Arc::clone(&self.shared),
-            Arc::clone(&self.decoders),
+            Arc::clone(&self.decoder),
         );
         // A runtime that is shutting down drops the task, and with it the batch:
         // its messages are held and its lane released.
-        self.runtime.spawn(async move {
-            let deferral = batch.deferral();
-            deferring(deferral, run_job(batch, &*attempts, &shared, &decoders)).await;
-        });
+        // Boxed: a task stores its future inline and copies it whole at every
+        // change of stage; a box makes that a pointer (the job's future is
+        // kilobytes: the event, its owned copy, the flow's steps).
+        self.runtime.spawn(Box::pin(async move {
+            run_job(batch, &*attempts, &shared, &decoder).await;
+        }));
         Ok(())
     }
 }
@@ -219,7 +221,7 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
     runtime: tokio::runtime::Runtime,
     handler: Arc<H>,
     shared: Arc<Shared>,
-    decoders: Arc<DecoderPool>,
+    decoder: Arc<Decoder>,
 ) {
     let live = Arc::new(AtomicUsize::new(0));
     let attempts = Arc::new(SyncAttempts {
@@ -245,20 +247,26 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
                     }
                 }
             };
-            live.fetch_add(1, Ordering::AcqRel);
-            let (attempts, shared, decoders, live) = (
+            // Run the job now, in place (the handler is called here); only a
+            // job that waits becomes a task of its own, and the worker moves on.
+            let (a, sh, dec) = (
                 Arc::clone(&attempts),
                 Arc::clone(&shared),
-                Arc::clone(&decoders),
-                Arc::clone(&live),
+                Arc::clone(&decoder),
             );
-            tokio::task::spawn_local(async move {
-                let deferral = batch.deferral();
-                deferring(deferral, run_job(batch, &*attempts, &shared, &decoders)).await;
-                live.fetch_sub(1, Ordering::AcqRel);
-            });
-            // Run the job now (the handler is called in place), before the next.
-            tokio::task::yield_now().await;
+            let mut job = Box::pin(async move { run_job(batch, &*a, &sh, &dec).await });
+            if std::future::poll_fn(|cx| Poll::Ready(job.as_mut().poll(cx).is_pending())).await {
+                live.fetch_add(1, Ordering::AcqRel);
+                let live = Arc::clone(&live);
+                tokio::task::spawn_local(async move {
+                    job.await;
+                    live.fetch_sub(1, Ordering::AcqRel);
+                });
+            }
+            if live.load(Ordering::Acquire) > 0 {
+                // Let the waiting jobs that woke run before the next job.
+                tokio::task::yield_now().await;
+            }
         }
     });
 }

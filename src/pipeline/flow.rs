@@ -19,7 +19,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
 use serde_json::Value;
 
 use super::complete::{
@@ -29,11 +28,11 @@ use super::complete::{
 use super::deadletter::{DeadLetters, Placed, Reason, Why};
 use super::guard::Guard;
 use super::retry::{RetryPolicy, TIMEOUT_CODE};
-use crate::decode::{CloudEvent, Decoder, DecoderConfig};
+use crate::decode::{CloudEvent, Decoder};
 use crate::dispatch::TypeFilter;
 use crate::handler::{HandlerError, Work};
 use crate::metrics::Metrics;
-use crate::source::Batch;
+use crate::source::{deferring, Batch};
 
 /// What the flow needs to handle any event of the pipeline.
 pub(crate) struct Shared {
@@ -142,21 +141,24 @@ pub(crate) async fn run_job<A: Attempts>(
     mut batch: Batch,
     attempts: &A,
     shared: &Shared,
-    decoders: &DecoderPool,
+    decoder: &Decoder,
 ) {
     let Some(cancel) = batch.cancellation() else {
         return;
     };
-    let run = async {
-        for message in batch.by_ref() {
-            run_event(message, attempts, shared, decoders).await;
+    let deferral = batch.deferral();
+    let run = std::pin::pin!(async {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {}
+            () = async {
+                for message in batch.by_ref() {
+                    run_event(message, attempts, shared, decoder).await;
+                }
+            } => {}
         }
-    };
-    tokio::select! {
-        biased;
-        () = cancel.cancelled() => {}
-        () = run => {}
-    }
+    });
+    deferring(deferral, run).await;
 }
 
 /// One event, from its hand-over to its offset.
@@ -164,26 +166,26 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
     delivery: D,
     attempts: &A,
     shared: &Shared,
-    decoders: &DecoderPool,
+    decoder: &Decoder,
 ) {
     let metrics = &shared.metrics;
     if !shared.take(&delivery) {
         return;
     }
     let headers = delivery.headers();
-    // The decoder is taken for the decode step only: the event borrows the
-    // message's bytes, not the decoder.
-    let decoded = decoders
-        .with(|decoder| decoder.decode_message(headers.iter().copied(), delivery.payload()))
-        .and_then(|r| r)
+    // One decoder serves every flow: decoding the envelope reads only its
+    // limits, and the event borrows the message's bytes, not the decoder.
+    // Matched as a temporary, so the decode result is not kept beside the
+    // event for the rest of the flow (a future's size is paid on every spawn).
+    let (ev, owned) = match decoder
+        .decode_message(headers.iter().copied(), delivery.payload())
         .and_then(|ev| {
             if !shared.wanted(&ev) {
                 return Ok(None);
             }
             let owned = attempts.prepare(&ev)?;
             Ok(Some((ev, owned)))
-        });
-    let (ev, owned) = match decoded {
+        }) {
         Ok(Some(ready)) => ready,
         Ok(None) => {
             drop(headers);
@@ -196,7 +198,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
                 match shared.dead_letters.clone() {
                     Some(dlq) => {
                         let tail = malformed_tail(dlq, d, e.to_string(), metrics);
-                        spawn_tail(attempts, shared, tail).await;
+                        Box::pin(spawn_tail(attempts, shared, tail)).await;
                     }
                     None => malformed_dead_lettered(d, None, metrics),
                 }
@@ -207,7 +209,9 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
     let mark = match &shared.idempotency {
         Some(guard) => {
             let key = guard.key.of(&headers, ev.id());
-            match guard.admit(key, &delivery, metrics).await {
+            // Boxed, as are the dead-letter tails: an optional step's future
+            // would otherwise widen every event's future, copied at each spawn.
+            match Box::pin(guard.admit(key, &delivery, metrics)).await {
                 Ok(mark) => Some(mark),
                 Err(skip) => {
                     drop((ev, headers));
@@ -284,7 +288,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
     {
         Some(dlq) => {
             let tail = failure_tail(shared, dlq, delivery, pending, details, outcome, attempt);
-            spawn_tail(attempts, shared, tail).await;
+            Box::pin(spawn_tail(attempts, shared, tail)).await;
         }
         None => {
             let mut outcome = outcome;
@@ -389,40 +393,5 @@ fn annotate(details: &mut Value, key: &str, value: Value) {
     }
     if let Some(map) = details.as_object_mut() {
         map.insert(key.to_owned(), value);
-    }
-}
-
-/// Decoders shared by every flow: each is taken for the synchronous decode
-/// step only (events borrow the message, not the decoder), so a handful serve
-/// any number of flows.
-pub(crate) struct DecoderPool {
-    config: DecoderConfig,
-    tx: Sender<Decoder>,
-    rx: Receiver<Decoder>,
-}
-
-impl DecoderPool {
-    /// Most idle decoders kept; more are made when needed, and dropped after.
-    const KEPT: usize = 16;
-
-    /// A pool of decoders with `config` (checked here: a bad limit fails now,
-    /// not on the first event).
-    pub(crate) fn new(config: DecoderConfig) -> Result<Self, crate::decode::Error> {
-        let (tx, rx) = crossbeam_channel::bounded(Self::KEPT);
-        let _ = tx.try_send(Decoder::new(config.clone())?);
-        Ok(DecoderPool { config, tx, rx })
-    }
-
-    pub(crate) fn with<R>(
-        &self,
-        f: impl FnOnce(&mut Decoder) -> R,
-    ) -> Result<R, crate::decode::Error> {
-        let mut decoder = match self.rx.try_recv() {
-            Ok(d) => d,
-            Err(_) => Decoder::new(self.config.clone())?,
-        };
-        let r = f(&mut decoder);
-        let _ = self.tx.try_send(decoder);
-        Ok(r)
     }
 }

@@ -5,8 +5,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::execute::{self, AsyncAttempts, AsyncExecutor};
-use super::flow::DecoderPool;
 use super::{Pipeline, PipelineError};
+use crate::decode::Decoder;
 use crate::handler::{AsyncHandler, Handler};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::source::{Executor, Source, SourceError, SourceHandle, SourceOptions};
@@ -29,7 +29,7 @@ impl Pipeline {
         };
         let listener = b.bind_metrics()?;
         let dead_letters = b.dead_letters()?;
-        let decoders = Arc::new(DecoderPool::new(b.config.decoder.clone())?);
+        let decoder = Arc::new(Decoder::new(b.config.decoder.clone())?);
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(b.config.source.max_in_flight.max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
@@ -58,10 +58,10 @@ impl Pipeline {
             let guard = guard_runtime.as_ref();
             let shared = b.shared(&m, guard, dead_letters.as_ref(), true, &room);
             metrics.push(m);
-            let (rx, handler, decoders) = (rx.clone(), Arc::clone(&handler), Arc::clone(&decoders));
+            let (rx, handler, decoder) = (rx.clone(), Arc::clone(&handler), Arc::clone(&decoder));
             let spawned = std::thread::Builder::new()
                 .name(format!("xzepr-worker-{i}"))
-                .spawn(move || execute::run_sync_worker(rx, runtime, handler, shared, decoders));
+                .spawn(move || execute::run_sync_worker(rx, runtime, handler, shared, decoder));
             match spawned {
                 Ok(w) => workers.push(w),
                 Err(e) => {
@@ -98,7 +98,7 @@ impl Pipeline {
             ),
             runtime,
             attempts: Arc::new(AsyncAttempts(Arc::new(handler))),
-            decoders: Arc::new(DecoderPool::new(b.config.decoder.clone())?),
+            decoder: Arc::new(Decoder::new(b.config.decoder.clone())?),
         });
         let source = Source::start_with(&b.kafka, b.config.source.clone(), None, executor)?;
         b.running(source, Vec::new(), vec![metrics], listener)

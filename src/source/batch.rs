@@ -33,7 +33,6 @@ impl Batch {
     /// For [`deferring`] the job that runs this batch.
     pub(crate) fn deferral(&self) -> Deferral {
         Deferral {
-            done: self.done.clone(),
             expected: self.len() + 1,
         }
     }

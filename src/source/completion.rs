@@ -13,18 +13,34 @@ use crate::dispatch::lanes::LaneId;
 thread_local! {
     /// Completions held back on this thread while a [`DeferCompletions`] guard
     /// lives, sent as one.
-    static DEFERRED: std::cell::RefCell<Option<(Sender<Completion>, Vec<Completion>)>> =
-        const { std::cell::RefCell::new(None) };
+    static DEFERRED: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What a [`DeferCompletions`] guard holds back. The channel and the vector
+/// come with the first completion: most polls of a waiting job finish
+/// nothing, and they cost no allocation and no sender clone.
+struct Held {
+    expected: usize,
+    held: Option<(Sender<Completion>, Vec<Completion>)>,
 }
 
 /// Sends `c` to the poll thread, or holds it back while this thread defers.
 pub(super) fn send_completion(done: &Sender<Completion>, c: Completion) {
     let c = DEFERRED.with(|d| match &mut *d.borrow_mut() {
-        Some((to, held)) if to.same_channel(done) => {
-            held.push(c);
-            None
-        }
-        _ => Some(c),
+        Some(Held { expected, held }) => match held {
+            Some((to, held)) if to.same_channel(done) => {
+                held.push(c);
+                None
+            }
+            Some(_) => Some(c),
+            None => {
+                let mut v = Vec::with_capacity(*expected);
+                v.push(c);
+                *held = Some((done.clone(), v));
+                None
+            }
+        },
+        None => Some(c),
     });
     if let Some(c) = c {
         // The poll thread may be gone (shutdown): then nothing is committed, and
@@ -40,11 +56,14 @@ pub(super) fn send_completion(done: &Sender<Completion>, c: Completion) {
 struct DeferCompletions(());
 
 impl DeferCompletions {
-    fn to(done: &Sender<Completion>, expected: usize) -> Self {
+    fn new(expected: usize) -> Self {
         DEFERRED.with(|d| {
             let mut d = d.borrow_mut();
             if d.is_none() {
-                *d = Some((done.clone(), Vec::with_capacity(expected)));
+                *d = Some(Held {
+                    expected,
+                    held: None,
+                });
             }
         });
         DeferCompletions(())
@@ -53,7 +72,6 @@ impl DeferCompletions {
 
 /// Where a job's deferred completions go ([`Batch::deferral`]).
 pub(crate) struct Deferral {
-    pub(super) done: Sender<Completion>,
     pub(super) expected: usize,
 }
 
@@ -61,22 +79,26 @@ pub(crate) struct Deferral {
 /// finishes within one poll (often the whole job) reaches the poll thread as
 /// one message. A guard per poll, never across an `.await`, so it suits tasks
 /// that move between threads and jobs that wait.
-pub(crate) async fn deferring<F: std::future::Future>(to: Deferral, job: F) -> F::Output {
-    let Deferral { done, expected } = to;
-    let mut job = std::pin::pin!(job);
-    std::future::poll_fn(|cx| {
-        let _defer = DeferCompletions::to(&done, expected);
+///
+/// It takes the job pinned where it is: moving a job's future into another
+/// would store it twice, and a future's size is copied on every spawn.
+pub(crate) fn deferring<F: std::future::Future>(
+    to: Deferral,
+    mut job: std::pin::Pin<&mut F>,
+) -> impl std::future::Future<Output = F::Output> + '_ {
+    std::future::poll_fn(move |cx| {
+        let _defer = DeferCompletions::new(to.expected);
         job.as_mut().poll(cx)
     })
-    .await
 }
 
 impl Drop for DeferCompletions {
     fn drop(&mut self) {
-        if let Some((to, held)) = DEFERRED.with(|d| d.borrow_mut().take()) {
-            if !held.is_empty() {
-                let _ = to.send(Completion::Many(held));
-            }
+        let held = DEFERRED
+            .with(|d| d.borrow_mut().take())
+            .and_then(|h| h.held);
+        if let Some((to, held)) = held {
+            let _ = to.send(Completion::Many(held));
         }
     }
 }

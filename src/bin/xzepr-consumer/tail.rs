@@ -113,7 +113,7 @@ pub fn tail(args: &TailArgs) -> Result<()> {
     }
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    let mut decoder = Decoder::new(DecoderConfig::default())?;
+    let decoder = Decoder::new(DecoderConfig::default())?;
     let mut printed = 0u64;
     if format == Format::Table {
         write_or_quit(
@@ -278,7 +278,7 @@ mod tests {
 
     #[test]
     fn binary_mode_events_are_rebuilt() {
-        let mut decoder = Decoder::new(DecoderConfig::default()).unwrap();
+        let decoder = Decoder::new(DecoderConfig::default()).unwrap();
         let headers = [
             ("ce_specversion", &b"1.0"[..]),
             ("ce_id", b"E1"),

@@ -126,7 +126,7 @@ fn run_sync(payloads: Vec<Vec<u8>>, shared: &Shared) -> Finished {
 
 /// One event's flow with a sync handler, as a worker runs it.
 fn flow_sync<H: Handler>(d: TestDelivery, attempts: &SyncAttempts<H>, shared: &Shared) {
-    let pool = DecoderPool::new(DecoderConfig::default()).unwrap();
+    let pool = Decoder::new(DecoderConfig::default()).unwrap();
     let own = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -331,7 +331,7 @@ async fn an_async_handler_past_its_timeout_fails_with_code_timeout_and_panics_fa
         }
         Ok::<_, String>(json!({"ok": true}))
     };
-    let pool = DecoderPool::new(DecoderConfig::default()).unwrap();
+    let pool = Decoder::new(DecoderConfig::default()).unwrap();
     let attempts = AsyncAttempts(Arc::new(handler));
     let (ds, finished) = deliveries(vec![
         event("slow", "x"),
@@ -386,7 +386,7 @@ async fn an_event_revoked_between_attempts_is_not_retried_and_a_reassigned_one_s
             }
         }
     };
-    let pool = Arc::new(DecoderPool::new(DecoderConfig::default()).unwrap());
+    let pool = Arc::new(Decoder::new(DecoderConfig::default()).unwrap());
     let attempts = Arc::new(AsyncAttempts(Arc::new(handler)));
     let sh = Arc::new(sh);
     let (mut ds, finished) = deliveries(vec![event("x", "x")]);
