@@ -110,14 +110,48 @@ impl PipelineConfig {
     /// [`ConfigError::Invalid`] naming the setting at fault, with serde's
     /// line and column; an unknown setting is refused here too.
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
-        let config: PipelineConfig =
-            serde_json::from_str(text).map_err(|e| ConfigError::Invalid {
+        let mut json = serde_json::Deserializer::from_str(text);
+        let config: PipelineConfig = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            // The path names the setting (`retry.max_attempts`); serde's
+            // message alone says only what was expected and where.
+            let mut path = e.path().to_string();
+            let inner = e.into_inner();
+            if matches!(path.as_str(), "." | "") {
+                // Flattened settings are read through a buffer that loses
+                // the path: find the setting by reading each on its own.
+                path = Self::culprit(text).unwrap_or_default();
+            }
+            ConfigError::Invalid {
                 name: "config",
-                value: e.to_string(),
+                value: match path.as_str() {
+                    "." | "" => inner.to_string(),
+                    _ => format!("{path}: {inner}"),
+                },
                 expected: "a pipeline configuration (see PipelineConfig)",
-            })?;
+            }
+        })?;
+        json.end().map_err(|e| ConfigError::Invalid {
+            name: "config",
+            value: e.to_string(),
+            expected: "one JSON object and nothing after it",
+        })?;
         config.check_known()?;
         Ok(config)
+    }
+
+    /// The top-level setting whose value alone fails to read, if one does.
+    fn culprit(text: &str) -> Option<String> {
+        let serde_json::Value::Object(map) = serde_json::from_str(text).ok()? else {
+            return None;
+        };
+        map.into_iter()
+            .find(|(name, value)| {
+                let one = serde_json::Value::Object(
+                    [(name.clone(), value.clone())].into_iter().collect(),
+                );
+                serde_json::from_value::<PipelineConfig>(one).is_err()
+            })
+            .map(|(name, _)| name)
     }
 
     /// The names of every setting, in order: what a front end must reach.
@@ -173,6 +207,13 @@ mod tests {
         assert!(e.to_string().contains("soon"), "{e}");
         let e = PipelineConfig::from_json(r#"{"ordering": "sideways"}"#).unwrap_err();
         assert!(e.to_string().contains("sideways"), "{e}");
+        // A value of the wrong type names its setting, however deep.
+        let e = PipelineConfig::from_json(r#"{"max_in_flight": "many"}"#).unwrap_err();
+        assert!(e.to_string().contains("max_in_flight: invalid type"), "{e}");
+        let e = PipelineConfig::from_json(r#"{"retry": {"max_attempts": -1}}"#).unwrap_err();
+        assert!(e.to_string().contains("retry.max_attempts"), "{e}");
+        let e = PipelineConfig::from_json(r#"{"workers": 2} {"workers": 3}"#).unwrap_err();
+        assert!(e.to_string().contains("nothing after it"), "{e}");
     }
 
     #[test]
