@@ -37,6 +37,7 @@ from .message import (
 )
 from .observe import Health, Metrics, PartitionState
 from .settings import (
+    Assignment,
     DeadLetter,
     DecoderLimits,
     Duration,
@@ -48,6 +49,7 @@ from .settings import (
 )
 
 __all__ = [
+    "Assignment",
     "CloudEventData",
     "CloudEventMessage",
     "ConfigError",

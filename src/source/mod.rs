@@ -52,7 +52,7 @@ pub(crate) use handle::{panic_message, Committed};
 pub use handle::{Source, SourceHandle};
 pub use message::Message;
 pub(crate) use message::{PartShared, Recycler};
-pub use options::SourceOptions;
+pub use options::{Assignment, SourceOptions};
 pub(crate) use poll::RebalanceHooks;
 pub use stall::PartitionState;
 pub use stats::SourceStats;

@@ -19,7 +19,7 @@ use super::RebalanceHooks;
 use crate::offsets::PartitionTracker;
 use crate::source::{PartShared, SourceError, SourceStats};
 
-fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+pub(super) fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
         .map(|e| (e.topic().to_owned(), e.partition()))
@@ -31,6 +31,9 @@ pub(super) struct Context {
     pub(super) hooks: Option<Arc<dyn RebalanceHooks>>,
     /// Whether assigned partitions' completion maps are read.
     pub(super) read_maps: bool,
+    /// Whether the consumer is a static member (`group.instance.id`): its
+    /// shutdown must not leave the group.
+    pub(super) static_member: bool,
     pub(super) state: Mutex<State>,
     pub(super) drain_timeout: Duration,
     pub(super) fatal: Mutex<Option<SourceError>>,
