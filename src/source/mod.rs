@@ -33,6 +33,7 @@
 //! cancelled future): the commit point stays before it, but revoke and shutdown
 //! do not wait for it.
 
+mod age;
 mod batch;
 mod completion;
 mod error;

@@ -144,6 +144,7 @@ impl ConsumerContext for Context {
                         committed_done: 0,
                         skip,
                         watch: crate::source::stall::StallWatch::new(Instant::now()),
+                        arrivals: crate::source::age::Arrivals::default(),
                     },
                 );
             }

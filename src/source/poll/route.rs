@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -31,6 +31,8 @@ pub(super) fn route(
         return false;
     };
     let st = &mut *guard;
+    // One clock read per burst: arrival ages are kept to 10 ms anyway.
+    let now = Instant::now();
     for m in burst {
         let topic = topic_arc(topic_names, m.topic());
         let Some(p) = st.parts.get_mut(&(Arc::clone(&topic), m.partition())) else {
@@ -54,6 +56,7 @@ pub(super) fn route(
         let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);
         let _ = p.tracker.dispatched(msg.offset);
+        p.arrivals.arrived(msg.offset, now, msg.timestamp);
         st.sched.arrive(p.epoch, msg, &mut st.ready);
         // Past its tracking limit a partition pauses until its commit point
         // moves (the buffer budget is enforced between polls).
