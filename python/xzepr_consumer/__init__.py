@@ -34,6 +34,7 @@ from .message import (
     EventEntity,
     EventReceiverEntity,
     EventReceiverGroupEntity,
+    KafkaRecord,
 )
 from .observe import Health, Metrics, PartitionState
 from .settings import (
@@ -65,6 +66,7 @@ __all__ = [
     "IdempotencyKey",
     "IdempotencyMetrics",
     "KafkaConsumerConfig",
+    "KafkaRecord",
     "MalformedPolicy",
     "MemoryStore",
     "MessageHandler",

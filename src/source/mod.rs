@@ -51,7 +51,7 @@ pub(crate) use completion::{deferring, Completion};
 pub use error::SourceError;
 pub(crate) use handle::{panic_message, Committed};
 pub use handle::{Source, SourceHandle};
-pub use message::Message;
+pub use message::{Message, Timestamp};
 pub(crate) use message::{PartShared, Recycler};
 pub use options::{Assignment, SourceOptions};
 pub(crate) use poll::RebalanceHooks;

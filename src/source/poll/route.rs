@@ -56,7 +56,11 @@ pub(super) fn route(
         let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);
         let _ = p.tracker.dispatched(msg.offset);
-        p.arrivals.arrived(msg.offset, now, msg.timestamp);
+        p.arrivals.arrived(
+            msg.offset,
+            now,
+            msg.timestamp.map(crate::source::Timestamp::millis),
+        );
         st.sched.arrive(p.epoch, msg, &mut st.ready);
         // Past its tracking limit a partition pauses until its commit point
         // moves (the buffer budget is enforced between polls).
@@ -142,7 +146,7 @@ fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part, mut data: Ve
         topic,
         partition: m.partition(),
         offset: m.offset(),
-        timestamp: m.timestamp().to_millis(),
+        timestamp: crate::source::Timestamp::of(m.timestamp()),
         epoch: p.epoch,
         shared: Arc::clone(&p.shared),
         completed: false,
