@@ -19,7 +19,7 @@ use super::RebalanceHooks;
 use crate::offsets::PartitionTracker;
 use crate::source::{PartShared, SourceError, SourceStats};
 
-pub(super) fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
         .map(|e| (e.topic().to_owned(), e.partition()))

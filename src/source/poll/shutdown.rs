@@ -64,8 +64,9 @@ impl PollLoop {
     /// broker keeps its partitions for it until the session timeout and a
     /// restart inside it takes them back with no rebalance. Unsubscribing
     /// would send a LeaveGroup (librdkafka skips it only on close), so the
-    /// partitions are released locally instead, the handler told as on a
-    /// revoke, and the close in the consumer's `Drop` has nothing to revoke.
+    /// partitions are released locally instead; the close in the consumer's
+    /// `Drop` then serves the revoke (the handler's `on_revoke`) with nothing
+    /// left to drain.
     fn release_static(&self) {
         let consumer = &self.consumer;
         let Ok(assignment) = consumer.assignment() else {
@@ -77,9 +78,6 @@ impl PollLoop {
         };
         if let Err(e) = released {
             tracing::warn!(error = %e, "Releasing the partitions on shutdown failed.");
-        }
-        if let Some(hooks) = &consumer.context().hooks {
-            hooks.revoked(&super::rebalance::owned_partitions(&assignment));
         }
         drop(assignment);
         consumer
