@@ -157,6 +157,15 @@ pub struct KafkaConsumerConfig {
     pub topics: Vec<String>,
     /// Consumer group; defaults to `xzepr-consumer-{service_name}`.
     pub group_id: String,
+    /// Static group membership (KIP-345): this instance's stable name in the
+    /// group, e.g. its pod name, from `XZEPR_KAFKA_GROUP_INSTANCE_ID`. Default
+    /// `None` (dynamic membership). With it, a member that restarts inside the
+    /// session timeout takes its own partitions back without a rebalance, and
+    /// a member that stops does not leave the group: its partitions wait out
+    /// the session timeout instead of moving at once. Each running instance
+    /// needs its own name; a second consumer with the same one fences the
+    /// first. At most 249 characters of `a-z A-Z 0-9 . _ -` (the broker's rule).
+    pub group_instance_id: Option<String>,
     /// The service's name.
     pub service_name: String,
     /// Transport security; set from the SASL/SSL helpers or the environment.
@@ -193,9 +202,13 @@ pub struct KafkaConsumerConfig {
 ///   at-most-once.
 /// - `isolation.level`: pinned to `read_committed`, so records of aborted
 ///   transactions are never handled and reported.
-/// - `group.id`, `bootstrap.servers` (and its alias `metadata.broker.list`):
-///   set from their fields (`group_id`, `brokers`), which the rest of the
-///   library also reads; a second value would disagree with them silently.
+/// - `group.id`, `group.instance.id`, `bootstrap.servers` (and its alias
+///   `metadata.broker.list`): set from their fields (`group_id`,
+///   `group_instance_id`, `brokers`), which the rest of the library also
+///   reads; a second value would disagree with them silently.
+/// - `partition.assignment.strategy`: set from the source's
+///   [`assignment`](crate::source::SourceOptions::assignment), which also
+///   decides how a revoke drains.
 ///
 /// Every other property may be set, and wins over the library's default.
 pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
@@ -218,6 +231,14 @@ pub const OWNED_PROPERTIES: &[(&str, &str)] = &[
     (
         "group.id",
         "set the `group_id` field (XZEPR_KAFKA_GROUP_ID) instead",
+    ),
+    (
+        "group.instance.id",
+        "set the `group_instance_id` field (XZEPR_KAFKA_GROUP_INSTANCE_ID) instead",
+    ),
+    (
+        "partition.assignment.strategy",
+        "set the `assignment` setting (eager or cooperative) instead: the source drains on revoke by it",
     ),
     (
         "bootstrap.servers",
@@ -265,6 +286,7 @@ impl fmt::Debug for KafkaConsumerConfig {
             .field("brokers", &self.brokers)
             .field("topics", &self.topics)
             .field("group_id", &self.group_id)
+            .field("group_instance_id", &self.group_instance_id)
             .field("service_name", &self.service_name)
             .field("security_protocol", &self.security_protocol)
             .field("sasl_mechanism", &self.sasl_mechanism)
@@ -291,6 +313,7 @@ impl KafkaConsumerConfig {
             brokers: brokers.to_owned(),
             topics: vec![topic.to_owned()],
             group_id: format!("xzepr-consumer-{service_name}"),
+            group_instance_id: None,
             service_name: service_name.to_owned(),
             security_protocol: None,
             sasl_mechanism: SaslMechanism::default(),
@@ -309,6 +332,14 @@ impl KafkaConsumerConfig {
     #[must_use]
     pub fn with_group_id(mut self, group_id: &str) -> Self {
         self.group_id = group_id.to_owned();
+        self
+    }
+
+    /// Static membership under `instance_id` (see
+    /// [`KafkaConsumerConfig::group_instance_id`]).
+    #[must_use]
+    pub fn with_group_instance_id(mut self, instance_id: &str) -> Self {
+        self.group_instance_id = Some(instance_id.to_owned());
         self
     }
 
@@ -399,6 +430,7 @@ impl KafkaConsumerConfig {
         if let Some(group) = get("XZEPR_KAFKA_GROUP_ID") {
             c.group_id = group;
         }
+        c.group_instance_id = get("XZEPR_KAFKA_GROUP_INSTANCE_ID").map(|v| v.trim().to_owned());
         if let Some(p) = get("XZEPR_KAFKA_SECURITY_PROTOCOL") {
             c.security_protocol = Some(SecurityProtocol::parse(
                 "XZEPR_KAFKA_SECURITY_PROTOCOL",
@@ -425,7 +457,9 @@ impl KafkaConsumerConfig {
     /// # Errors
     /// - [`ConfigError::Missing`]: no brokers, topic or group; a SASL protocol
     ///   without user name or password;
-    /// - [`ConfigError::Invalid`]: an `auto_offset_reset` other than earliest/latest;
+    /// - [`ConfigError::Invalid`]: an `auto_offset_reset` other than earliest/latest,
+    ///   a `group_instance_id` that is blank, too long or has a character the
+    ///   broker refuses;
     /// - [`ConfigError::Reserved`]: an extra property in [`OWNED_PROPERTIES`];
     /// - [`ConfigError::UnreadableFile`]: a certificate or key file that cannot be read.
     pub fn to_client_config(&self) -> Result<ClientConfig, ConfigError> {
@@ -454,6 +488,9 @@ impl KafkaConsumerConfig {
                 expected: "earliest or latest",
             });
         }
+        if let Some(id) = &self.group_instance_id {
+            check_instance_id(id)?;
+        }
         let protocol = self.security_protocol.unwrap_or_default();
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
@@ -470,6 +507,9 @@ impl KafkaConsumerConfig {
             .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS)
             .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS)
             .set("security.protocol", protocol.as_str());
+        if let Some(id) = &self.group_instance_id {
+            c.set("group.instance.id", id);
+        }
         if protocol.uses_sasl() {
             let user = self.sasl_username.as_deref().filter(|u| !u.is_empty());
             let user = user.ok_or(ConfigError::Missing {
@@ -515,183 +555,20 @@ impl KafkaConsumerConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::HashMap;
-
-    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |k| map.get(k).cloned()
+/// The broker's rule for a `group.instance.id` (as for topic names): 1 to 249
+/// characters of `a-z A-Z 0-9 . _ -`. Checked here so a bad name fails at
+/// build, naming the variable, rather than as a join error in the poll loop.
+fn check_instance_id(id: &str) -> Result<(), ConfigError> {
+    let legal = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if id.is_empty() || id.len() > 249 || !id.chars().all(legal) {
+        return Err(ConfigError::Invalid {
+            name: "group_instance_id (XZEPR_KAFKA_GROUP_INSTANCE_ID)",
+            value: id.to_owned(),
+            expected: "1 to 249 characters of a-z, A-Z, 0-9, '.', '_' and '-'",
+        });
     }
-
-    #[test]
-    fn defaults_follow_the_contract() {
-        let c = KafkaConsumerConfig::from_env_with("billing", env(&[])).unwrap();
-        assert_eq!(c.brokers, "localhost:9092");
-        assert_eq!(c.topics, vec!["xzepr.dev.events".to_owned()]);
-        assert_eq!(c.group_id, "xzepr-consumer-billing");
-        let rd = c.to_client_config().unwrap();
-        assert_eq!(rd.get("enable.auto.commit"), Some("false"));
-        assert_eq!(rd.get("enable.auto.offset.store"), Some("false"));
-        assert_eq!(rd.get("security.protocol"), Some("PLAINTEXT"));
-        assert_eq!(rd.get("fetch.wait.max.ms"), Some(FETCH_WAIT_MAX_MS));
-        let rd = c
-            .set("fetch.wait.max.ms", "500")
-            .to_client_config()
-            .unwrap();
-        assert_eq!(
-            rd.get("fetch.wait.max.ms"),
-            Some("500"),
-            "the user's value wins"
-        );
-    }
-
-    #[test]
-    fn sasl_from_env_and_password_never_printed() {
-        let c = KafkaConsumerConfig::from_env_with(
-            "svc",
-            env(&[
-                ("XZEPR_KAFKA_SECURITY_PROTOCOL", "sasl_plaintext"),
-                ("XZEPR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
-                ("XZEPR_KAFKA_SASL_USERNAME", "alice"),
-                ("XZEPR_KAFKA_SASL_PASSWORD", "hunter2-secret"),
-                ("XZEPR_KAFKA_GROUP_ID", "custom"),
-            ]),
-        )
-        .unwrap()
-        .set("sasl.password", "hunter2-secret");
-        let rd = c.to_client_config().unwrap();
-        assert_eq!(rd.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
-        assert_eq!(rd.get("group.id"), Some("custom"));
-        let shown = format!("{c:?}");
-        assert!(!shown.contains("hunter2"), "{shown}");
-        assert!(shown.contains("alice"));
-    }
-
-    #[test]
-    fn errors_name_the_variable() {
-        let err = KafkaConsumerConfig::from_env_with(
-            "s",
-            env(&[("XZEPR_KAFKA_SECURITY_PROTOCOL", "TLS")]),
-        )
-        .unwrap_err();
-        assert!(matches!(
-            err,
-            ConfigError::Invalid {
-                name: "XZEPR_KAFKA_SECURITY_PROTOCOL",
-                ..
-            }
-        ));
-        let err = KafkaConsumerConfig::from_env_with(
-            "s",
-            env(&[("XZEPR_KAFKA_SASL_MECHANISM", "GSSAPI")]),
-        )
-        .unwrap_err();
-        assert!(matches!(
-            err,
-            ConfigError::Invalid {
-                name: "XZEPR_KAFKA_SASL_MECHANISM",
-                ..
-            }
-        ));
-        let c = KafkaConsumerConfig::from_env_with(
-            "s",
-            env(&[
-                ("XZEPR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
-                ("XZEPR_KAFKA_SASL_PASSWORD", "p"),
-            ]),
-        )
-        .unwrap();
-        let err = c.to_client_config().unwrap_err();
-        assert!(
-            err.to_string().contains("XZEPR_KAFKA_SASL_USERNAME"),
-            "{err}"
-        );
-        let c = KafkaConsumerConfig::from_env_with(
-            "s",
-            env(&[
-                ("XZEPR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
-                ("XZEPR_KAFKA_SASL_USERNAME", "u"),
-            ]),
-        )
-        .unwrap();
-        assert!(c
-            .to_client_config()
-            .unwrap_err()
-            .to_string()
-            .contains("XZEPR_KAFKA_SASL_PASSWORD"));
-        // Both spellings of the certificate variable; an unreadable file is named.
-        for var in [
-            "XZEPR_KAFKA_SSL_CERT_LOCATION",
-            "XZEPR_KAFKA_SSL_CERTIFICATE_LOCATION",
-        ] {
-            let c = KafkaConsumerConfig::from_env_with(
-                "s",
-                env(&[
-                    ("XZEPR_KAFKA_SECURITY_PROTOCOL", "SSL"),
-                    (var, "/nonexistent/cert.pem"),
-                ]),
-            )
-            .unwrap();
-            let err = c.to_client_config().unwrap_err();
-            assert!(
-                matches!(&err, ConfigError::UnreadableFile { name, .. } if name.contains("XZEPR_KAFKA_SSL_CERT_LOCATION")),
-                "{err}"
-            );
-        }
-        let mut c = KafkaConsumerConfig::new("b:9092", "t", "s");
-        c.auto_offset_reset = "smallest".into();
-        assert!(matches!(
-            c.to_client_config(),
-            Err(ConfigError::Invalid {
-                name: "auto_offset_reset",
-                ..
-            })
-        ));
-    }
-
-    #[test]
-    fn owned_properties_are_refused_by_name() {
-        let base = KafkaConsumerConfig::new("b:9092", "t", "s");
-        for (key, value) in [
-            ("enable.auto.commit", "true"),
-            (" Enable.Auto.Commit ", "true"),
-            ("auto.commit.enable", "true"),
-            ("enable.auto.offset.store", "true"),
-            ("isolation.level", "read_uncommitted"),
-            ("group.id", "other"),
-            ("bootstrap.servers", "elsewhere:9092"),
-        ] {
-            let err = base.clone().set(key, value).to_client_config().unwrap_err();
-            assert!(
-                matches!(&err, ConfigError::Reserved { property, .. } if property == key),
-                "{key}: {err}"
-            );
-            assert!(err.to_string().contains(key.trim()), "{err}");
-        }
-        let rd = base
-            .set("heartbeat.interval.ms", "100")
-            .to_client_config()
-            .unwrap();
-        assert_eq!(rd.get("heartbeat.interval.ms"), Some("100"));
-        assert_eq!(rd.get("isolation.level"), Some("read_committed"));
-    }
-
-    #[test]
-    fn builder_combines_sasl_and_tls() {
-        let ca = tempfile::NamedTempFile::new().unwrap();
-        let c = KafkaConsumerConfig::new("b:9092", "t", "s")
-            .with_ssl(ca.path().to_str().unwrap())
-            .with_sasl(SaslMechanism::Plain, "u", "p")
-            .with_topic("t2");
-        assert_eq!(c.security_protocol, Some(SecurityProtocol::SaslSsl));
-        assert_eq!(c.topics.len(), 2);
-        let rd = c.to_client_config().unwrap();
-        assert_eq!(rd.get("security.protocol"), Some("SASL_SSL"));
-        assert_eq!(rd.get("sasl.mechanism"), Some("PLAIN"));
-    }
+    Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -17,20 +17,52 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::decode::{CloudEvent, CloudEventMessage};
+pub use crate::source::Timestamp;
 
-/// What the handler's work is called and where its event came from; also collects
-/// the `details` posted with the work's terminal lifecycle event.
+/// The Kafka record an event came in: key, headers and timestamp, borrowed
+/// from the message for as long as the handler runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Record<'a> {
+    key: Option<&'a [u8]>,
+    headers: &'a [(String, Vec<u8>)],
+    timestamp: Option<Timestamp>,
+}
+
+impl<'a> Record<'a> {
+    /// A record with this key, these headers (in order) and this timestamp
+    /// (the pipeline makes these; also handy for unit-testing a handler).
+    pub fn new(
+        key: Option<&'a [u8]>,
+        headers: &'a [(String, Vec<u8>)],
+        timestamp: Option<Timestamp>,
+    ) -> Self {
+        Record {
+            key,
+            headers,
+            timestamp,
+        }
+    }
+}
+
+/// What the handler's work is called and where its event came from (topic,
+/// partition, offset and the Kafka record: key, headers, timestamp); also
+/// collects the `details` posted with the work's terminal lifecycle event.
+///
+/// The record is borrowed from the message (`'a`): a sync handler reads the
+/// key and headers without a copy. An async handler gets an owned
+/// [`WorkInfo`] instead.
 #[derive(Debug, Clone)]
-pub struct Work {
+pub struct Work<'a> {
     pub(crate) id: String,
     pub(crate) details: Map<String, Value>,
     pub(crate) error_code: Option<String>,
     topic: Arc<str>,
     partition: i32,
     offset: i64,
+    record: Record<'a>,
 }
 
-/// Where an event came from (read-only).
+/// Where an event came from (read-only, owned: what an async handler gets).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkInfo {
@@ -42,11 +74,28 @@ pub struct WorkInfo {
     pub partition: i32,
     /// The Kafka offset.
     pub offset: i64,
+    /// The Kafka key, if the record has one.
+    pub key: Option<Vec<u8>>,
+    /// The Kafka headers, in order (a name may repeat; a null value is empty).
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The record's timestamp and its type, when the broker gave one.
+    pub timestamp: Option<Timestamp>,
 }
 
-impl Work {
-    /// A work record for an event at `topic`/`partition`/`offset` (the pipeline makes
-    /// these; also handy for unit-testing a handler).
+impl WorkInfo {
+    /// The value of the first header named `name` (names compare exactly).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+impl Work<'static> {
+    /// A work record for an event at `topic`/`partition`/`offset`, with no
+    /// key, headers or timestamp (the pipeline makes these; also handy for
+    /// unit-testing a handler, with [`Work::with_record`]).
     pub fn new(work_id: String, topic: Arc<str>, partition: i32, offset: i64) -> Self {
         Work {
             id: work_id,
@@ -55,7 +104,45 @@ impl Work {
             topic,
             partition,
             offset,
+            record: Record::default(),
         }
+    }
+}
+
+impl<'a> Work<'a> {
+    /// The same work, from the Kafka record `record`.
+    pub fn with_record<'b>(self, record: Record<'b>) -> Work<'b> {
+        Work {
+            id: self.id,
+            details: self.details,
+            error_code: self.error_code,
+            topic: self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            record,
+        }
+    }
+
+    /// The record's Kafka key.
+    pub fn key(&self) -> Option<&'a [u8]> {
+        self.record.key
+    }
+
+    /// The record's Kafka headers as `(name, value)` pairs, in order (a name
+    /// may repeat; a null value is empty).
+    pub fn headers(&self) -> impl ExactSizeIterator<Item = (&'a str, &'a [u8])> + Clone + 'a {
+        let headers: &'a [(String, Vec<u8>)] = self.record.headers;
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_slice()))
+    }
+
+    /// The value of the first header named `name` (names compare exactly).
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        self.headers().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    /// The record's timestamp and its type, when the broker gave one.
+    pub fn timestamp(&self) -> Option<Timestamp> {
+        self.record.timestamp
     }
 
     /// The work id used in the lifecycle posts.
@@ -63,14 +150,18 @@ impl Work {
         &self.id
     }
 
-    /// The event's topic, partition and offset (built on demand: the hot path
-    /// does not pay for it).
+    /// Where the event came from, owned: topic, partition, offset and a copy
+    /// of the record's key and headers (built on demand: a sync handler does
+    /// not pay for it).
     pub fn info(&self) -> WorkInfo {
         WorkInfo {
             work_id: self.id.clone(),
             topic: self.topic.to_string(),
             partition: self.partition,
             offset: self.offset,
+            key: self.record.key.map(<[u8]>::to_vec),
+            headers: self.record.headers.to_vec(),
+            timestamp: self.record.timestamp,
         }
     }
 
@@ -167,7 +258,7 @@ impl std::error::Error for HandlerError {}
 
 /// Work run on worker threads against the borrowed event.
 ///
-/// A sync closure `Fn(&CloudEvent<'_>, &mut Work) -> Result<(), E>` with
+/// A sync closure `Fn(&CloudEvent<'_>, &mut Work<'_>) -> Result<(), E>` with
 /// `E: Display` is a `Handler`. Returning an error reports `failed` (when the
 /// pipeline has a lifecycle) and still finishes the offset: retrying is the
 /// handler's business, a poison message must not stall its partition.
@@ -176,7 +267,7 @@ pub trait Handler: Send + Sync + 'static {
     ///
     /// # Errors
     /// A [`HandlerError`] whose message and code are posted with `failed`.
-    fn handle(&self, event: &CloudEvent<'_>, work: &mut Work) -> Result<(), HandlerError>;
+    fn handle(&self, event: &CloudEvent<'_>, work: &mut Work<'_>) -> Result<(), HandlerError>;
 
     /// Called on the poll thread after partitions are assigned. Keep it short.
     fn on_assign(&self, _partitions: &[(String, i32)]) {}
@@ -201,10 +292,10 @@ fn to_handler_error<E: fmt::Display + 'static>(e: E, code: Option<String>) -> Ha
 
 impl<F, E> Handler for F
 where
-    F: Fn(&CloudEvent<'_>, &mut Work) -> Result<(), E> + Send + Sync + 'static,
+    F: Fn(&CloudEvent<'_>, &mut Work<'_>) -> Result<(), E> + Send + Sync + 'static,
     E: fmt::Display + 'static,
 {
-    fn handle(&self, event: &CloudEvent<'_>, work: &mut Work) -> Result<(), HandlerError> {
+    fn handle(&self, event: &CloudEvent<'_>, work: &mut Work<'_>) -> Result<(), HandlerError> {
         self(event, work).map_err(|e| to_handler_error(e, work.error_code.clone()))
     }
 }
@@ -260,8 +351,44 @@ mod tests {
     use crate::decode::{Decoder, DecoderConfig};
 
     #[test]
+    fn work_borrows_the_record_and_info_owns_a_copy() {
+        let headers = vec![
+            ("a".to_owned(), b"1".to_vec()),
+            ("b".to_owned(), vec![0xff]),
+            ("a".to_owned(), b"2".to_vec()),
+        ];
+        let work = Work::new("w".into(), "t".into(), 1, 2).with_record(Record::new(
+            Some(b"k"),
+            &headers,
+            Some(Timestamp::LogAppendTime(9)),
+        ));
+        assert_eq!(work.key(), Some(&b"k"[..]));
+        assert_eq!(
+            work.header("a"),
+            Some(&b"1"[..]),
+            "the first of a repeated name"
+        );
+        assert_eq!(work.header("c"), None);
+        assert_eq!(work.headers().len(), 3);
+        assert_eq!(work.timestamp().map(Timestamp::kind), Some("LogAppendTime"));
+        let info = work.info();
+        drop(work);
+        assert_eq!(info.headers, headers);
+        assert_eq!(info.header("b"), Some(&[0xff][..]));
+        assert_eq!(
+            (info.key.as_deref(), info.timestamp),
+            (Some(&b"k"[..]), Some(Timestamp::LogAppendTime(9)))
+        );
+        let bare = Work::new("w".into(), "t".into(), 0, 0);
+        assert_eq!(
+            (bare.key(), bare.headers().len(), bare.timestamp()),
+            (None, 0, None)
+        );
+    }
+
+    #[test]
     fn closures_are_handlers_and_errors_carry_the_code() {
-        let h = |ev: &CloudEvent<'_>, work: &mut Work| -> Result<(), String> {
+        let h = |ev: &CloudEvent<'_>, work: &mut Work<'_>| -> Result<(), String> {
             work.detail("type", ev.event_type());
             if ev.event_type() == "bad" {
                 work.error_code("E42");

@@ -41,6 +41,7 @@ fn print_config(args: &[&str]) -> (bool, String, String) {
 fn everything() -> Value {
     json!({
         "ordering": "per_key",
+        "assignment": "cooperative",
         "max_in_flight": 77,
         "batch": 9,
         "buffer_budget": 1_048_576,
@@ -106,6 +107,8 @@ fn flags_override_the_file_and_defaults_fill_only_what_neither_set() {
         "4",
         "--ordering",
         "none",
+        "--assignment",
+        "cooperative",
         "--dead-letter-topic",
         "x.dlq",
     ]);
@@ -118,6 +121,7 @@ fn flags_override_the_file_and_defaults_fill_only_what_neither_set() {
         "the file's backoff is kept"
     );
     assert_eq!(v["ordering"], "unordered");
+    assert_eq!(v["assignment"], "cooperative");
     assert_eq!(v["commit_interval"], "300ms");
     assert_eq!(v["dead_letter"]["topic"], "x.dlq");
     assert_eq!(v["malformed"], "dead_letter", "with a dead-letter topic");

@@ -16,6 +16,7 @@ pub(crate) struct KafkaArgs {
     topic: String,
     service_name: String,
     group_id: String,
+    group_instance_id: Option<String>,
     security_protocol: String,
     sasl_mechanism: Option<String>,
     sasl_username: Option<String>,
@@ -39,6 +40,7 @@ impl KafkaArgs {
         };
         let mut c = KafkaConsumerConfig::new(&self.brokers, &self.topic, &self.service_name)
             .with_group_id(&self.group_id);
+        c.group_instance_id.clone_from(&self.group_instance_id);
         c.security_protocol = Some(match self.security_protocol.to_ascii_uppercase().as_str() {
             "PLAINTEXT" => SecurityProtocol::Plaintext,
             "SSL" => SecurityProtocol::Ssl,
@@ -93,6 +95,7 @@ pub(crate) fn kafka_config_from_env<'py>(
     d.set_item("topic", c.topics.first().cloned().unwrap_or_default())?;
     d.set_item("service_name", &c.service_name)?;
     d.set_item("group_id", &c.group_id)?;
+    d.set_item("group_instance_id", &c.group_instance_id)?;
     d.set_item(
         "security_protocol",
         c.security_protocol.unwrap_or_default().as_str(),

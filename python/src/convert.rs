@@ -6,7 +6,7 @@
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 use serde_json::{Map, Number, Value};
 use xzepr_consumer::decode::{
     CloudEventMessage, EventEntity, EventReceiverEntity, EventReceiverGroupEntity,
@@ -19,6 +19,7 @@ struct Classes {
     event: Py<PyAny>,
     receiver: Py<PyAny>,
     group: Py<PyAny>,
+    record: Py<PyAny>,
 }
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
@@ -33,6 +34,7 @@ fn classes(py: Python<'_>) -> PyResult<&Classes> {
             event: get("EventEntity")?,
             receiver: get("EventReceiverEntity")?,
             group: get("EventReceiverGroupEntity")?,
+            record: get("KafkaRecord")?,
         })
     })
 }
@@ -264,6 +266,31 @@ pub(crate) fn message_to_py<'py>(
         m.platform_id.as_str(),
         m.package.as_str(),
         data,
+    ))
+}
+
+/// Where an event came from as a `KafkaRecord` dataclass (key and header
+/// values as `bytes`).
+pub(crate) fn record_to_py<'py>(
+    py: Python<'py>,
+    info: &xzepr_consumer::handler::WorkInfo,
+) -> PyResult<Bound<'py, PyAny>> {
+    let c = classes(py)?;
+    let key = info.key.as_deref().map(|k| PyBytes::new(py, k));
+    let headers = PyList::new(
+        py,
+        info.headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), PyBytes::new(py, v))),
+    )?;
+    c.record.bind(py).call1((
+        info.topic.as_str(),
+        info.partition,
+        info.offset,
+        key,
+        headers,
+        info.timestamp.map(|t| t.millis()),
+        info.timestamp.map(|t| t.kind()),
     ))
 }
 

@@ -262,9 +262,10 @@ fn client_config(brokers: &str, config: &[(String, String)]) -> ClientConfig {
 }
 
 /// Writes `messages` (`(key or None, payload)`) to `topic`, each to
-/// `partition` or by key, and waits until all are acknowledged.
+/// `partition` or by key, each with `headers` (in order), and waits until all
+/// are acknowledged.
 #[pyfunction]
-#[pyo3(signature = (brokers, topic, messages, partition = None, config = Vec::new()))]
+#[pyo3(signature = (brokers, topic, messages, partition = None, config = Vec::new(), headers = Vec::new()))]
 pub(crate) fn produce(
     py: Python<'_>,
     brokers: &str,
@@ -272,6 +273,7 @@ pub(crate) fn produce(
     messages: Vec<(Option<Vec<u8>>, Vec<u8>)>,
     partition: Option<i32>,
     config: Vec<(String, String)>,
+    headers: Vec<(String, Vec<u8>)>,
 ) -> PyResult<usize> {
     py.detach(|| {
         let producer: ThreadedProducer<DefaultProducerContext> = client_config(brokers, &config)
@@ -285,6 +287,16 @@ pub(crate) fn produce(
             }
             if let Some(p) = partition {
                 record = record.partition(p);
+            }
+            if !headers.is_empty() {
+                let mut h = rdkafka::message::OwnedHeaders::new_with_capacity(headers.len());
+                for (name, value) in &headers {
+                    h = h.insert(rdkafka::message::Header {
+                        key: name,
+                        value: Some(value),
+                    });
+                }
+                record = record.headers(h);
             }
             // A full queue is waited out: a test's messages are never dropped.
             loop {

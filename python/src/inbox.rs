@@ -30,7 +30,7 @@ use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
 
 use crate::bridge::Wake;
-use crate::convert::{message_to_py, py_to_value};
+use crate::convert::{message_to_py, py_to_value, record_to_py};
 use crate::errors::poisoned;
 
 type Reply = oneshot::Sender<Result<Value, HandlerError>>;
@@ -94,6 +94,7 @@ impl Inbox {
             }
             let key = p.key.into_pyobject(py)?.into_any();
             let message = message_to_py(py, &p.message)?;
+            message.setattr("kafka", record_to_py(py, &p.info)?)?;
             let token = Bound::new(
                 py,
                 Token {

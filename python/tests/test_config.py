@@ -86,3 +86,21 @@ def test_settings_that_would_break_at_least_once_are_refused() -> None:
     )
     with pytest.raises(ConfigError):
         c.to_confluent_config()
+
+
+def test_static_membership_from_the_environment_and_checked_by_the_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert KafkaConsumerConfig.from_env("svc").group_instance_id is None
+    monkeypatch.setenv("XZEPR_KAFKA_GROUP_INSTANCE_ID", "orders-7f9c-2")
+    c = KafkaConsumerConfig.from_env("svc")
+    assert c.group_instance_id == "orders-7f9c-2"
+    assert c.to_confluent_config()["group.instance.id"] == "orders-7f9c-2"
+    bad = KafkaConsumerConfig(brokers="b", topic="t", service_name="s", group_instance_id="a b")
+    with pytest.raises(ConfigError, match="XZEPR_KAFKA_GROUP_INSTANCE_ID"):
+        bad.to_confluent_config()
+    c = KafkaConsumerConfig(
+        brokers="b", topic="t", service_name="s", extra={"group.instance.id": "x"}
+    )
+    with pytest.raises(ConfigError, match=r"group\.instance\.id"):
+        c.to_confluent_config()

@@ -125,3 +125,8 @@ def test_a_kwarg_reaches_its_setting() -> None:
 
 def test_metrics_holds_every_counter_of_the_pipeline() -> None:
     assert _fields(Metrics) == set(_native.metric_names())
+
+
+def test_the_assignment_reaches_its_setting() -> None:
+    assert resolve(Settings().to_config())["assignment"] == "eager"
+    assert resolve(Settings(assignment="cooperative").to_config())["assignment"] == "cooperative"

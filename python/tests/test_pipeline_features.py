@@ -20,6 +20,7 @@ from xzepr_consumer import (
     CloudEventMessage,
     DeadLetter,
     KafkaConsumerConfig,
+    KafkaRecord,
     MemoryStore,
     PostgresStore,
     RetryPolicy,
@@ -280,3 +281,42 @@ def test_an_unreachable_xzepr_fails_the_run_naming_the_receiver_and_the_cause(
     asyncio.run(main())
     assert handled == [], "nothing is consumed before the receiver is found"
     assert committed(stack, config.group_id)[0] == 0
+
+
+def test_the_handler_sees_the_kafka_record_each_event_came_in(
+    stack: DevStack, kafka_config: Callable[[], KafkaConsumerConfig]
+) -> None:
+    n = 4
+    headers = [("trace", b"abc"), ("bin", b"\x00\xff"), ("trace", b"again")]
+    produce(
+        stack.brokers,
+        stack.topic,
+        [_event(i, "record") for i in range(n)],
+        headers=headers,
+    )
+    seen: dict[str, KafkaRecord] = {}
+
+    async def handle(message: CloudEventMessage) -> None:
+        assert message.kafka is not None
+        seen[message.id] = message.kafka
+
+    config = kafka_config()
+
+    async def main() -> None:
+        consumer = XzeprConsumer(config, type_prefixes=["record"])
+        await run_until(
+            consumer,
+            lambda: consumer.run_with_callback(handle),
+            lambda: len(seen) >= n,
+        )
+
+    asyncio.run(main())
+    for i in range(n):
+        record = seen[f"P{i:025d}"]
+        assert record.key == f"k{i}".encode()
+        assert record.headers == headers
+        assert record.header("trace") == b"abc"
+        assert record.header("missing") is None
+        assert record.topic == stack.topic and record.offset >= 0
+        assert record.timestamp is not None and record.timestamp > 0
+        assert record.timestamp_type == "CreateTime"

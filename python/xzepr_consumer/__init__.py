@@ -34,9 +34,11 @@ from .message import (
     EventEntity,
     EventReceiverEntity,
     EventReceiverGroupEntity,
+    KafkaRecord,
 )
 from .observe import Health, Metrics, PartitionState
 from .settings import (
+    Assignment,
     DeadLetter,
     DecoderLimits,
     Duration,
@@ -48,6 +50,7 @@ from .settings import (
 )
 
 __all__ = [
+    "Assignment",
     "CloudEventData",
     "CloudEventMessage",
     "ConfigError",
@@ -63,6 +66,7 @@ __all__ = [
     "IdempotencyKey",
     "IdempotencyMetrics",
     "KafkaConsumerConfig",
+    "KafkaRecord",
     "MalformedPolicy",
     "MemoryStore",
     "MessageHandler",

@@ -199,6 +199,7 @@ def produce(
     messages: list[tuple[bytes | None, bytes]],
     partition: int | None = None,
     config: list[tuple[str, str]] = ...,
+    headers: list[tuple[str, bytes]] = ...,
 ) -> int: ...
 def generate_events(
     count: int, start: int = 0, receiver_id: str = "01M82X4ET7AYGAEYSHF5AKVAVW"

@@ -65,6 +65,11 @@ class KafkaConsumerConfig:
     topic: str
     service_name: str
     group_id: str = ""
+    #: Static group membership (``XZEPR_KAFKA_GROUP_INSTANCE_ID``): this
+    #: instance's own stable name, e.g. its pod name. A restart inside the
+    #: session timeout takes its partitions back without a rebalance. None:
+    #: dynamic membership.
+    group_instance_id: str | None = None
     security_protocol: SecurityProtocol = SecurityProtocol.PLAINTEXT
     sasl_config: SaslConfig | None = None
     ssl_config: SslConfig | None = None
@@ -112,6 +117,7 @@ class KafkaConsumerConfig:
             topic=f["topic"],
             service_name=service_name,
             group_id=f["group_id"],
+            group_instance_id=f["group_instance_id"],
             security_protocol=protocol,
             sasl_config=sasl,
             ssl_config=ssl,
@@ -143,6 +149,7 @@ class KafkaConsumerConfig:
             "topic": self.topic,
             "service_name": self.service_name,
             "group_id": self.group_id,
+            "group_instance_id": self.group_instance_id,
             "security_protocol": self.security_protocol.value,
             "sasl_mechanism": sasl.mechanism.value if sasl else None,
             "sasl_username": sasl.username if sasl else None,

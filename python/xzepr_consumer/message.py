@@ -215,9 +215,36 @@ class CloudEventData:
         }
 
 
+@dataclass(frozen=True)
+class KafkaRecord:
+    """The Kafka record an event came in (``CloudEventMessage.kafka``)."""
+
+    topic: str
+    partition: int
+    offset: int
+    #: The key; None when the record has none.
+    key: bytes | None
+    #: The headers in order, as ``(name, value)``; a name may repeat, and a
+    #: null value is empty.
+    headers: list[tuple[str, bytes]]
+    #: Milliseconds since the epoch; None when the broker gave none.
+    timestamp: int | None
+    #: ``"CreateTime"`` (set by the producer) or ``"LogAppendTime"`` (by the
+    #: broker); None with no timestamp.
+    timestamp_type: str | None
+
+    def header(self, name: str) -> bytes | None:
+        """The value of the first header named ``name`` (names compare exactly)."""
+        return next((v for k, v in self.headers if k == name), None)
+
+
 @dataclass
 class CloudEventMessage:
-    """CloudEvents 1.0.1 message from XZepr."""
+    """CloudEvents 1.0.1 message from XZepr.
+
+    ``kafka`` is the record it came in, set on the messages a consumer hands
+    to its handler (None on a message decoded by hand).
+    """
 
     success: bool
     id: str
@@ -231,6 +258,7 @@ class CloudEventMessage:
     platform_id: str
     package: str
     data: CloudEventData
+    kafka: KafkaRecord | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CloudEventMessage:

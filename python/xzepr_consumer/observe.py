@@ -82,6 +82,11 @@ class PartitionState:
     held: int
     #: How long the commit point has stood still with work pending, in ms.
     stalled_for_ms: int
+    #: How long ago the oldest unfinished offset was received, in ms (0: none).
+    oldest_unfinished_ms: int
+    #: How long ago, by its Kafka timestamp, the message at the commit point
+    #: was produced, in ms (0: nothing unfinished; None: no timestamp).
+    commit_point_age_ms: int | None
     stalled: bool
     paused: bool
 

@@ -50,6 +50,17 @@ class Ordering(str, Enum):
         return {"partition": "per_partition", "key": "per_key"}.get(self.value, self.value)
 
 
+class Assignment(str, Enum):
+    """How a rebalance moves partitions between the group's members. Every
+    member of a group must use the same."""
+
+    #: Every rebalance revokes and drains every partition (the default).
+    EAGER = "eager"
+    #: Cooperative-sticky: only the partitions that move are revoked and
+    #: drained; the others keep being handled through the rebalance.
+    COOPERATIVE = "cooperative"
+
+
 class MalformedPolicy(str, Enum):
     """What a message that does not decode does."""
 
@@ -156,6 +167,8 @@ class Settings:
 
     #: What may run at once.
     ordering: Ordering | str = Ordering.PER_PARTITION
+    #: How a rebalance moves partitions (eager or cooperative).
+    assignment: Assignment | str = Assignment.EAGER
     #: Most handlers running at once; past it, events wait in their lanes.
     max_in_flight: int = 1024
     #: Most waiting events of one lane handed over as one job.
@@ -210,6 +223,7 @@ class Settings:
         """The ``PipelineConfig`` JSON object of these settings."""
         return {
             "ordering": Ordering(self.ordering)._config(),
+            "assignment": Assignment(self.assignment).value,
             "max_in_flight": self.max_in_flight,
             "batch": self.batch,
             "buffer_budget": self.buffer_budget,

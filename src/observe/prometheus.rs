@@ -377,30 +377,49 @@ impl Collector for PipelineCollector {
 
         // Per partition, from the poll thread.
         let states = o.source.partition_states();
+        gauge(
+            e,
+            "xzepr_consumer_unfinished",
+            "Offsets received and not finished, over every assigned partition: the work this consumer still owes (the gauge to scale on, unlike the lag).",
+            None,
+            signed(states.iter().map(|p| p.unfinished as u64).sum()),
+        )?;
         for (name, help, value) in [
             (
                 "xzepr_consumer_partition_unfinished",
                 "Offsets of an assigned partition received and not finished (waiting, running or held).",
-                (|p: &crate::source::PartitionState| p.unfinished as f64) as fn(&_) -> f64,
+                (|p: &crate::source::PartitionState| Some(p.unfinished as f64))
+                    as fn(&_) -> Option<f64>,
             ),
             (
                 "xzepr_consumer_partition_held",
                 "Offsets of an assigned partition held: they keep its commit point until it is replayed.",
-                |p| p.held as f64,
+                |p| Some(p.held as f64),
             ),
             (
                 "xzepr_consumer_partition_stalled_seconds",
                 "How long an assigned partition's commit point has stood still with unfinished work behind it.",
-                |p| p.stalled_for_ms as f64 / 1000.0,
+                |p| Some(p.stalled_for_ms as f64 / 1000.0),
+            ),
+            (
+                "xzepr_consumer_partition_oldest_unfinished_seconds",
+                "How long ago an assigned partition's oldest unfinished offset was received (0 when none is).",
+                |p| Some(p.oldest_unfinished_ms as f64 / 1000.0),
+            ),
+            (
+                "xzepr_consumer_partition_commit_point_age_seconds",
+                "How long ago, by its Kafka timestamp, the message at an assigned partition's commit point was produced (0 when nothing is unfinished).",
+                |p| p.commit_point_age_ms.map(|ms| ms as f64 / 1000.0),
             ),
         ] {
             let mut f = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
             let mut partition = String::new();
             for p in &states {
+                let Some(v) = value(p) else { continue };
                 partition.clear();
                 let _ = write!(partition, "{}", p.partition);
                 let labels = [("topic", p.topic.as_str()), ("partition", partition.as_str())];
-                ConstGauge::new(value(p)).encode(f.encode_family(&labels)?)?;
+                ConstGauge::new(v).encode(f.encode_family(&labels)?)?;
             }
         }
 

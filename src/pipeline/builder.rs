@@ -21,7 +21,7 @@ use crate::dispatch::{Ordering, TypeFilter};
 use crate::handler::{AsyncHandler, Handler};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
-use crate::source::{SourceError, SourceHandle, SourceOptions};
+use crate::source::{Assignment, SourceError, SourceHandle, SourceOptions};
 
 /// The metrics endpoint's listener, with the address asked for.
 pub(super) type Bound = (std::net::SocketAddr, std::net::TcpListener);
@@ -114,6 +114,16 @@ impl PipelineBuilder {
     /// [`Ordering`]; a message without a key keeps its partition's order.
     pub fn ordering(mut self, ordering: Ordering) -> Self {
         self.config.source.ordering = ordering;
+        self
+    }
+
+    /// How partitions move between the group's members on a rebalance
+    /// (default [`Assignment::Eager`]). Under [`Assignment::Cooperative`] a
+    /// rebalance revokes only the partitions that move: only they drain, and
+    /// the rest keep being handled. Every member of a group must use the same;
+    /// static membership is [`KafkaConsumerConfig::group_instance_id`].
+    pub fn assignment(mut self, assignment: Assignment) -> Self {
+        self.config.source.assignment = assignment;
         self
     }
 

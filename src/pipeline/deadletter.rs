@@ -145,6 +145,7 @@ const RESERVED: &[(&str, &str)] = &[
 /// Consumer properties a producer does not take.
 const CONSUMER_ONLY: &[&str] = &[
     "group.id",
+    "group.instance.id",
     "enable.auto.commit",
     "enable.auto.offset.store",
     "isolation.level",

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::handler::Record;
 use crate::source::Message;
 
 /// A message as the execution and completion stages see it (the source's
@@ -20,6 +21,10 @@ pub(crate) trait Delivery: Send + Sync + 'static {
     }
     /// Kafka headers as `(key, value)` pairs (binary-mode CloudEvents).
     fn headers(&self) -> Vec<(&str, &[u8])>;
+    /// The Kafka record (key, headers, timestamp) the handler sees.
+    fn record(&self) -> Record<'_> {
+        Record::default()
+    }
     /// False when the partition was revoked after this was handed over: drop it
     /// unhandled.
     fn is_current(&self) -> bool {
@@ -53,6 +58,9 @@ impl Delivery for Message {
     }
     fn headers(&self) -> Vec<(&str, &[u8])> {
         self.header_pairs().collect()
+    }
+    fn record(&self) -> Record<'_> {
+        Record::new(Message::key(self), &self.headers, self.timestamp)
     }
     fn is_current(&self) -> bool {
         Message::is_current(self)

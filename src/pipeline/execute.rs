@@ -57,7 +57,7 @@ impl<H: Handler + ?Sized> Attempts for SyncAttempts<H> {
         ev: &'a CloudEvent<'_>,
         _: &'a mut Option<()>,
         _last: bool,
-        work: &'a mut Work,
+        work: &'a mut Work<'_>,
         shared: &'a Shared,
     ) -> impl Future<Output = Result<Value, HandlerError>> + Send + 'a {
         // Runs now, on this thread; the flow awaits only the answer.
@@ -81,7 +81,7 @@ impl<H: Handler + ?Sized> Attempts for SyncAttempts<H> {
 fn call_sync<H: Handler + ?Sized>(
     handler: &H,
     ev: &CloudEvent<'_>,
-    work: &mut Work,
+    work: &mut Work<'_>,
     shared: &Shared,
 ) -> Result<(), HandlerError> {
     let began = Instant::now();
@@ -124,7 +124,7 @@ impl<H: AsyncHandler + ?Sized> Attempts for AsyncAttempts<H> {
         _: &'a CloudEvent<'_>,
         owned: &'a mut Option<CloudEventMessage>,
         last: bool,
-        work: &'a mut Work,
+        work: &'a mut Work<'_>,
         shared: &'a Shared,
     ) -> impl Future<Output = Result<Value, HandlerError>> + Send + 'a {
         // Every attempt but the last gets a copy; the last takes the message.
@@ -146,7 +146,7 @@ impl<H: AsyncHandler + ?Sized> Attempts for AsyncAttempts<H> {
 async fn run_handler<H: AsyncHandler + ?Sized>(
     handler: &H,
     message: CloudEventMessage,
-    work: &Work,
+    work: &Work<'_>,
     shared: &Shared,
 ) -> Result<Value, HandlerError> {
     // A panic while building the future fails the event too.

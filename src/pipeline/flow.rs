@@ -127,7 +127,7 @@ pub(crate) trait Attempts {
         ev: &'a CloudEvent<'_>,
         owned: &'a mut Option<Self::Owned>,
         last: bool,
-        work: &'a mut Work,
+        work: &'a mut Work<'_>,
         shared: &'a Shared,
     ) -> impl Future<Output = Result<Value, HandlerError>> + Send + 'a;
 
@@ -227,7 +227,8 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
         delivery.topic_arc(),
         delivery.partition(),
         delivery.offset(),
-    );
+    )
+    .with_record(delivery.record());
     let platform_id = ev.platform_id().unwrap_or_default().to_owned();
     let sink = shared.lifecycle.as_ref();
     // `started` goes to the reporter before the first attempt, once.

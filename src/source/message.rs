@@ -30,11 +30,45 @@ pub struct Message {
     pub partition: i32,
     /// Offset.
     pub offset: i64,
-    /// Timestamp in milliseconds since the epoch, when the broker gave one.
-    pub timestamp: Option<i64>,
+    /// The record's timestamp and its type, when the broker gave one.
+    pub timestamp: Option<Timestamp>,
     pub(super) epoch: u64,
     pub(super) shared: Arc<PartShared>,
     pub(super) completed: bool,
+}
+
+/// A Kafka record's timestamp, in milliseconds since the epoch, by its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timestamp {
+    /// Set by the producer (the topic's `message.timestamp.type=CreateTime`).
+    CreateTime(i64),
+    /// Set by the broker when it appended the record (`LogAppendTime`).
+    LogAppendTime(i64),
+}
+
+impl Timestamp {
+    /// Milliseconds since the epoch.
+    pub fn millis(self) -> i64 {
+        match self {
+            Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => ms,
+        }
+    }
+
+    /// `CreateTime` or `LogAppendTime`, as Kafka names the type.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Timestamp::CreateTime(_) => "CreateTime",
+            Timestamp::LogAppendTime(_) => "LogAppendTime",
+        }
+    }
+
+    pub(crate) fn of(t: rdkafka::Timestamp) -> Option<Self> {
+        match t {
+            rdkafka::Timestamp::CreateTime(ms) => Some(Timestamp::CreateTime(ms)),
+            rdkafka::Timestamp::LogAppendTime(ms) => Some(Timestamp::LogAppendTime(ms)),
+            rdkafka::Timestamp::NotAvailable => None,
+        }
+    }
 }
 
 /// Per-partition state a message needs to finish itself: one `Arc` per message.

@@ -33,6 +33,7 @@
 //! cancelled future): the commit point stays before it, but revoke and shutdown
 //! do not wait for it.
 
+mod age;
 mod batch;
 mod completion;
 mod error;
@@ -50,9 +51,9 @@ pub(crate) use completion::{deferring, Completion};
 pub use error::SourceError;
 pub(crate) use handle::{panic_message, Committed};
 pub use handle::{Source, SourceHandle};
-pub use message::Message;
+pub use message::{Message, Timestamp};
 pub(crate) use message::{PartShared, Recycler};
-pub use options::SourceOptions;
+pub use options::{Assignment, SourceOptions};
 pub(crate) use poll::RebalanceHooks;
 pub use stall::PartitionState;
 pub use stats::SourceStats;

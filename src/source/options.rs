@@ -8,6 +8,35 @@ use super::SourceError;
 use super::SourceStats;
 use crate::dispatch::Ordering;
 
+/// How the group moves partitions between members on a rebalance, and so
+/// what stops while it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Assignment {
+    /// Every rebalance revokes every partition of every member, which drains
+    /// them all, then assigns anew (librdkafka's `range,roundrobin`): while a
+    /// member joins or leaves, the whole group stops. The default, since a
+    /// group must not mix protocols: moving a running group to cooperative
+    /// takes a rolling restart (see `docs/membership.md`).
+    #[default]
+    Eager,
+    /// Incremental, cooperative-sticky assignment (KIP-429): a rebalance
+    /// revokes only the partitions that move, and only those drain; the
+    /// others keep being handled through it.
+    Cooperative,
+}
+
+impl Assignment {
+    /// librdkafka's `partition.assignment.strategy` for it.
+    pub fn strategy(self) -> &'static str {
+        match self {
+            Assignment::Eager => "range,roundrobin",
+            Assignment::Cooperative => "cooperative-sticky",
+        }
+    }
+}
+
 /// Limits of the source stage. In configuration files every field is
 /// optional (its default applies) and durations read as `500ms`, `30s`,
 /// `5m` or `1h` ([`crate::config::duration`]).
@@ -18,6 +47,10 @@ pub struct SourceOptions {
     /// How events are put in lanes, and so what order is kept. Default: per
     /// partition.
     pub ordering: Ordering,
+    /// How partitions move between the group's members (`eager` or
+    /// `cooperative`). Default eager; see [`Assignment`]. Every member of a
+    /// group must use the same.
+    pub assignment: Assignment,
     /// Jobs handed to the executor and not yet finished: at most this many
     /// handler calls run at once. Default 1,024: the services this crate serves
     /// mostly wait on other services, and by Little's law 1,024 calls of ~20 ms
@@ -101,6 +134,7 @@ impl Default for SourceOptions {
     fn default() -> Self {
         SourceOptions {
             ordering: Ordering::PerPartition,
+            assignment: Assignment::Eager,
             max_in_flight: 1024,
             batch: 64,
             buffer_budget: 16 << 20,

@@ -42,6 +42,15 @@ pub struct PartitionState {
     /// How long the commit point has stood still while the partition had
     /// unfinished work, in milliseconds (0 when it has none).
     pub stalled_for_ms: u64,
+    /// How long ago the oldest unfinished offset arrived (was polled), in
+    /// milliseconds, to within 10 ms over; 0 when none is unfinished.
+    pub oldest_unfinished_ms: u64,
+    /// The commit point's age: how long ago, by its Kafka timestamp, the
+    /// message at the commit point was produced (or appended, with
+    /// `LogAppendTime`), in milliseconds: how far back in time a restart
+    /// would replay from. 0 when nothing is unfinished; `None` when that
+    /// message had no timestamp.
+    pub commit_point_age_ms: Option<u64>,
     /// `stalled_for_ms` reached the stall timeout.
     pub stalled: bool,
     /// The partition is paused (its share of the buffers, or its tracking limit).

@@ -19,9 +19,11 @@
 //! No `XZEPR_*` variable of `run`'s own environment reaches the child: they
 //! hold its credentials (`XZEPR_API_TOKEN`, `XZEPR_KAFKA_SASL_PASSWORD`, and
 //! `XZEPR_API_URL` may carry a `user:password@`). The child gets the rest of
-//! the environment, and the event's variables.
+//! the environment, and the event's variables, with the Kafka record's key,
+//! headers and timestamp escaped as [`kafka`] says.
 
 mod group;
+mod kafka;
 
 use std::ffi::OsString;
 use std::process::Stdio;
@@ -40,7 +42,14 @@ With --exec, each event runs the program with the event as one line of JSON on s
   XZEPR_EVENT_ID, XZEPR_EVENT_TYPE, XZEPR_EVENT_SOURCE, XZEPR_EVENT_SPECVERSION,
   XZEPR_EVENT_SUCCESS (true/false), XZEPR_EVENT_NAME, XZEPR_EVENT_VERSION,
   XZEPR_EVENT_RELEASE, XZEPR_EVENT_PLATFORM_ID, XZEPR_EVENT_PACKAGE,
-  XZEPR_WORK_ID, KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET
+  XZEPR_WORK_ID, KAFKA_TOPIC, KAFKA_PARTITION, KAFKA_OFFSET;
+the Kafka record: KAFKA_KEY (the key, when UTF-8 text without NUL; else KAFKA_KEY_BASE64),
+  KAFKA_TIMESTAMP (ms since the epoch), KAFKA_TIMESTAMP_TYPE (CreateTime or LogAppendTime),
+  KAFKA_HEADER_<NAME> per header: NAME is the header's name with ASCII letters upper-cased and
+  every other byte but a digit replaced by _ (ce_type and ce-type are both KAFKA_HEADER_CE_TYPE;
+  the first header wins), the value as text, or in base64 as KAFKA_HEADER_<NAME>_BASE64 when it
+  is not UTF-8 without NUL; KAFKA_HEADERS, every header in order as JSON [[name, value], ...]
+  (a value that is not UTF-8 is {\"base64\": ...}); a variable over 32 KiB is left out;
 and the rest of run's environment less every XZEPR_* variable (they hold its credentials).
 It runs in a process group of its own, killed when it exits or times out. Exit 0 is completed, with
 stdout as the details when it is a JSON object; any other exit is failed, with the end
@@ -49,6 +58,15 @@ of stderr as the error.";
 /// The prefix of `run`'s own variables, none of which is passed on to a child:
 /// the credentials are among them, and so may be future ones.
 const OWN_VARS: &str = "XZEPR_";
+
+/// Whether `name` is one of the record's variables: one in `run`'s own
+/// environment must not pass for the record's (a record without a key has no
+/// `KAFKA_KEY`).
+fn record_var(name: &str) -> bool {
+    ["KAFKA_KEY", "KAFKA_HEADER", "KAFKA_TIMESTAMP"]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
 
 /// After the program exited, how long its pipes may take to reach their end.
 /// Its group is killed first, so this bounds only what a process outside the
@@ -66,7 +84,8 @@ const STDERR_TAIL: usize = 1024;
 pub struct Exec {
     program: OsString,
     args: Vec<OsString>,
-    /// The `XZEPR_*` variables of `run`'s environment, removed from the child's.
+    /// The `XZEPR_*` variables of `run`'s environment, and any named like the
+    /// record's, removed from the child's.
     removed: Arc<[OsString]>,
 }
 
@@ -76,7 +95,10 @@ impl Exec {
         let (program, args) = command.split_first()?;
         let removed = std::env::vars_os()
             .map(|(name, _)| name)
-            .filter(|name| name.to_str().is_some_and(|n| n.starts_with(OWN_VARS)))
+            .filter(|name| {
+                name.to_str()
+                    .is_some_and(|n| n.starts_with(OWN_VARS) || record_var(n))
+            })
             .collect();
         Some(Exec {
             program: program.into(),
@@ -117,6 +139,7 @@ impl Exec {
             .env("KAFKA_TOPIC", &info.topic)
             .env("KAFKA_PARTITION", info.partition.to_string())
             .env("KAFKA_OFFSET", info.offset.to_string());
+        cmd.envs(kafka::vars(info));
         cmd
     }
 
@@ -313,6 +336,31 @@ mod tests {
         assert_eq!(details["partition"], 2);
         assert_eq!(details["topic"], "t");
         assert_eq!(details["work"], "work-x");
+    }
+
+    #[tokio::test]
+    async fn the_kafka_record_reaches_the_program() {
+        use xzepr_consumer::handler::{Record, Timestamp, Work};
+        let headers = vec![
+            ("ce-type".to_owned(), b"deployment.completed".to_vec()),
+            ("bin".to_owned(), vec![0]),
+        ];
+        let info = Work::new("w".into(), "t".into(), 0, 1)
+            .with_record(Record::new(
+                Some(b"order 7"),
+                &headers,
+                Some(Timestamp::CreateTime(5)),
+            ))
+            .info();
+        let exec = sh(
+            r#"printf '{"key":"%s","ts":"%s %s","type":"%s","bin":"%s"}' "$KAFKA_KEY" \
+              "$KAFKA_TIMESTAMP" "$KAFKA_TIMESTAMP_TYPE" "$KAFKA_HEADER_CE_TYPE" "$KAFKA_HEADER_BIN_BASE64""#,
+        );
+        let details = exec.run(message(), info).await.unwrap();
+        assert_eq!(details["key"], "order 7");
+        assert_eq!(details["ts"], "5 CreateTime");
+        assert_eq!(details["type"], "deployment.completed");
+        assert_eq!(details["bin"], "AA==");
     }
 
     #[tokio::test]

@@ -13,7 +13,20 @@
 //! `platformid` (in both modes); `specversion` is `1.0`, the version of the
 //! spec this binding belongs to (XZepr writes its patch release, `1.0.1`). Each
 //! request also carries `Kafka-Topic`, `Kafka-Partition`, `Kafka-Offset` and
-//! `XZepr-Work-Id`.
+//! `XZepr-Work-Id`, and the Kafka record:
+//!
+//! - `Kafka-Key`: the key, when there is one;
+//! - `Kafka-Timestamp` (ms since the epoch) and `Kafka-Timestamp-Type`
+//!   (`CreateTime` or `LogAppendTime`), when the broker gave one;
+//! - `Kafka-Header-<name>` per Kafka header, in order (a repeated name is a
+//!   repeated field). The name keeps the bytes HTTP allows in a field name
+//!   but `%` (HTTP field names are case-insensitive: receivers see it in lower
+//!   case); any other byte is `%XX`. A value encoded longer than
+//!   [`MAX_HEADER_VALUE`] is left out.
+//!
+//! Values are percent-encoded as the CloudEvents HTTP binding does (printable
+//! ASCII but `"` and `%` as is, every other byte `%XX`), so any bytes go
+//! through.
 //!
 //! A 2xx answer is `completed` (details: `http_status`). Anything else fails
 //! the attempt with code `http_status` (the status and the start of the body
@@ -48,6 +61,10 @@ const BODY_READ_MAX: usize = 64 * 1024;
 /// Longest a response's body is read once its status came: one that trickles
 /// or never ends is dropped (and its connection closed) after this.
 const BODY_READ_FOR: Duration = Duration::from_secs(1);
+
+/// Longest encoded Kafka header value forwarded: servers commonly refuse a
+/// request whose header section passes 8 to 16 KiB (431).
+const MAX_HEADER_VALUE: usize = 4 * 1024;
 
 /// Posts each event to one URL.
 #[derive(Clone)]
@@ -115,6 +132,20 @@ impl Forward {
             .header("kafka-partition", info.partition)
             .header("kafka-offset", info.offset)
             .header("xzepr-work-id", encode_header(&info.work_id));
+        if let Some(key) = &info.key {
+            req = req.header("kafka-key", encode_bytes(key));
+        }
+        if let Some(ts) = info.timestamp {
+            req = req
+                .header("kafka-timestamp", ts.millis())
+                .header("kafka-timestamp-type", ts.kind());
+        }
+        for (name, value) in &info.headers {
+            let value = encode_bytes(value);
+            if value.len() <= MAX_HEADER_VALUE {
+                req = req.header(kafka_header_name(name), value);
+            }
+        }
         if self.inner.structured {
             req = req.header(
                 CONTENT_TYPE,
@@ -229,8 +260,31 @@ fn attributes(m: &CloudEventMessage) -> Vec<(Attr, String)> {
 /// A header value per the HTTP binding: printable ASCII as is, except `"` and
 /// `%`; everything else (space, non-ASCII as UTF-8 bytes) percent-encoded.
 fn encode_header(value: &str) -> HeaderValue {
+    encode_bytes(value.as_bytes())
+}
+
+/// `Kafka-Header-` and a Kafka header's name: the bytes of an HTTP token
+/// (RFC 9110 `tchar`) but `%` as they are, any other `%XX`.
+fn kafka_header_name(name: &str) -> HeaderName {
+    let mut out = String::with_capacity(13 + name.len());
+    out.push_str("kafka-header-");
+    for b in name.bytes() {
+        let tchar = b.is_ascii_alphanumeric() || b"!#$&'*+-.^_`|~".contains(&b);
+        if tchar {
+            out.push(char::from(b.to_ascii_lowercase()));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    // Only token bytes are left, which always make a valid name.
+    HeaderName::from_bytes(out.as_bytes())
+        .unwrap_or_else(|_| HeaderName::from_static("kafka-header-"))
+}
+
+/// Bytes as a header value, percent-encoded as [`encode_header`] says.
+fn encode_bytes(value: &[u8]) -> HeaderValue {
     let mut out = String::with_capacity(value.len());
-    for b in value.bytes() {
+    for &b in value {
         if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
             out.push(char::from(b));
         } else {
@@ -294,6 +348,34 @@ mod tests {
         assert_eq!(encode_header("abc.DEF-1"), "abc.DEF-1");
         assert_eq!(encode_header("a b\"%"), "a%20b%22%25");
         assert_eq!(encode_header("café"), "caf%C3%A9");
+    }
+
+    #[test]
+    fn the_kafka_record_goes_in_headers() {
+        use xzepr_consumer::handler::{Record, Timestamp, Work};
+        let headers = vec![
+            ("ce_traceparent".to_owned(), b"00-ab-cd-01".to_vec()),
+            ("Tenant Id".to_owned(), vec![0xff]),
+            ("ce_traceparent".to_owned(), b"again".to_vec()),
+            ("huge".to_owned(), vec![b' '; MAX_HEADER_VALUE]),
+        ];
+        let info = Work::new("w".into(), "t".into(), 3, 9)
+            .with_record(Record::new(
+                Some(b"k\x001"),
+                &headers,
+                Some(Timestamp::CreateTime(42)),
+            ))
+            .info();
+        let f = Forward::new("http://127.0.0.1:9/", false, 1).unwrap();
+        let req = f.request(&message(), &info).unwrap().body(()).unwrap();
+        let h = req.headers();
+        assert_eq!(h["kafka-key"], "k%001");
+        assert_eq!(h["kafka-timestamp"], "42");
+        assert_eq!(h["kafka-timestamp-type"], "CreateTime");
+        let repeated: Vec<_> = h.get_all("kafka-header-ce_traceparent").iter().collect();
+        assert_eq!(repeated, ["00-ab-cd-01", "again"]);
+        assert_eq!(h["kafka-header-tenant%20id"], "%FF");
+        assert!(h.get("kafka-header-huge").is_none(), "too long: left out");
     }
 
     #[test]

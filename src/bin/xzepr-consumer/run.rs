@@ -36,6 +36,7 @@ use xzepr_consumer::pipeline::{
     WorkTemplate,
 };
 use xzepr_consumer::report::Reporter;
+use xzepr_consumer::source::Assignment;
 
 use crate::args::{parse_duration, redact_url, KafkaArgs};
 use crate::baseline::anyhow_like::Result;
@@ -75,6 +76,17 @@ pub struct RunArgs {
     /// xzepr-consumer-NAME].
     #[arg(long, value_name = "GROUP")]
     pub group_id: Option<String>,
+    /// Static group membership under this name, one per running instance
+    /// (e.g. the pod name): a restart inside the session timeout takes its
+    /// partitions back without a rebalance [default:
+    /// $XZEPR_KAFKA_GROUP_INSTANCE_ID, else dynamic membership].
+    #[arg(long, value_name = "NAME")]
+    pub group_instance_id: Option<String>,
+    /// How a rebalance moves partitions: `eager` stops every partition of
+    /// every member, `cooperative` (cooperative-sticky) only the ones that
+    /// move. Every member of a group must use the same [default: eager].
+    #[arg(long, value_enum)]
+    pub assignment: Option<AssignmentArg>,
     /// XZepr's base URL [default: $XZEPR_API_URL, else http://localhost:8042].
     #[arg(long, value_name = "URL")]
     pub api_url: Option<String>,
@@ -195,6 +207,24 @@ impl From<OrderingArg> for Ordering {
     }
 }
 
+/// `--assignment`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AssignmentArg {
+    /// Every rebalance revokes and drains every partition.
+    Eager,
+    /// Incremental cooperative-sticky: only the partitions that move drain.
+    Cooperative,
+}
+
+impl From<AssignmentArg> for Assignment {
+    fn from(a: AssignmentArg) -> Assignment {
+        match a {
+            AssignmentArg::Eager => Assignment::Eager,
+            AssignmentArg::Cooperative => Assignment::Cooperative,
+        }
+    }
+}
+
 /// What each event is handed to.
 #[derive(Debug, Clone)]
 pub enum Action {
@@ -264,6 +294,11 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
     set(
         "ordering",
         args.ordering.map(|o| json!(Ordering::from(o))),
+        None,
+    );
+    set(
+        "assignment",
+        args.assignment.map(|a| json!(Assignment::from(a))),
         None,
     );
     set(
@@ -345,6 +380,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
     if let Some(group) = &args.group_id {
         kafka.group_id.clone_from(group);
     }
+    if let Some(id) = &args.group_instance_id {
+        kafka.group_instance_id = Some(id.clone());
+    }
     // Checked before anything starts: errors name the variable, never a secret.
     kafka.to_client_config()?;
     let (action, default_concurrency, default_retries) = match (&args.exec, &args.forward) {
@@ -385,6 +423,8 @@ async fn run_async(args: RunArgs) -> Result<()> {
         brokers = %kafka.brokers,
         topics = ?kafka.topics,
         group = %kafka.group_id,
+        instance = kafka.group_instance_id.as_deref().unwrap_or("-"),
+        assignment = ?settings.source.assignment,
         concurrency = settings.source.max_in_flight,
         ordering = ?settings.source.ordering,
         types = ?settings.types,

@@ -105,7 +105,7 @@ fn deliveries(payloads: Vec<Vec<u8>>) -> (Vec<TestDelivery>, Finished) {
 }
 
 fn run_sync(payloads: Vec<Vec<u8>>, shared: &Shared) -> Finished {
-    let handler = |ev: &CloudEvent<'_>, work: &mut Work| -> Result<(), String> {
+    let handler = |ev: &CloudEvent<'_>, work: &mut Work<'_>| -> Result<(), String> {
         work.detail("seen", ev.event_type());
         match ev.event_type() {
             "fail" => Err("it failed".to_owned()),

@@ -46,6 +46,12 @@ pub(super) fn start(
     executor: Box<dyn Executor>,
 ) -> Result<SourceHandle, SourceError> {
     let mut client_config = config.to_client_config()?;
+    // `to_client_config` refuses it among the extra properties: the revoke
+    // below drains by the protocol this picks.
+    client_config.set(
+        "partition.assignment.strategy",
+        options.assignment.strategy(),
+    );
     if client_config.get("statistics.interval.ms").is_none() {
         client_config.set(
             "statistics.interval.ms",
@@ -80,6 +86,7 @@ pub(super) fn start(
             stall_timeout: options.stall_timeout,
         }),
         read_maps: options.completion_map,
+        static_member: config.group_instance_id.is_some(),
         drain_timeout: options.drain_timeout,
         fatal: Mutex::new(None),
         stats: Arc::clone(&stats),

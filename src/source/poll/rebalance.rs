@@ -31,6 +31,9 @@ pub(super) struct Context {
     pub(super) hooks: Option<Arc<dyn RebalanceHooks>>,
     /// Whether assigned partitions' completion maps are read.
     pub(super) read_maps: bool,
+    /// Whether the consumer is a static member (`group.instance.id`): its
+    /// shutdown must not leave the group.
+    pub(super) static_member: bool,
     pub(super) state: Mutex<State>,
     pub(super) drain_timeout: Duration,
     pub(super) fatal: Mutex<Option<SourceError>>,
@@ -141,6 +144,7 @@ impl ConsumerContext for Context {
                         committed_done: 0,
                         skip,
                         watch: crate::source::stall::StallWatch::new(Instant::now()),
+                        arrivals: crate::source::age::Arrivals::default(),
                     },
                 );
             }

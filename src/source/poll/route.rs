@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message as _};
@@ -31,6 +31,8 @@ pub(super) fn route(
         return false;
     };
     let st = &mut *guard;
+    // One clock read per burst: arrival ages are kept to 10 ms anyway.
+    let now = Instant::now();
     for m in burst {
         let topic = topic_arc(topic_names, m.topic());
         let Some(p) = st.parts.get_mut(&(Arc::clone(&topic), m.partition())) else {
@@ -54,6 +56,11 @@ pub(super) fn route(
         let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);
         let _ = p.tracker.dispatched(msg.offset);
+        p.arrivals.arrived(
+            msg.offset,
+            now,
+            msg.timestamp.map(crate::source::Timestamp::millis),
+        );
         st.sched.arrive(p.epoch, msg, &mut st.ready);
         // Past its tracking limit a partition pauses until its commit point
         // moves (the buffer budget is enforced between polls).
@@ -139,7 +146,7 @@ fn copy_message(m: &BorrowedMessage<'_>, topic: Arc<str>, p: &Part, mut data: Ve
         topic,
         partition: m.partition(),
         offset: m.offset(),
-        timestamp: m.timestamp().to_millis(),
+        timestamp: crate::source::Timestamp::of(m.timestamp()),
         epoch: p.epoch,
         shared: Arc::clone(&p.shared),
         completed: false,

@@ -43,6 +43,10 @@ impl PollLoop {
         st.watch_partitions(None);
         st.publish_gauges();
         drop(st);
+        if ctx.static_member {
+            self.release_static();
+            return;
+        }
         consumer.unsubscribe();
         // Serve the revoke that unsubscribing queues while the group handler
         // still answers: left to the close in the consumer's `Drop`, its
@@ -52,6 +56,35 @@ impl PollLoop {
         while Instant::now() < until && consumer.assignment().is_ok_and(|a| a.count() > 0) {
             drop(consumer.poll(Duration::from_millis(20)));
         }
+    }
+}
+
+impl PollLoop {
+    /// A static member stops without leaving the group (KIP-345), so the
+    /// broker keeps its partitions for it until the session timeout and a
+    /// restart inside it takes them back with no rebalance. Unsubscribing
+    /// would send a LeaveGroup (librdkafka skips it only on close), so the
+    /// partitions are released locally instead; the close in the consumer's
+    /// `Drop` then serves the revoke (the handler's `on_revoke`) with nothing
+    /// left to drain.
+    fn release_static(&self) {
+        let consumer = &self.consumer;
+        let Ok(assignment) = consumer.assignment() else {
+            return;
+        };
+        let released = match self.options.assignment {
+            crate::source::Assignment::Cooperative => consumer.incremental_unassign(&assignment),
+            _ => consumer.unassign(),
+        };
+        if let Err(e) = released {
+            tracing::warn!(error = %e, "Releasing the partitions on shutdown failed.");
+        }
+        drop(assignment);
+        consumer
+            .context()
+            .stats
+            .assigned
+            .store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

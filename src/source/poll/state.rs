@@ -29,6 +29,8 @@ pub(super) struct Part {
     pub(super) skip: Option<Skip>,
     /// How long its commit point has stood still.
     pub(super) watch: crate::source::stall::StallWatch,
+    /// When its unfinished offsets arrived.
+    pub(super) arrivals: crate::source::age::Arrivals,
 }
 
 pub(super) type PartKey = (Arc<str>, i32);
@@ -181,6 +183,8 @@ impl State {
     /// publishes what it saw for health and metrics.
     pub(super) fn watch_partitions(&mut self, timeout: Option<Duration>) {
         let now = Instant::now();
+        let wall_ms = crate::source::age::wall_ms();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let mut states: Vec<crate::source::PartitionState> = self
             .parts
             .iter_mut()
@@ -190,13 +194,27 @@ impl State {
                 let (still, stalled) =
                     p.watch
                         .observe((topic, *partition), point, unfinished > 0, timeout, now);
+                // Read (and pruned) at every look, so marks never pile up
+                // while nothing is owed; with work unfinished the commit point
+                // is its oldest offset.
+                let arrived = point.and_then(|o| p.arrivals.at(o, now));
+                let (oldest_unfinished_ms, commit_point_age_ms) = match arrived {
+                    _ if unfinished == 0 => (0, Some(0)),
+                    Some((age, ts)) => (
+                        ms(age),
+                        ts.map(|t| u64::try_from(wall_ms.saturating_sub(t)).unwrap_or(0)),
+                    ),
+                    None => (0, None),
+                };
                 crate::source::PartitionState {
                     topic: topic.to_string(),
                     partition: *partition,
                     commit_point: point,
                     unfinished,
                     held: p.tracker.held(),
-                    stalled_for_ms: u64::try_from(still.as_millis()).unwrap_or(u64::MAX),
+                    stalled_for_ms: ms(still),
+                    oldest_unfinished_ms,
+                    commit_point_age_ms,
                     stalled,
                     paused: p.paused,
                 }
