@@ -1,6 +1,7 @@
 //! `xzepr-consumer`: `run` (any program or HTTP service as an XZepr consumer),
 //! `tail` (print a topic's events), the quickstart demo, the embedded dev stack,
-//! a producer of realistic XZepr events, and the end-to-end benchmark.
+//! a producer of realistic XZepr events, the end-to-end benchmark, and the
+//! incident tool `offsets show|reset`.
 
 mod args;
 mod baseline;
@@ -8,6 +9,7 @@ mod bench;
 mod demo;
 mod exec;
 mod forward;
+mod offsets;
 mod produce;
 mod run;
 mod tail;
@@ -129,6 +131,13 @@ enum Command {
     },
     /// Produce realistic XZepr CloudEvents into any Kafka broker.
     Produce(produce::ProduceArgs),
+    /// A consumer group's committed offsets, completion maps and lag
+    /// (`show`), and moving them to a time, the start, the end or by N
+    /// (`reset`) while the group is stopped.
+    Offsets {
+        #[command(subcommand)]
+        command: offsets::OffsetsCommand,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -224,6 +233,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             }
         }
         Command::Produce(args) => produce::run(&args)?,
+        Command::Offsets { command } => offsets::run(&command)?,
     }
     Ok(())
 }
