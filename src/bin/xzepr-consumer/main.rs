@@ -1,7 +1,7 @@
 //! `xzepr-consumer`: `run` (any program or HTTP service as an XZepr consumer),
 //! `tail` (print a topic's events), the quickstart demo, the embedded dev stack,
 //! a producer of realistic XZepr events, the end-to-end benchmark, and the
-//! incident tool `offsets show|reset`.
+//! incident tools: `offsets show|reset` and `redrive`.
 
 mod args;
 mod baseline;
@@ -11,6 +11,7 @@ mod exec;
 mod forward;
 mod offsets;
 mod produce;
+mod redrive;
 mod run;
 mod tail;
 
@@ -138,6 +139,10 @@ enum Command {
         #[command(subcommand)]
         command: offsets::OffsetsCommand,
     },
+    /// Produce a dead-letter topic's letters again to the topics they came
+    /// from (or --to), without the dead-letter headers, committing each only
+    /// once the broker acknowledged it; prints what moved, by reason.
+    Redrive(Box<redrive::RedriveArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -234,6 +239,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
         }
         Command::Produce(args) => produce::run(&args)?,
         Command::Offsets { command } => offsets::run(&command)?,
+        Command::Redrive(args) => redrive::run(&args)?,
     }
     Ok(())
 }
