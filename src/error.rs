@@ -31,6 +31,9 @@ pub enum Error {
     /// The offset tracker refused an operation.
     #[error(transparent)]
     Offsets(#[from] crate::offsets::Error),
+    /// Reading or moving a group's offsets from outside it failed.
+    #[error(transparent)]
+    Admin(#[from] crate::offsets::admin::AdminError),
 }
 
 /// `Result` with this crate's [`Error`] as the default error type.

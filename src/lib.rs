@@ -27,6 +27,7 @@
 //! | report | [`client`], [`report`] | pooled XZepr REST client ([`client::HttpTransport`]) and receiver discovery; the lifecycle vocabulary ([`client::Status`], [`report::OwnedWork`]); bounded, coalescing, retrying lifecycle reporter with a breaker |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
+//! | replay | [`source::StartFrom`], [`offsets::admin`], [`pipeline::Redrive`] | after an incident: where a group without committed offsets starts (a time, via `offsets_for_times`); a stopped group's offsets shown and moved from outside it; dead letters produced back to their topics, committed only once acknowledged |
 //! | observe | [`observe`], [`metrics`] | counters the stages write; Prometheus text read from them at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
 //! | run | [`pipeline`] | [`pipeline::PipelineConfig`] (every setting, `serde`), [`pipeline::PipelineBuilder::build`], [`pipeline::Pipeline::run`] (receiver discovery, reporting, drain) |
 //!

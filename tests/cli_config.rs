@@ -54,6 +54,7 @@ fn everything() -> Value {
         "completion_map": false,
         "completion_map_max_bytes": 1024,
         "stall_timeout": "2m",
+        "start_from": "2026-12-05T14:00:00Z",
         "workers": 3,
         "handler_timeout": "45s",
         "retry": {"max_attempts": 4, "backoff_base": "50ms", "backoff_max": "5s",
@@ -111,6 +112,8 @@ fn flags_override_the_file_and_defaults_fill_only_what_neither_set() {
         "cooperative",
         "--dead-letter-topic",
         "x.dlq",
+        "--start-from",
+        "2026-12-05T16:00:00+02:00",
     ]);
     assert!(ok, "{stderr}");
     let v: Value = serde_json::from_str(&stdout).unwrap();
@@ -125,6 +128,7 @@ fn flags_override_the_file_and_defaults_fill_only_what_neither_set() {
     assert_eq!(v["commit_interval"], "300ms");
     assert_eq!(v["dead_letter"]["topic"], "x.dlq");
     assert_eq!(v["malformed"], "dead_letter", "with a dead-letter topic");
+    assert_eq!(v["start_from"], "2026-12-05T14:00:00Z", "in UTC");
     // The command's own defaults apply where neither the file nor a flag spoke.
     assert_eq!(v["handler_timeout"], "1m");
 

@@ -1,6 +1,7 @@
 //! The source stage against a real Kafka-compatible broker (Tansu, SQLite storage):
-//! SASL/SCRAM-SHA-256 and -512, a wrong password, and resuming from committed
-//! offsets across a broker restart.
+//! SASL/SCRAM-SHA-256 and -512, a wrong password, resuming from committed
+//! offsets across a broker restart, and starting from and resetting to a time
+//! (`offsets_for_times`, which the mock broker cannot answer).
 //!
 //! The broker binary is found through `TANSU_BIN`, `~/.cargo/bin/tansu` or `PATH`
 //! (`.ci/test` installs it). Without it each test prints `SKIPPED` and why; with
@@ -37,7 +38,17 @@ fn consume(
     n: usize,
     keep: impl Fn(i32, i64) -> bool + Send + Sync + 'static,
 ) -> HashMap<i32, BTreeSet<i64>> {
-    let mut source = Source::start(config, options()).unwrap();
+    consume_with(config, options(), n, keep)
+}
+
+/// [`consume`] with these options.
+fn consume_with(
+    config: &KafkaConsumerConfig,
+    options: SourceOptions,
+    n: usize,
+    keep: impl Fn(i32, i64) -> bool + Send + Sync + 'static,
+) -> HashMap<i32, BTreeSet<i64>> {
+    let mut source = Source::start(config, options).unwrap();
     let seen: Arc<Mutex<HashMap<i32, BTreeSet<i64>>>> = Arc::default();
     let keep = Arc::new(keep);
     let rx = source.take_receiver().unwrap();
@@ -286,4 +297,109 @@ fn the_pipeline_rides_through_a_broker_restart_mid_stream() {
     eprintln!(
         "broker restart: {after_restart} of {N} finished when the broker restarted; all {N} after"
     );
+}
+
+/// Produces `n` messages to each of `partitions`, message `i` of a partition
+/// timestamped `base_ms + i` seconds; returns `base_ms`, an hour ago.
+fn produce_timestamped(brokers: &str, topic: &str, partitions: i32, n: i64) -> i64 {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let base_ms = chrono::Utc::now().timestamp_millis() - 3_600_000;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    for p in 0..partitions {
+        for i in 0..n {
+            let (key, body) = (format!("{p}-{i}"), format!("{i}"));
+            let record = BaseRecord::to(topic)
+                .key(&key)
+                .payload(&body)
+                .partition(p)
+                .timestamp(base_ms + i * 1_000);
+            producer.send(record).map_err(|(e, _)| e).unwrap();
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    base_ms
+}
+
+fn at_ms(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+/// `start_from` a time (librdkafka's `offsets_for_times`, which the mock
+/// broker cannot answer): the first event handled on each partition is the
+/// first at or after the time, and a committed offset wins on the next start.
+#[test]
+fn start_from_a_time_handles_first_the_first_event_at_or_after_it() {
+    use xzepr_consumer::source::StartFrom;
+    let bin = require_tansu!();
+    let broker = Broker::start(bin);
+    broker.create_topic("times", 2);
+    let base = produce_timestamped(&broker.brokers(), "times", 2, 50);
+    let config = KafkaConsumerConfig::new(&broker.brokers(), "times", "times");
+    let mut o = options();
+    // Between messages 30 and 31: the first at or after it is 31.
+    o.start_from = StartFrom::Timestamp(at_ms(base + 30_500));
+    let seen = consume_with(&config, o.clone(), 2 * 19, |_, _| true);
+    for p in 0..2 {
+        let offsets: Vec<i64> = seen[&p].iter().copied().collect();
+        assert_eq!(offsets, (31..50).collect::<Vec<_>>(), "partition {p}");
+    }
+    // Committed now: the time no longer applies to this group.
+    kafka_support::produce(&broker.brokers(), "times", 2, 4, |i| {
+        i.to_string().into_bytes()
+    });
+    let again = consume_with(&config, o, 4, |_, _| true);
+    assert_eq!(again.values().map(BTreeSet::len).sum::<usize>(), 4);
+    assert!(again.values().flatten().all(|&o| o >= 50), "{again:?}");
+}
+
+/// `offsets reset --to-timestamp` on a real broker moves a stopped group to
+/// the first offset at or after the time. (Tansu 0.6 neither lists a group's
+/// members nor refuses a commit from outside a group that has some, so the
+/// refusal is shown on the mock broker, `offsets_mock.rs`.)
+#[test]
+fn offsets_reset_to_a_time_moves_a_stopped_group() {
+    use xzepr_consumer::offsets::admin::{GroupOffsets, ResetTo};
+    let bin = require_tansu!();
+    let broker = Broker::start(bin);
+    broker.create_topic("rewind", 2);
+    let base = produce_timestamped(&broker.brokers(), "rewind", 2, 50);
+    let config = KafkaConsumerConfig::new(&broker.brokers(), "rewind", "rewind");
+    let seen = consume(&config, 100, |_, _| true);
+    assert_eq!(seen.values().map(BTreeSet::len).sum::<usize>(), 100);
+
+    let admin = GroupOffsets::connect(&config, &config.group_id).unwrap();
+    let to = ResetTo::Timestamp(at_ms(base + 40_000));
+    let plan = admin.reset("rewind", to, true).unwrap();
+    assert!(
+        plan.partitions
+            .iter()
+            .all(|m| m.old == Some(50) && m.new == 40),
+        "{plan:?}"
+    );
+    let shown = admin.show("rewind").unwrap();
+    assert!(
+        shown.iter().all(|p| p.committed == Some(50)),
+        "a dry run moves nothing"
+    );
+    let report = admin.reset("rewind", to, false).unwrap();
+    assert!(
+        report.partitions.iter().all(|m| m.moves && m.new == 40),
+        "{report:?}"
+    );
+    let shown = admin.show("rewind").unwrap();
+    assert!(
+        shown
+            .iter()
+            .all(|p| p.committed == Some(40) && p.lag == Some(10)),
+        "{shown:?}"
+    );
+    drop(admin);
+    let replayed = consume(&config, 20, |_, _| true);
+    for p in 0..2 {
+        let offsets: Vec<i64> = replayed[&p].iter().copied().collect();
+        assert_eq!(offsets, (40..50).collect::<Vec<_>>(), "partition {p}");
+    }
 }

@@ -3,7 +3,7 @@ refuses is refused at construction, naming the setting."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -92,11 +92,21 @@ def test_a_mapping_of_library_keys_with_kwargs_over_it() -> None:
         (Settings(malformed=MalformedPolicy.DEAD_LETTER), "malformed"),
         (Settings(dead_letter=DeadLetter(topic="orders")), "dead_letter.topic"),
         (Settings(commit_interval=-1.0), "commit_interval"),
+        ({"start_from": "yesterday"}, "start_from"),
     ],
 )
 def test_a_refused_setting_fails_at_construction_naming_it(settings: object, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         XzeprConsumer(_config(), settings=settings)  # type: ignore[arg-type]
+
+
+def test_start_from_takes_a_name_or_an_aware_time() -> None:
+    at = datetime(2026, 12, 5, 16, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert resolve(Settings(start_from=at).to_config())["start_from"] == "2026-12-05T14:00:00Z"
+    assert resolve(Settings(start_from="latest").to_config())["start_from"] == "latest"
+    assert resolve(Settings().to_config())["start_from"] == "committed"
+    with pytest.raises(ValueError, match="time zone"):
+        Settings(start_from=datetime(2026, 12, 5)).to_config()
 
 
 def test_lifecycle_arguments_need_a_client() -> None:

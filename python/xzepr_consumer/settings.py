@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -194,6 +194,11 @@ class Settings:
     #: How long a commit point may stand still with work pending before health
     #: answers not alive; None turns detection off.
     stall_timeout: Duration | None = 300.0
+    #: Where a partition the group has no committed offset for starts:
+    #: ``"committed"`` (as ``auto_offset_reset`` says), ``"earliest"``,
+    #: ``"latest"``, or a time (an aware ``datetime`` or RFC 3339 text) for the
+    #: first event at or after it. A committed offset always wins.
+    start_from: str | datetime = "committed"
     #: How long a handler may run before it is cancelled and its attempt fails
     #: with code ``timeout``; None: no limit.
     handler_timeout: Duration | None = None
@@ -236,6 +241,7 @@ class Settings:
             "completion_map": self.completion_map,
             "completion_map_max_bytes": self.completion_map_max_bytes,
             "stall_timeout": _optional_duration(self.stall_timeout),
+            "start_from": _start_from(self.start_from),
             "handler_timeout": _optional_duration(self.handler_timeout),
             "retry": self.retry._config(),
             "types": _types(self.types),
@@ -265,6 +271,15 @@ def _types(types: Sequence[str]) -> list[str]:
         # One pattern, not its characters.
         return [types]
     return list(types)
+
+
+def _start_from(s: str | datetime) -> str:
+    """``start_from`` as ``PipelineConfig`` reads it: a name, or RFC 3339."""
+    if isinstance(s, datetime):
+        if s.tzinfo is None:
+            raise ValueError("start_from: a datetime needs a time zone (e.g. timezone.utc)")
+        return s.isoformat()
+    return s
 
 
 def _duration(d: Duration) -> str | float | int:

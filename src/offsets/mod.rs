@@ -25,6 +25,8 @@
 //! [`progress`] encodes the offsets finished above the commit point into the
 //! commit's metadata, so a restart or the next owner skips them.
 
+pub mod admin;
+
 // The completion map's encoding is public only for the fuzz targets and tests.
 #[cfg(feature = "unstable-fuzzing")]
 pub mod progress;

@@ -27,7 +27,7 @@ const CONNECT_STAGE: &str = "__connect.errors.stage";
 /// Header name prefixes of a dead letter's own headers (ours and Connect's): a
 /// message that already carries them (a dead letter replayed to a source topic)
 /// gets them replaced, not doubled, when it is dead-lettered again.
-const DEAD_LETTER_PREFIXES: &[&str] = &["xzepr.dlq.", "__connect.errors."];
+pub(super) const DEAD_LETTER_PREFIXES: &[&str] = &["xzepr.dlq.", "__connect.errors."];
 
 /// Our own dead-letter headers, beside Kafka Connect's.
 pub mod headers {
@@ -268,6 +268,29 @@ impl DeadLetterConfig {
     }
 }
 
+/// An idempotent, `acks=all` producer's settings on the consumer's cluster
+/// and credentials (the dead letters' and the redrive's), its client id
+/// `<service>-<role>`: a record it acknowledges is on every in-sync replica,
+/// written once.
+pub(super) fn producer_config(
+    kafka: &KafkaConsumerConfig,
+    role: &str,
+    message_timeout: Duration,
+) -> Result<rdkafka::ClientConfig, ConfigError> {
+    let mut c = kafka.to_client_config()?;
+    for key in CONSUMER_ONLY {
+        c.remove(key);
+    }
+    c.set("client.id", format!("{}-{role}", kafka.service_name))
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set(
+            "message.timeout.ms",
+            message_timeout.as_millis().max(1).to_string(),
+        );
+    Ok(c)
+}
+
 /// Why an event is dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Why {
@@ -280,7 +303,10 @@ pub(crate) enum Why {
 }
 
 impl Why {
-    fn as_str(self) -> &'static str {
+    /// Every reason, as the reason header names them.
+    pub(super) const ALL: [Why; 3] = [Why::HandlerFailed, Why::Malformed, Why::ReportRejected];
+
+    pub(super) fn as_str(self) -> &'static str {
         match self {
             Why::HandlerFailed => "handler_failed",
             Why::Malformed => "malformed",
@@ -345,17 +371,7 @@ impl DeadLetters {
         config: DeadLetterConfig,
     ) -> Result<Self, crate::Error> {
         config.validate()?;
-        let mut c = kafka.to_client_config()?;
-        for key in CONSUMER_ONLY {
-            c.remove(key);
-        }
-        c.set("client.id", format!("{}-dlq", kafka.service_name))
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set(
-                "message.timeout.ms",
-                config.message_timeout.as_millis().max(1).to_string(),
-            );
+        let mut c = producer_config(kafka, "dlq", config.message_timeout)?;
         for (k, v) in &config.properties {
             c.set(k, v);
         }

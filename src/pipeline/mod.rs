@@ -30,6 +30,7 @@ mod delivery;
 mod execute;
 mod flow;
 mod guard;
+mod redrive;
 mod reporting;
 mod retry;
 mod running;
@@ -50,6 +51,9 @@ pub use deadletter::{
     headers as dead_letter_headers, DeadLetterConfig, DEFAULT_DEAD_LETTER_SUFFIX,
 };
 pub use guard::IdempotencyKey;
+pub use redrive::{
+    Redrive, RedriveError, RedriveReport, DEFAULT_MAX_REDRIVES, REDRIVE_COUNT_HEADER,
+};
 pub use reporting::{Reporting, DEFAULT_REPORT_DRAIN};
 pub use retry::RetryPolicy;
 pub use running::RunningPipeline;

@@ -20,6 +20,18 @@ pub enum SourceError {
         /// librdkafka's description.
         reason: String,
     },
+    /// The offsets of `start_from`'s time could not be looked up for newly
+    /// assigned partitions without a committed offset: they stay paused (none
+    /// of their events runs) and the source stops, rather than start them
+    /// anywhere else.
+    #[error("start_from {at}: cannot look up the partitions' offsets at that time")]
+    StartFrom {
+        /// The time, RFC 3339.
+        at: String,
+        /// librdkafka's error.
+        #[source]
+        source: KafkaError,
+    },
     /// An option is out of range.
     #[error("invalid source option `{field}`: {reason}")]
     InvalidOption {

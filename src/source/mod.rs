@@ -42,6 +42,7 @@ mod message;
 mod options;
 mod poll;
 mod stall;
+mod start;
 mod stats;
 mod watch;
 
@@ -56,5 +57,7 @@ pub(crate) use message::{PartShared, Recycler};
 pub use options::{Assignment, SourceOptions};
 pub(crate) use poll::RebalanceHooks;
 pub use stall::PartitionState;
+pub(crate) use start::offsets_at;
+pub use start::{parse_time, StartFrom};
 pub use stats::SourceStats;
 pub use watch::PartitionProgress;

@@ -3,9 +3,9 @@
 
 use std::time::Duration;
 
-use super::SourceError;
 #[cfg(doc)]
 use super::SourceStats;
+use super::{SourceError, StartFrom};
 use crate::dispatch::Ordering;
 
 /// How the group moves partitions between members on a rebalance, and so
@@ -128,6 +128,15 @@ pub struct SourceOptions {
     /// consumer is recovered within an incident rather than found the next day.
     #[serde(with = "crate::config::duration::option")]
     pub stall_timeout: Option<Duration>,
+    /// Where a partition the group has **no committed offset** for starts:
+    /// `committed` (default: as `auto_offset_reset` says), `earliest`,
+    /// `latest`, or a time, for the first event at or after it (librdkafka's
+    /// `offsets_for_times`, looked up before the partition is assigned). A
+    /// committed offset always wins; to move a group that has one, stop it and
+    /// run `xzepr-consumer offsets reset`. `earliest` and `latest` override
+    /// `auto_offset_reset`. If a time cannot be looked up, the partitions stay
+    /// paused and the source stops with [`SourceError::StartFrom`].
+    pub start_from: StartFrom,
 }
 
 impl Default for SourceOptions {
@@ -147,6 +156,7 @@ impl Default for SourceOptions {
             completion_map: true,
             completion_map_max_bytes: crate::offsets::progress::DEFAULT_MAX_BYTES,
             stall_timeout: Some(Duration::from_secs(300)),
+            start_from: StartFrom::Committed,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! `xzepr-consumer`: `run` (any program or HTTP service as an XZepr consumer),
 //! `tail` (print a topic's events), the quickstart demo, the embedded dev stack,
-//! a producer of realistic XZepr events, and the end-to-end benchmark.
+//! a producer of realistic XZepr events, the end-to-end benchmark, and the
+//! incident tools: `offsets show|reset` and `redrive`.
 
 mod args;
 mod baseline;
@@ -8,7 +9,9 @@ mod bench;
 mod demo;
 mod exec;
 mod forward;
+mod offsets;
 mod produce;
+mod redrive;
 mod run;
 mod tail;
 
@@ -129,6 +132,17 @@ enum Command {
     },
     /// Produce realistic XZepr CloudEvents into any Kafka broker.
     Produce(produce::ProduceArgs),
+    /// A consumer group's committed offsets, completion maps and lag
+    /// (`show`), and moving them to a time, the start, the end or by N
+    /// (`reset`) while the group is stopped.
+    Offsets {
+        #[command(subcommand)]
+        command: offsets::OffsetsCommand,
+    },
+    /// Produce a dead-letter topic's letters again to the topics they came
+    /// from (or --to), without the dead-letter headers, committing each only
+    /// once the broker acknowledged it; prints what moved, by reason.
+    Redrive(Box<redrive::RedriveArgs>),
 }
 
 fn main() -> std::process::ExitCode {
@@ -224,6 +238,8 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             }
         }
         Command::Produce(args) => produce::run(&args)?,
+        Command::Offsets { command } => offsets::run(&command)?,
+        Command::Redrive(args) => redrive::run(&args)?,
     }
     Ok(())
 }

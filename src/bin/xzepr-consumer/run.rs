@@ -36,7 +36,7 @@ use xzepr_consumer::pipeline::{
     WorkTemplate,
 };
 use xzepr_consumer::report::Reporter;
-use xzepr_consumer::source::Assignment;
+use xzepr_consumer::source::{Assignment, StartFrom};
 
 use crate::args::{parse_duration, redact_url, KafkaArgs};
 use crate::baseline::anyhow_like::Result;
@@ -148,6 +148,14 @@ pub struct RunArgs {
     /// [default: 0 with --exec, 2 with --forward].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
+    /// Where a partition the group has no committed offset for starts:
+    /// committed (the consumer's auto_offset_reset: earliest), earliest,
+    /// latest, or a time
+    /// (RFC 3339, or ms since the epoch) for the first event at or after it.
+    /// A committed offset always wins: to move one, stop the group and use
+    /// `offsets reset`.
+    #[arg(long, value_name = "WHERE", value_parser = StartFrom::parse)]
+    pub start_from: Option<StartFrom>,
     /// Serve Prometheus metrics on GET /metrics, and GET /health and GET /ready,
     /// at this address (e.g. 0.0.0.0:9464; port 0 picks a free one, logged).
     #[arg(long, value_name = "ADDR")]
@@ -313,6 +321,7 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
     );
     set("drain_timeout", args.drain_timeout.map(duration), None);
     set("metrics_addr", args.metrics_addr.map(|a| json!(a)), None);
+    set("start_from", args.start_from.map(|s| json!(s)), None);
     let dead_letter = match (&args.dead_letter_topic, args.dead_letter) {
         (Some(topic), _) => Some(json!({"topic": topic})),
         (None, true) => Some(json!({})),

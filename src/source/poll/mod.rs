@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::start::StartPositions;
 use super::{Executor, SourceError, SourceHandle, SourceOptions, SourceStats};
 use crate::config::KafkaConsumerConfig;
 use crate::dispatch::lanes::Scheduler;
@@ -58,6 +59,9 @@ pub(super) fn start(
             crate::source::watch::STATISTICS_INTERVAL_MS,
         );
     }
+    if let Some(reset) = options.start_from.auto_offset_reset() {
+        client_config.set("auto.offset.reset", reset);
+    }
     let (done_tx, done_rx) = crossbeam_channel::unbounded();
     let stats = Arc::new(SourceStats::default());
     let committed = Arc::new(Mutex::new(Vec::new()));
@@ -87,6 +91,7 @@ pub(super) fn start(
         }),
         read_maps: options.completion_map,
         static_member: config.group_instance_id.is_some(),
+        start: StartPositions::new(options.start_from),
         drain_timeout: options.drain_timeout,
         fatal: Mutex::new(None),
         stats: Arc::clone(&stats),

@@ -17,6 +17,7 @@ use super::maps::read_completion_maps;
 use super::state::{retire, Part, PartKey, State};
 use super::RebalanceHooks;
 use crate::offsets::PartitionTracker;
+use crate::source::start::StartPositions;
 use crate::source::{PartShared, SourceError, SourceStats};
 
 fn owned_partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -34,6 +35,8 @@ pub(super) struct Context {
     /// Whether the consumer is a static member (`group.instance.id`): its
     /// shutdown must not leave the group.
     pub(super) static_member: bool,
+    /// `start_from`'s time lookup for partitions without a committed offset.
+    pub(super) start: StartPositions,
     pub(super) state: Mutex<State>,
     pub(super) drain_timeout: Duration,
     pub(super) fatal: Mutex<Option<SourceError>>,
@@ -96,6 +99,15 @@ impl ConsumerContext for Context {
     }
 
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // The offsets set here are where librdkafka starts the partitions.
+            if let Err(e) = self.start.before_assign(consumer, tpl) {
+                tracing::error!(error = %crate::ErrorChain(&e), "Partitions paused: no start position.");
+                if let Ok(mut f) = self.fatal.lock() {
+                    f.get_or_insert(e);
+                }
+            }
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             let revoked: Vec<PartKey> = tpl
                 .elements()
@@ -111,6 +123,7 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            self.start.after_assign(consumer);
             // Before any message of these partitions is routed (this runs
             // inside `poll`, on the poll thread), so none runs that the map skips.
             let mut maps = if self.read_maps && tpl.count() > 0 {
