@@ -9,7 +9,7 @@ mod kafka_support;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
@@ -31,14 +31,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn stop(running: &RunningPipeline) {
@@ -99,7 +91,7 @@ fn peak_concurrency_reaches_max_in_flight_with_an_io_handler() {
             }
         })
         .unwrap();
-    wait_for("every event", || running.metrics().finished >= N);
+    wait_for(PATIENCE, "every event", || running.metrics().finished >= N);
     stop(&running);
     let peak = gauge.peak.load(Relaxed);
     let engine_peak = running.source().stats().peak_in_flight.load(Relaxed);
@@ -163,7 +155,7 @@ fn a_slow_key_parks_only_its_own_lane() {
             }
         })
         .unwrap();
-    wait_for("every event", || running.metrics().finished >= N);
+    wait_for(PATIENCE, "every event", || running.metrics().finished >= N);
     stop(&running);
     assert_eq!(others_done.load(Relaxed), N - 2);
     // The slow key's second event waited for its first: offset order within a key.
@@ -214,7 +206,7 @@ fn a_handler_past_its_timeout_is_reported_failed_with_code_timeout() {
             }
         })
         .unwrap();
-    wait_for("every event", || running.metrics().finished >= N);
+    wait_for(PATIENCE, "every event", || running.metrics().finished >= N);
     stop(&running);
     let m = running.metrics();
     assert_eq!((m.handler_timeouts, m.posted_failed), (1, 1));
@@ -278,7 +270,7 @@ fn shutdown_with_hundreds_in_flight_loses_nothing_and_replays_only_what_it_must(
             }
         })
         .unwrap();
-    wait_for("hundreds in flight", || {
+    wait_for(PATIENCE, "hundreds in flight", || {
         gauge.now.load(Relaxed) >= 300 && first.metrics().finished >= 500
     });
     let in_flight_at_stop = gauge.now.load(Relaxed);
@@ -322,7 +314,7 @@ fn shutdown_with_hundreds_in_flight_loses_nothing_and_replays_only_what_it_must(
     // Work the first owner finished above its commit point is skipped, through
     // the completion map of its last commit.
     let skipped = || second.source().stats().skipped_done.load(Relaxed);
-    wait_for("the replay", || {
+    wait_for(PATIENCE, "the replay", || {
         second.metrics().finished + skipped() >= remaining
     });
     stop(&second);

@@ -9,7 +9,7 @@ mod kafka_support;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_parse::{Scrape, Value};
 use rdkafka::config::ClientConfig;
@@ -30,14 +30,6 @@ const N: i64 = 200;
 const SLOW: i64 = 10;
 /// How old the events' Kafka timestamps are.
 const AGE: Duration = Duration::from_secs(3600);
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn scrape(running: &RunningPipeline) -> Scrape {
     let text = running.encode_metrics(MetricsFormat::PrometheusText);
@@ -106,12 +98,16 @@ fn one_slow_event_is_one_unit_of_work_owed_however_large_the_lag() {
         )
         .unwrap();
 
-    wait_for("every event but the slow one, and the lag seen", || {
-        let s = scrape(&running);
-        done.load(Relaxed) == (N - 1) as u64
-            && gauge(&s, "xzepr_consumer_partition_lag", true) == Some((N - SLOW) as f64)
-    });
-    wait_for("its wait to show", || {
+    wait_for(
+        PATIENCE,
+        "every event but the slow one, and the lag seen",
+        || {
+            let s = scrape(&running);
+            done.load(Relaxed) == (N - 1) as u64
+                && gauge(&s, "xzepr_consumer_partition_lag", true) == Some((N - SLOW) as f64)
+        },
+    );
+    wait_for(PATIENCE, "its wait to show", || {
         gauge(
             &scrape(&running),
             "xzepr_consumer_partition_oldest_unfinished_seconds",
@@ -154,7 +150,7 @@ fn one_slow_event_is_one_unit_of_work_owed_however_large_the_lag() {
     // Released: nothing owed, the ages and the lag go back to 0.
     *gate.0.lock().unwrap() = true;
     gate.1.notify_all();
-    wait_for("nothing owed, and lag 0", || {
+    wait_for(PATIENCE, "nothing owed, and lag 0", || {
         let s = scrape(&running);
         gauge(&s, "xzepr_consumer_unfinished", false) == Some(0.0)
             && gauge(

@@ -25,6 +25,7 @@ use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::source::Assignment;
 
 use kafka_support::*;
+use membership_support::wait_for;
 use membership_support::*;
 use tansu_support::Broker;
 

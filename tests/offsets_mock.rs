@@ -18,7 +18,7 @@ mod kafka_support;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
@@ -31,14 +31,6 @@ use kafka_support::*;
 
 /// Generous bound for "eventually" on a loaded machine; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(120);
-
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn options(start_from: StartFrom) -> SourceOptions {
     let mut o = SourceOptions::default();
@@ -167,7 +159,7 @@ fn reset_moves_offsets_clears_maps_and_a_dry_run_changes_nothing() {
         options(StartFrom::Committed),
         "earliest",
     );
-    wait_for("the replay from offset 70", || {
+    wait_for(PATIENCE, "the replay from offset 70", || {
         seen.lock().unwrap().len() >= 90
     });
     stop(&source, worker).unwrap();
@@ -193,9 +185,11 @@ fn reset_refuses_while_a_consumer_is_a_member() {
         options(StartFrom::Committed),
         "earliest",
     );
-    wait_for("every message", || seen.lock().unwrap().len() == 40);
+    wait_for(PATIENCE, "every message", || {
+        seen.lock().unwrap().len() == 40
+    });
     let end = end_offsets(&brokers, topic, 2);
-    wait_for("the commit of everything", || {
+    wait_for(PATIENCE, "the commit of everything", || {
         committed(&brokers, group, topic, 2) == end
     });
 
@@ -232,7 +226,9 @@ fn start_from_earliest_overrides_auto_offset_reset() {
         options(StartFrom::Earliest),
         "latest",
     );
-    wait_for("the existing messages", || seen.lock().unwrap().len() == 20);
+    wait_for(PATIENCE, "the existing messages", || {
+        seen.lock().unwrap().len() == 20
+    });
     stop(&source, worker).unwrap();
 }
 
@@ -257,7 +253,7 @@ fn a_time_that_cannot_be_looked_up_stops_the_source_with_nothing_run() {
         "earliest",
     );
     let handle = source.handle();
-    wait_for("the source to stop", || handle.is_finished());
+    wait_for(PATIENCE, "the source to stop", || handle.is_finished());
     let e = stop(&source, worker).unwrap_err();
     assert!(matches!(e, SourceError::StartFrom { .. }), "{e}");
     assert!(

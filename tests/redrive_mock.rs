@@ -33,14 +33,6 @@ use kafka_support::*;
 /// Generous bound for "eventually" on a loaded machine; never a timing assertion.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < PATIENCE, "gave up waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// One record as read back: key, headers, payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Record {
@@ -172,7 +164,9 @@ fn run_pipeline(
             }
         })
         .unwrap();
-    wait_for("the events to finish", || running.metrics().finished >= n);
+    wait_for(PATIENCE, "the events to finish", || {
+        running.metrics().finished >= n
+    });
     running.shutdown();
     running.join().unwrap();
     let seen = seen.lock().unwrap().clone();

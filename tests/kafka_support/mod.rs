@@ -2,13 +2,24 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
+
+/// Waits until `done`, checking every 20 ms; fails the test, naming `what`,
+/// after `patience` (a generous bound for a loaded machine, never a timing
+/// assertion).
+pub fn wait_for(patience: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < patience, "gave up waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// A mock cluster with one topic.
 pub fn cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
