@@ -31,6 +31,7 @@ async fn reporter_rate(url: &str, n: usize) -> f64 {
             status: Status::Started,
             details: json!({"i": i}),
             error: None,
+            trace: None,
             ack: Ack::new(|r| assert!(r.is_ok())),
         };
         reporter.send(record).await.expect("send");

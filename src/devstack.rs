@@ -127,6 +127,8 @@ pub struct StandInStats {
 struct Store {
     receivers: Vec<Value>,
     events: HashMap<String, Value>,
+    /// The `traceparent` header of each event post that had one.
+    traceparents: Vec<String>,
 }
 
 struct Shared {
@@ -329,6 +331,13 @@ impl StandIn {
         store.events.values().cloned().collect()
     }
 
+    /// The `traceparent` header of every event post that carried one, in
+    /// arrival order.
+    pub fn recorded_traceparents(&self) -> Vec<String> {
+        let store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
+        store.traceparents.clone()
+    }
+
     /// Every receiver, in the order they were inserted.
     pub fn receivers(&self) -> Vec<Value> {
         let store = self.shared.store.lock().unwrap_or_else(|p| p.into_inner());
@@ -406,6 +415,11 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             json!({"error": "unauthorized", "message": "missing or invalid bearer token"}),
         );
     }
+    let traceparent = req
+        .headers()
+        .get(crate::trace::TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "Invalid body"})),
@@ -436,6 +450,10 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             }
         }
         (Method::POST, "/api/v1/events") => {
+            if let Some(tp) = traceparent {
+                let mut store = shared.store.lock().unwrap_or_else(|p| p.into_inner());
+                store.traceparents.push(tp);
+            }
             if !shared.latency.is_zero() {
                 tokio::time::sleep(shared.latency).await;
             }

@@ -28,6 +28,7 @@
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
 //! | replay | [`source::StartFrom`], [`offsets::admin`], [`pipeline::Redrive`] | after an incident: where a group without committed offsets starts (a time, via `offsets_for_times`); a stopped group's offsets shown and moved from outside it; dead letters produced back to their topics, committed only once acknowledged |
+//! | trace | [`trace`] | the W3C context each event came with; with feature `otel`, a span per event and per step (claim, attempts, dead letter, lifecycle posts), exported over OTLP/HTTP |
 //! | observe | [`observe`], [`metrics`] | counters the stages write; Prometheus text read from them at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
 //! | run | [`pipeline`] | [`pipeline::PipelineConfig`] (every setting, `serde`), [`pipeline::PipelineBuilder::build`], [`pipeline::Pipeline::run`] (receiver discovery, reporting, drain) |
 //!
@@ -63,5 +64,6 @@ pub mod offsets;
 pub mod pipeline;
 pub mod report;
 pub mod source;
+pub mod trace;
 
 pub use error::{Error, ErrorChain, Result};

@@ -144,6 +144,7 @@ fn record(receiver: &str, work_id: &str, platform_id: &str, status: Status, acks
         status,
         details: json!({"step": 1}),
         error: None,
+        trace: None,
         ack: Ack::new(move |r| acks.lock().unwrap().push((id, status, r))),
     }
 }

@@ -389,6 +389,7 @@ fn a_receiver_created_again_is_own_as_soon_as_the_create_answers() {
                 status: Status::Started,
                 details: Value::Null,
                 error: None,
+                trace: None,
                 ack: Ack::new(move |r| a.lock().unwrap().push(r.is_ok())),
             })
             .await

@@ -24,6 +24,7 @@ fn record(i: usize, status: Status, acks: &Acks) -> Record {
         status,
         details: json!({"i": i}),
         error: (status == Status::Failed).then(|| ("boom".to_owned(), "E1".to_owned())),
+        trace: None,
         ack: Ack::new(move |r| acks.lock().unwrap().push((id, status, r))),
     }
 }

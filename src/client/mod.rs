@@ -142,6 +142,17 @@ impl XzeprClient {
         path_and_query: &str,
         body: Option<Bytes>,
     ) -> Result<Bytes, ClientError> {
+        self.send_traced(method, path_and_query, body, None).await
+    }
+
+    /// [`XzeprClient::send`] with the W3C context to continue, if any.
+    async fn send_traced(
+        &self,
+        method: Method,
+        path_and_query: &str,
+        body: Option<Bytes>,
+        trace: Option<&crate::trace::TraceContext>,
+    ) -> Result<Bytes, ClientError> {
         let uri = if path_and_query == EVENTS_PATH {
             self.inner.events_uri.clone()
         } else {
@@ -158,6 +169,9 @@ impl XzeprClient {
         }
         if body.is_some() {
             req = req.header(http::header::CONTENT_TYPE, "application/json");
+        }
+        for (name, value) in trace.iter().flat_map(|t| t.headers()) {
+            req = req.header(name, value);
         }
         // Only a body can be "sent in full"; a bodiless request (a GET) changes
         // nothing on the server, so a lost answer to it is a plain timeout.
@@ -332,14 +346,19 @@ impl XzeprClient {
     /// [`ClientError::NotFound`] for an unknown receiver, [`ClientError::Api`]
     /// (400, with `field`) for a malformed one, any other [`ClientError`].
     pub async fn create_event(&self, event: &CreateEvent) -> Result<String, ClientError> {
-        self.post_event_body(to_bytes(event)?).await
+        self.post_event_body(to_bytes(event)?, None).await
     }
 
     /// `POST /api/v1/events` with a body already encoded (the reporter's path).
-    pub(crate) async fn post_event_body(&self, body: Bytes) -> Result<String, ClientError> {
-        let resp: DataId = self
-            .send_json(Method::POST, EVENTS_PATH, Some(body))
+    pub(crate) async fn post_event_body(
+        &self,
+        body: Bytes,
+        trace: Option<&crate::trace::TraceContext>,
+    ) -> Result<String, ClientError> {
+        let bytes = self
+            .send_traced(Method::POST, EVENTS_PATH, Some(body), trace)
             .await?;
+        let resp: DataId = serde_json::from_slice(&bytes).map_err(ClientError::json)?;
         Ok(resp.data)
     }
 

@@ -32,6 +32,9 @@ pub struct CloudEvent<'a> {
     pub(crate) release: Option<Cow<'a, str>>,
     pub(crate) platform_id: Option<Cow<'a, str>>,
     pub(crate) package: Option<Cow<'a, str>>,
+    /// The distributed-tracing extension (`ce_traceparent` in binary mode).
+    pub(crate) traceparent: Option<Cow<'a, str>>,
+    pub(crate) tracestate: Option<Cow<'a, str>>,
     pub(crate) data: Data<'a>,
     pub(crate) max_depth: usize,
 }
@@ -118,6 +121,11 @@ impl<'a> CloudEvent<'a> {
         platform_id;
         /// XZepr's `package` extension.
         package;
+        /// The CloudEvents distributed-tracing extension's `traceparent` (W3C
+        /// trace context; binary mode: the `ce_traceparent` header).
+        traceparent;
+        /// The distributed-tracing extension's `tracestate`.
+        tracestate;
     }
 
     /// The event's `data`, not yet decoded.
@@ -248,6 +256,8 @@ enum Attr {
     Release,
     PlatformId,
     Package,
+    TraceParent,
+    TraceState,
     Data,
 }
 
@@ -270,6 +280,8 @@ impl Attr {
             "release" => Attr::Release,
             "platform_id" => Attr::PlatformId,
             "package" => Attr::Package,
+            "traceparent" => Attr::TraceParent,
+            "tracestate" => Attr::TraceState,
             "data" => Attr::Data,
             _ => return None,
         })
@@ -292,6 +304,8 @@ impl Attr {
             Attr::Release => "release",
             Attr::PlatformId => "platform_id",
             Attr::Package => "package",
+            Attr::TraceParent => "traceparent",
+            Attr::TraceState => "tracestate",
             Attr::Data => "data",
         }
     }
@@ -315,6 +329,8 @@ struct Builder<'a> {
     release: Option<Cow<'a, str>>,
     platform_id: Option<Cow<'a, str>>,
     package: Option<Cow<'a, str>>,
+    traceparent: Option<Cow<'a, str>>,
+    tracestate: Option<Cow<'a, str>>,
 }
 
 impl<'a> Builder<'a> {
@@ -335,6 +351,8 @@ impl<'a> Builder<'a> {
             Attr::Release => &mut self.release,
             Attr::PlatformId => &mut self.platform_id,
             Attr::Package => &mut self.package,
+            Attr::TraceParent => &mut self.traceparent,
+            Attr::TraceState => &mut self.tracestate,
             Attr::Success | Attr::Data => return None,
         })
     }
@@ -364,6 +382,8 @@ impl<'a> Builder<'a> {
             release: self.release,
             platform_id: self.platform_id,
             package: self.package,
+            traceparent: self.traceparent,
+            tracestate: self.tracestate,
             data,
             max_depth,
         })
@@ -411,6 +431,11 @@ pub(crate) fn decode_structured<'a>(
                         return Err(Error::wrong_type("success", "a boolean", kind));
                     }
                     b.success = Some(s.parse_bool()?);
+                }
+                // Another hop's context, not this event's: a malformed one is
+                // ignored (the trace starts here), never a reason to refuse it.
+                Some(Attr::TraceParent | Attr::TraceState) if kind != JsonKind::String => {
+                    s.skip_value(1)?;
                 }
                 Some(attr) => {
                     if kind != JsonKind::String {

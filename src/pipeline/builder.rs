@@ -127,6 +127,19 @@ impl PipelineBuilder {
         self
     }
 
+    /// A span per event (`process {topic}`, child of the producer's W3C
+    /// context from the record's `traceparent` header or CloudEvent
+    /// extension) with a child per idempotency claim, handler attempt, dead
+    /// letter and lifecycle post; the handler runs inside its attempt's span,
+    /// and the posts carry `traceparent` to XZepr. Default off: then the flow
+    /// makes no span and reads no trace header. Needs feature `otel`, and a
+    /// subscriber with [`TraceGuard::layer`](crate::trace::TraceGuard::layer)
+    /// to export them (see [`crate::trace`]).
+    pub fn traces(mut self, on: bool) -> Self {
+        self.config.traces = on;
+        self
+    }
+
     /// How long a handler call may take (default: no limit, since how long a
     /// service's work takes is the service's knowledge). An async handler past
     /// it is **cancelled** (its future dropped) and its event reported `failed`
@@ -460,6 +473,14 @@ impl PipelineBuilder {
         c.source.validate(self.kafka.session_timeout)?;
         Decoder::new(c.decoder.clone())?;
         c.retry.validate()?;
+        if c.traces && !cfg!(feature = "otel") {
+            return Err(crate::config::ConfigError::Invalid {
+                name: "traces",
+                value: "true".to_owned(),
+                expected: "false in a build without feature `otel`",
+            }
+            .into());
+        }
         if c.handler_timeout == Some(Duration::ZERO) {
             return Err(crate::config::ConfigError::Invalid {
                 name: "handler_timeout",
@@ -550,6 +571,9 @@ impl PipelineBuilder {
             retry: self.config.retry.clone(),
             dead_letters: dead_letters.cloned(),
             tail_room: Arc::clone(tail_room),
+            spans: self.config.traces.then(|| crate::trace::EventSpans {
+                group: self.kafka.group_id.as_str().into(),
+            }),
         })
     }
 

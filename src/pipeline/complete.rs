@@ -92,6 +92,8 @@ pub(crate) struct Lifecycle {
     pub(crate) details: Value,
     /// For `failed`: the error message and code.
     pub(crate) error: Option<(String, String)>,
+    /// The event span's context: the post's parent.
+    pub(crate) trace: Option<crate::trace::TraceContext>,
 }
 
 /// Finishes a delivery once the handler returned and both posts were acknowledged.
@@ -411,6 +413,7 @@ pub(crate) struct WorkStart<'a> {
     pub(crate) platform_id: &'a str,
     pub(crate) event_id: &'a str,
     pub(crate) event_type: &'a str,
+    pub(crate) trace: Option<&'a crate::trace::TraceContext>,
 }
 
 fn started(w: &WorkStart<'_>) -> Lifecycle {
@@ -420,6 +423,7 @@ fn started(w: &WorkStart<'_>) -> Lifecycle {
         platform_id: w.platform_id.to_owned(),
         details: json!({ "source_event_id": w.event_id, "source_event_type": w.event_type }),
         error: None,
+        trace: w.trace.cloned(),
     }
 }
 
@@ -448,6 +452,8 @@ pub(crate) struct Outcome {
     pub(crate) mark: Option<Mark>,
     /// Its dead letter was not acknowledged: hold the offset.
     pub(crate) hold: bool,
+    /// The event span's context, for the terminal post.
+    pub(crate) trace: Option<crate::trace::TraceContext>,
 }
 
 impl Outcome {
@@ -468,6 +474,7 @@ impl Outcome {
             platform_id: self.platform_id,
             details: self.details,
             error,
+            trace: self.trace,
         }
     }
 }

@@ -78,6 +78,8 @@ pub struct PipelineConfig {
     pub idempotency_key: IdempotencyKey,
     /// Where `/metrics`, `/health` and `/ready` are served (default: not).
     pub metrics_addr: Option<SocketAddr>,
+    /// A span per event and per step (default off; needs feature `otel`).
+    pub traces: bool,
     /// Names read from a file that are no setting, refused by `build()`.
     #[serde(flatten, skip_serializing)]
     unknown: BTreeMap<String, serde::de::IgnoredAny>,
@@ -98,6 +100,7 @@ impl Default for PipelineConfig {
             dead_letter: None,
             idempotency_key: IdempotencyKey::default(),
             metrics_addr: None,
+            traces: false,
             unknown: BTreeMap::new(),
         }
     }

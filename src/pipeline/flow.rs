@@ -33,6 +33,7 @@ use crate::dispatch::TypeFilter;
 use crate::handler::{HandlerError, Work};
 use crate::metrics::Metrics;
 use crate::source::{deferring, Batch};
+use crate::trace::{Consumed, EventSpans, Span, TraceContext};
 
 /// What the flow needs to handle any event of the pipeline.
 pub(crate) struct Shared {
@@ -54,6 +55,8 @@ pub(crate) struct Shared {
     /// past it the lane waits for room (each holds its message, which no
     /// longer counts in the buffer budget).
     pub(crate) tail_room: Arc<tokio::sync::Semaphore>,
+    /// Set when traces are on: each event gets its span.
+    pub(crate) spans: Option<EventSpans>,
 }
 
 impl Shared {
@@ -206,12 +209,25 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
             return;
         }
     };
+    let span = Span::event(
+        shared.spans.as_ref(),
+        &Consumed {
+            topic: delivery.topic(),
+            partition: delivery.partition(),
+            offset: delivery.offset(),
+            message_id: ev.id(),
+        },
+        || TraceContext::of_record(&headers, ev.traceparent(), ev.tracestate()),
+    );
+    // The posts' parent, made once for both.
+    let trace = span.context();
     let mark = match &shared.idempotency {
         Some(guard) => {
             let key = guard.key.of(&headers, ev.id());
             // Boxed, as are the dead-letter tails: an optional step's future
             // would otherwise widen every event's future, copied at each spawn.
-            match Box::pin(guard.admit(key, &delivery, metrics)).await {
+            let claim = span.child("idempotency claim");
+            match Box::pin(claim.instrument(guard.admit(key, &delivery, metrics))).await {
                 Ok(mark) => Some(mark),
                 Err(skip) => {
                     drop((ev, headers));
@@ -241,6 +257,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
             platform_id: &platform_id,
             event_id: ev.id(),
             event_type: ev.event_type(),
+            trace: trace.as_ref(),
         },
     )
     .await;
@@ -249,10 +266,15 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
     let result = loop {
         let last = attempt >= shared.retry.max_attempts();
         let began = Instant::now();
-        let ran = attempts
-            .attempt(&ev, &mut owned, last, &mut work, shared)
+        // The handler runs inside it: its `Span::current()`, for both kinds.
+        let step = span.child("handler attempt");
+        let ran = step
+            .instrument(attempts.attempt(&ev, &mut owned, last, &mut work, shared))
             .await;
         metrics.handler_latency.observe(began.elapsed());
+        if let Err(e) = &ran {
+            step.failed(e.message());
+        }
         match ran {
             Err(e) if shared.retries(&delivery, &e, attempt) => {
                 // Only this event's lane waits: no thread, no other lane.
@@ -273,6 +295,9 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
         Ok(details) => (Ok(()), details),
         Err(e) => (Err(e), Value::Object(std::mem::take(&mut work.details))),
     };
+    if let Err(e) = &result {
+        span.failed(e.message());
+    }
     let outcome = Outcome {
         work_id: work.id,
         platform_id,
@@ -280,6 +305,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
         details: Value::Null,
         mark,
         hold: false,
+        trace,
     };
     let retries_on = shared.retry.max_attempts() > 1;
     match shared
@@ -289,6 +315,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
     {
         Some(dlq) => {
             let tail = failure_tail(shared, dlq, delivery, pending, details, outcome, attempt);
+            let tail = span.child("dead letter").instrument(tail);
             Box::pin(spawn_tail(attempts, shared, tail)).await;
         }
         None => {

@@ -58,6 +58,7 @@ impl SinkInner {
             status: record.status,
             details: record.details,
             error: record.error,
+            trace: record.trace.map(Box::new),
             ack: crate::report::Ack::new(move |r| match me.upgrade() {
                 Some(me) => me.acknowledged(r, again, ack, round),
                 None if r.is_ok() => ack.send(Acked::Ok),

@@ -81,7 +81,22 @@ fn started_not_acknowledged() -> ReportError {
 /// returns the terminal records that waited for it to be posted next.
 async fn post_record(shared: &Shared, mut record: Record, buf: &mut BytesMut) -> Vec<Record> {
     let status = record.status;
-    let result = post_with_rediscovery(shared, &mut record, buf).await;
+    // The post's span ends with the post, before the acknowledgements.
+    let result = {
+        let (span, trace) = crate::trace::Span::post(record.trace.as_deref(), status.as_str());
+        let result = span
+            .instrument(post_with_rediscovery(
+                shared,
+                &mut record,
+                buf,
+                trace.as_ref(),
+            ))
+            .await;
+        if let Err(e) = &result {
+            span.failed(&e.to_string());
+        }
+        result
+    };
     let Record { work, ack, .. } = record;
     let key = (work.work_id, status);
     let mut to_ack = Vec::new();
@@ -133,12 +148,13 @@ async fn post_with_rediscovery(
     shared: &Shared,
     record: &mut Record,
     buf: &mut BytesMut,
+    trace: Option<&crate::trace::TraceContext>,
 ) -> Result<String, ReportError> {
     if let Some(new) = moved_receiver(shared, &record.work.receiver_id) {
         record.work.receiver_id = new;
     }
     let body = encode(record, buf)?;
-    match post(shared, body, &record.work.work_id).await {
+    match post(shared, body, &record.work.work_id, trace).await {
         Err(Posted::NotFound(e)) => {
             let stale = record.work.receiver_id.clone();
             let own = shared.own.contains(&stale);
@@ -175,7 +191,7 @@ async fn post_with_rediscovery(
                     }
                     record.work.receiver_id = new;
                     let body = encode(record, buf)?;
-                    post(shared, body, &record.work.work_id)
+                    post(shared, body, &record.work.work_id, trace)
                         .await
                         .map_err(Posted::into_report)
                 }
@@ -246,7 +262,12 @@ impl Posted {
 }
 
 /// Sends one body with retries, the breaker and the rate limit.
-async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Posted> {
+async fn post(
+    shared: &Shared,
+    body: Bytes,
+    work_id: &str,
+    trace: Option<&crate::trace::TraceContext>,
+) -> Result<String, Posted> {
     let cfg = &shared.config;
     let mut attempt = 0u32;
     let mut lost = false;
@@ -269,7 +290,7 @@ async fn post(shared: &Shared, body: Bytes, work_id: &str) -> Result<String, Pos
                  both with the same post_key."
             );
         }
-        let result = shared.client.post_event_body(body.clone()).await;
+        let result = shared.client.post_event_body(body.clone(), trace).await;
         let answer = match &result {
             Ok(_) => Answer::Answered,
             Err(ClientError::Unauthorized { status }) => {

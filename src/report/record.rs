@@ -19,6 +19,11 @@ pub struct Record {
     pub details: Value,
     /// For `failed`: message and code.
     pub error: Option<(String, String)>,
+    /// The W3C context the post continues (the event's span): sent as the
+    /// request's `traceparent` / `tracestate`, and with feature `otel` the
+    /// parent of the post's own span, whose context is sent instead.
+    /// Boxed: most records carry none, and a record's size is paid in every queue slot.
+    pub trace: Option<Box<crate::trace::TraceContext>>,
     /// Called once: `Ok(event id)` after a 2xx, or the final error.
     pub ack: Ack,
 }

@@ -15,6 +15,7 @@ fn record(work_id: &str, status: Status, acks: &Arc<Mutex<Vec<String>>>) -> Reco
         status,
         details: Value::Null,
         error: None,
+        trace: None,
         ack: Ack::new(move |r| acks.lock().unwrap().push(format!("{tag}:{}", r.is_ok()))),
     }
 }

@@ -20,7 +20,8 @@
 //! hold its credentials (`XZEPR_API_TOKEN`, `XZEPR_KAFKA_SASL_PASSWORD`, and
 //! `XZEPR_API_URL` may carry a `user:password@`). The child gets the rest of
 //! the environment, and the event's variables, with the Kafka record's key,
-//! headers and timestamp escaped as [`kafka`] says.
+//! headers and timestamp escaped as [`kafka`] says. With traces on, the
+//! child gets `TRACEPARENT` and `TRACESTATE`: the attempt span's context.
 
 mod group;
 mod kafka;
@@ -50,6 +51,8 @@ the Kafka record: KAFKA_KEY (the key, when UTF-8 text without NUL; else KAFKA_KE
   the first header wins), the value as text, or in base64 as KAFKA_HEADER_<NAME>_BASE64 when it
   is not UTF-8 without NUL; KAFKA_HEADERS, every header in order as JSON [[name, value], ...]
   (a value that is not UTF-8 is {\"base64\": ...}); a variable over 32 KiB is left out;
+the trace context (built with feature otel, OTEL_* endpoint set): TRACEPARENT and TRACESTATE,
+  the W3C context of the handler's attempt span, so the program's spans are its children;
 and the rest of run's environment less every XZEPR_* variable (they hold its credentials).
 It runs in a process group of its own, killed when it exits or times out. Exit 0 is completed, with
 stdout as the details when it is a JSON object; any other exit is failed, with the end
@@ -61,11 +64,17 @@ const OWN_VARS: &str = "XZEPR_";
 
 /// Whether `name` is one of the record's variables: one in `run`'s own
 /// environment must not pass for the record's (a record without a key has no
-/// `KAFKA_KEY`).
+/// `KAFKA_KEY`), nor `run`'s own trace context for the event's.
 fn record_var(name: &str) -> bool {
-    ["KAFKA_KEY", "KAFKA_HEADER", "KAFKA_TIMESTAMP"]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        "KAFKA_KEY",
+        "KAFKA_HEADER",
+        "KAFKA_TIMESTAMP",
+        "TRACEPARENT",
+        "TRACESTATE",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
 }
 
 /// After the program exited, how long its pipes may take to reach their end.
@@ -140,6 +149,13 @@ impl Exec {
             .env("KAFKA_PARTITION", info.partition.to_string())
             .env("KAFKA_OFFSET", info.offset.to_string());
         cmd.envs(kafka::vars(info));
+        // The attempt's span: the program's work continues the event's trace.
+        for (name, value) in xzepr_consumer::trace::current()
+            .iter()
+            .flat_map(|t| t.headers())
+        {
+            cmd.env(name.to_ascii_uppercase(), value);
+        }
         cmd
     }
 

@@ -24,6 +24,9 @@
 //!   case); any other byte is `%XX`. A value encoded longer than
 //!   [`MAX_HEADER_VALUE`] is left out.
 //!
+//! With traces on (feature `otel`, an `OTEL_*` endpoint set), `traceparent`
+//! and `tracestate` carry the handler attempt span's W3C context.
+//!
 //! Values are percent-encoded as the CloudEvents HTTP binding does (printable
 //! ASCII but `"` and `%` as is, every other byte `%XX`), so any bytes go
 //! through.
@@ -139,6 +142,13 @@ impl Forward {
             req = req
                 .header("kafka-timestamp", ts.millis())
                 .header("kafka-timestamp-type", ts.kind());
+        }
+        // The attempt's span: the endpoint's work continues the event's trace.
+        for (name, value) in xzepr_consumer::trace::current()
+            .iter()
+            .flat_map(|t| t.headers())
+        {
+            req = req.header(name, value);
         }
         for (name, value) in &info.headers {
             let value = encode_bytes(value);

@@ -162,15 +162,29 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
         Command::Run(_) => "info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+        );
+    // `run` exports its spans when built with `otel` and an OTEL_* endpoint
+    // is set; the guard flushes them when `run` returns.
+    #[cfg(feature = "otel")]
+    let traces = match cli.command {
+        Command::Run(_) => xzepr_consumer::trace::init_from_env()?,
+        _ => None,
+    };
+    #[cfg(feature = "otel")]
+    let (spans, traced) = (traces.as_ref().map(|t| t.layer()), traces.is_some());
+    #[cfg(not(feature = "otel"))]
+    let (spans, traced) = (None::<tracing_subscriber::layer::Identity>, false);
+    tracing_subscriber::registry().with(logs).with(spans).init();
     match cli.command {
-        Command::Run(args) => run::run(*args)?,
+        Command::Run(args) => run::run(*args, traced)?,
         Command::Tail(args) => tail::tail(&args)?,
         Command::Dev {
             partitions,

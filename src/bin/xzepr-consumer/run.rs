@@ -372,15 +372,15 @@ pub fn start(
 
 /// Runs the command until a signal (then drains: exit 0) or until the consumer
 /// stops on an error (returned).
-pub fn run(args: RunArgs) -> Result<()> {
+pub fn run(args: RunArgs, traced: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("xzepr-run")
         .build()?;
-    rt.block_on(run_async(args))
+    rt.block_on(run_async(args, traced))
 }
 
-async fn run_async(args: RunArgs) -> Result<()> {
+async fn run_async(args: RunArgs, traced: bool) -> Result<()> {
     let service = args.service_name.trim().to_owned();
     if service.is_empty() {
         return Err("--service-name must not be empty".into());
@@ -410,7 +410,9 @@ async fn run_async(args: RunArgs) -> Result<()> {
         }
         (None, None) => return Err("one of --exec or --forward is required".into()),
     };
-    let settings = settings(&args, default_concurrency, default_retries)?;
+    let mut settings = settings(&args, default_concurrency, default_retries)?;
+    // Spans are made when something exports them.
+    settings.traces |= traced;
     if args.print_config {
         println!("{}", serde_json::to_string_pretty(&settings)?);
         return Ok(());

@@ -84,6 +84,7 @@ fn shared(sink: Option<Arc<HeldSink>>, filter: TypeFilter, policy: MalformedPoli
         retry: RetryPolicy::none(),
         dead_letters: None,
         tail_room: Arc::new(tokio::sync::Semaphore::new(1)),
+        spans: None,
     }
 }
 
