@@ -49,6 +49,8 @@ pub struct Settings {
     pub seed_events: u64,
     /// Events for `run --forward`.
     pub forward_events: u64,
+    /// Also the no-op and I/O cases with traces on.
+    pub traces: bool,
 }
 
 /// The figures of one `bench` run.
@@ -96,6 +98,15 @@ pub struct Figures {
     /// The same with `--ordering key` (XZepr keys by event id: every event its
     /// own lane), so a partition's events wait on their posts concurrently.
     pub run_forward_report_key_eps: f64,
+    /// With `--traces`: the no-op pipeline with a span per event and step,
+    /// in the same rounds as `pipeline_noop_eps`.
+    pub pipeline_noop_traced_eps: Option<f64>,
+    pub noop_traced_over_noop: Option<f64>,
+    pub pipeline_noop_traced_rounds: Vec<f64>,
+    /// With `--traces`: `io_eps_256_5ms` with traces on, rounds interleaved
+    /// with an untraced rerun (`io_eps_256_5ms_untraced`).
+    pub io_eps_256_5ms_traced: Option<f64>,
+    pub io_eps_256_5ms_untraced: Option<f64>,
 }
 
 impl std::fmt::Display for Figures {
@@ -159,6 +170,22 @@ impl std::fmt::Display for Figures {
             self.forward_events,
             self.run_forward_eps / self.pipeline_noop_eps
         )?;
+        if let (Some(noop), Some(io), Some(io_off)) = (
+            self.pipeline_noop_traced_eps,
+            self.io_eps_256_5ms_traced,
+            self.io_eps_256_5ms_untraced,
+        ) {
+            writeln!(
+                f,
+                "pipeline_noop_traced_eps: {noop:>7.0}  ({:.2} of pipeline_noop_eps, same rounds)",
+                noop / self.pipeline_noop_eps
+            )?;
+            writeln!(
+                f,
+                "io_eps_256_5ms_traced: {io:>10.0}  ({:.2} of {io_off:.0} untraced, same rounds)",
+                io / io_off
+            )?;
+        }
         writeln!(
             f,
             "run_forward_report_eps:{:>10.0}  (the same, reporting to XZepr answering in {} ms)",
@@ -243,8 +270,16 @@ fn config(brokers: &str, topic: &str, group: &str) -> KafkaConsumerConfig {
 }
 
 /// One pass of the pipeline with a no-op sync handler over `events`.
-fn pipeline_noop(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
-    let mut b = Pipeline::builder(config(brokers, topic, group)).workers(2);
+fn pipeline_noop(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    events: u64,
+    traces: bool,
+) -> Result<(u64, f64)> {
+    let mut b = Pipeline::builder(config(brokers, topic, group))
+        .workers(2)
+        .traces(traces);
     if let Some(v) = std::env::var("XZEPR_BUDGET")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -296,11 +331,12 @@ fn io_pass(
     topic: &str,
     group: &str,
     events: u64,
-    (max_in_flight, latency): (usize, Duration),
+    (max_in_flight, latency, traces): (usize, Duration, bool),
     waits: &Arc<Waits>,
 ) -> Result<(u64, f64, u64)> {
     let w = Arc::clone(waits);
     let running = Pipeline::builder(config(brokers, topic, group))
+        .traces(traces)
         .ordering(Ordering::PerKey)
         .max_in_flight(max_in_flight)
         .runtime(rt.handle().clone())
@@ -389,6 +425,24 @@ fn pipeline_report(
     stop(running)?;
     rt.block_on(task.drain(Duration::from_secs(30)));
     Ok(n as f64 / secs)
+}
+
+/// For `bench --traces`: a local OTLP endpoint answering at once (on a
+/// runtime of its own, kept while the bench runs) and the export to it.
+#[cfg(feature = "otel")]
+pub fn traces() -> Result<(tokio::runtime::Runtime, xzepr_consumer::trace::TraceGuard)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let url = zero_ms_endpoint(&rt)?;
+    // Before any thread reads the environment: the subscriber is not set yet.
+    std::env::set_var(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        format!("{url}v1/traces"),
+    );
+    let guard = xzepr_consumer::trace::init_from_env()?.ok_or("traces are disabled by OTEL_*")?;
+    Ok((rt, guard))
 }
 
 /// A local HTTP endpoint answering `200` at once, served on `rt` while it runs:
@@ -513,29 +567,36 @@ pub fn run(s: &Settings) -> Result<Figures> {
         "bench-backlog",
         &group("backlog"),
         (s.backlog / 5).max(1),
-        (1024, Duration::from_millis(20)),
+        (1024, Duration::from_millis(20), false),
         &waits,
     )?;
     sampling.store(false, Relaxed);
     let peak_rss_mb = sampler.join().unwrap_or(0.0);
 
     // The bare poll loop against the no-op pipeline, on the same messages.
-    let (mut raw, mut noop) = (Vec::new(), Vec::new());
+    // With traces, the traced no-op pipeline is a third path of each round.
+    let (mut raw, mut noop, mut traced) = (Vec::new(), Vec::new(), Vec::new());
+    let paths = if s.traces { 3 } else { 2 };
     for round in 0..s.rounds {
         let topic = format!("bench-{round}");
         cluster.create_topic(&topic, s.partitions, 1)?;
         produce(&brokers, &topic, 0, s.events, None, SOURCE_RECEIVER)?;
-        for path in [round % 2, 1 - round % 2] {
+        for path in (0..paths).map(|p| (p + round) % paths) {
+            let noop_pass = |traces| {
+                windowed(|_| pipeline_noop(&brokers, &topic, &group("noop"), s.events, traces))
+            };
             let rate = match path {
                 0 => windowed(|_| raw_pass(&brokers, &topic, &group("raw"), s.events))?,
-                _ => windowed(|_| pipeline_noop(&brokers, &topic, &group("noop"), s.events))?,
+                1 => noop_pass(false)?,
+                _ => noop_pass(true)?,
             };
             if debug() {
                 eprintln!("round {round} path {path}: {rate:.0}/s");
             }
             match path {
                 0 => raw.push(rate),
-                _ => noop.push(rate),
+                1 => noop.push(rate),
+                _ => traced.push(rate),
             }
         }
     }
@@ -559,7 +620,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
                     "bench-io",
                     &group("io"),
                     s.io_events,
-                    (n, Duration::from_millis(ms)),
+                    (n, Duration::from_millis(ms), false),
                     &waits,
                 )?;
                 Ok((e, secs))
@@ -575,6 +636,31 @@ pub fn run(s: &Settings) -> Result<Figures> {
     }
     let measured =
         |(eps, _, wait_ms, n): (f64, f64, f64, usize)| eps / (n as f64 / (wait_ms / 1e3));
+    // Traces on and off at 256 x 5 ms, alternating, in the same minutes.
+    let (mut io_on, mut io_off) = (Vec::new(), Vec::new());
+    if s.traces {
+        let waits = Arc::new(Waits::default());
+        for round in 0..6 {
+            let traces = round % 2 == 0;
+            let rate = windowed(|_| {
+                let (e, secs, _) = io_pass(
+                    &rt,
+                    &brokers,
+                    "bench-io",
+                    &group("io-traces"),
+                    s.io_events,
+                    (256, Duration::from_millis(5), traces),
+                    &waits,
+                )?;
+                Ok((e, secs))
+            })?;
+            if traces {
+                io_on.push(rate);
+            } else {
+                io_off.push(rate);
+            }
+        }
+    }
     let threads_events = 2_000.min(s.io_events);
     let io_eps_threads_4_5ms =
         windowed(|_| threads_pass(&brokers, "bench-io", &group("threads"), threads_events))?;
@@ -688,5 +774,10 @@ pub fn run(s: &Settings) -> Result<Figures> {
         run_forward_eps,
         run_forward_report_eps: reported[0],
         run_forward_report_key_eps: reported[1],
+        pipeline_noop_traced_eps: s.traces.then(|| median(traced.clone())),
+        noop_traced_over_noop: s.traces.then(|| median(traced.clone()) / pipeline_noop_eps),
+        pipeline_noop_traced_rounds: traced,
+        io_eps_256_5ms_traced: s.traces.then(|| median(io_on)),
+        io_eps_256_5ms_untraced: s.traces.then(|| median(io_off)),
     })
 }

@@ -126,6 +126,11 @@ enum Command {
         /// Events for `run --forward` to a local endpoint answering at once.
         #[arg(long, default_value_t = 32_000)]
         forward_events: u64,
+        /// Also run the no-op and I/O cases with a span per event and step
+        /// (built with feature `otel`), exported over OTLP/HTTP to a local
+        /// endpoint answering at once, interleaved with the untraced rounds.
+        #[arg(long)]
+        traces: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -174,9 +179,13 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
     // `run` exports its spans when built with `otel` and an OTEL_* endpoint
     // is set; the guard flushes them when `run` returns.
     #[cfg(feature = "otel")]
-    let traces = match cli.command {
-        Command::Run(_) => xzepr_consumer::trace::init_from_env()?,
-        _ => None,
+    let (_sink, traces) = match cli.command {
+        Command::Run(_) => (None, xzepr_consumer::trace::init_from_env()?),
+        Command::Bench { traces: true, .. } => {
+            let (sink, guard) = bench::traces()?;
+            (Some(sink), Some(guard))
+        }
+        _ => (None, None),
     };
     #[cfg(feature = "otel")]
     let (spans, traced) = (traces.as_ref().map(|t| t.layer()), traces.is_some());
@@ -232,8 +241,12 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             report_events,
             seed_events,
             forward_events,
+            traces,
             json,
         } => {
+            if traces && !cfg!(feature = "otel") {
+                return Err("bench --traces needs a build with feature otel".into());
+            }
             let f = bench::run(&bench::Settings {
                 events,
                 partitions,
@@ -244,6 +257,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                 report_events,
                 seed_events,
                 forward_events,
+                traces,
             })?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);
