@@ -17,6 +17,10 @@
 //!   a "lost response" whose event was recorded all the same.
 //!
 //! [`StandIn::restart`] forgets every receiver and event, as an XZepr restart does.
+//!
+//! [`KneeServer`] is a service with a capacity (flat latency up to a knee of
+//! concurrent requests, then rising, 503 past twice the knee), for the
+//! flow-control tests and `bench`.
 
 // The request helpers return the HTTP error response itself as their `Err`: a
 // dev-only server where that reads best, and size does not matter.
@@ -38,6 +42,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::generate::ulid_like;
+
+mod knee;
+pub use knee::{KneeServer, KneeStats};
 
 /// Where the stand-in publishes the CloudEvents of what it records.
 pub trait EventSink: Send + Sync + 'static {

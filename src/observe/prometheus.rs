@@ -284,6 +284,26 @@ impl Collector for PipelineCollector {
             )?;
         }
 
+        counter(
+            e,
+            "xzepr_consumer_rate_limit_tokens_granted",
+            "Events let through by the pipeline's rate limit (its tokens handed out; 0 without one).",
+            load(&s.rate_tokens_granted),
+        )?;
+        // Concurrency limits, one gauge per limit.
+        if !o.limits.is_empty() {
+            let mut f = e.encode_descriptor(
+                "xzepr_consumer_concurrency_limit",
+                "Calls let run at once by a concurrency limit now (fixed, or adaptive: follows the service's latency and overload answers).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &o.limits {
+                let v = i64::try_from(l.limit()).unwrap_or(i64::MAX);
+                ConstGauge::new(v).encode(f.encode_family(&[("limit", l.name())])?)?;
+            }
+        }
+
         // The source: queues, lanes, pauses, commits.
         gauge(
             e,

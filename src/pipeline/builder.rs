@@ -18,6 +18,7 @@ use super::{Pipeline, PipelineError, RunningPipeline};
 use crate::config::KafkaConsumerConfig;
 use crate::decode::{Decoder, DecoderConfig};
 use crate::dispatch::{Ordering, TypeFilter};
+use crate::flow_control::{Concurrency, Limiter, RateLimit};
 use crate::handler::{AsyncHandler, Handler};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
@@ -45,6 +46,8 @@ pub struct PipelineBuilder {
     pub(super) reporter_stats: Option<Arc<crate::report::ReporterStats>>,
     /// Reporting set up by the run itself ([`PipelineBuilder::report_to`]).
     pub(super) reporting: Option<Reporting>,
+    /// Concurrency limits whose gauges the pipeline's metrics show.
+    pub(super) limits: Vec<Limiter>,
 }
 
 impl PipelineBuilder {
@@ -59,6 +62,7 @@ impl PipelineBuilder {
             idempotency: None,
             reporter_stats: None,
             reporting: None,
+            limits: Vec::new(),
         }
     }
 
@@ -75,7 +79,35 @@ impl PipelineBuilder {
     /// concurrently; for a sync handler it bounds the jobs queued for the
     /// worker threads. Past it, events wait in their lanes.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.config.source.max_in_flight = n;
+        self.config.source.max_in_flight = Concurrency::Fixed(n);
+        self
+    }
+
+    /// Handler calls in progress at once, fixed or adaptive (default fixed
+    /// 1,024; see [`SourceOptions::max_in_flight`]). Adaptive needs an async
+    /// handler ([`PipelineBuilder::start_async`], [`Pipeline::run`]): its
+    /// limit follows the handler's latency, its timeouts and its
+    /// [`overloaded`](crate::handler::HandlerError::overloaded) errors, and is
+    /// the gauge `xzepr_consumer_concurrency_limit{limit="handler"}`.
+    pub fn concurrency(mut self, concurrency: Concurrency) -> Self {
+        self.config.source.max_in_flight = concurrency;
+        self
+    }
+
+    /// At most this many events a second reach the handler, with bursts
+    /// (default: no limit; see [`SourceOptions::rate_limit`]). Events wait in
+    /// their lanes for a token, never dropped or failed.
+    pub fn rate_limit(mut self, rate: RateLimit) -> Self {
+        self.config.source.rate_limit = Some(rate);
+        self
+    }
+
+    /// Shows `limiter`'s current limit with the pipeline's metrics, as
+    /// `xzepr_consumer_concurrency_limit{limit="NAME"}`: for a limit the
+    /// handler keeps itself (as `run --forward` does). The handler's and the
+    /// reporter's own are shown without it.
+    pub fn observe_limit(mut self, limiter: Limiter) -> Self {
+        self.limits.push(limiter);
         self
     }
 
@@ -227,6 +259,7 @@ impl PipelineBuilder {
         own.insert(&work.receiver_id);
         self.own_set = Some(own);
         self.reporter_stats = Some(reporter.stats_shared());
+        self.limits.push(reporter.limiter().clone());
         self.work = Some(work.clone());
         self.sink = Some(SinkDebug(Arc::new(ReporterSink(Arc::new(SinkInner {
             reporter,
@@ -423,6 +456,7 @@ impl PipelineBuilder {
     ) -> Result<RunningPipeline, crate::Error> {
         let mut running = RunningPipeline::new(source, workers, metrics, &self.config.source);
         running.reporter = self.reporter_stats.clone();
+        running.limits = self.limits.clone();
         if let Some((addr, listener)) = listener {
             let server = crate::observe::Server::start(listener, running.observed())
                 .map_err(|source| PipelineError::MetricsBind { addr, source })?;
@@ -460,6 +494,7 @@ impl PipelineBuilder {
         c.source.validate(self.kafka.session_timeout)?;
         Decoder::new(c.decoder.clone())?;
         c.retry.validate()?;
+        c.report_concurrency.validate("report_concurrency")?;
         if c.handler_timeout == Some(Duration::ZERO) {
             return Err(crate::config::ConfigError::Invalid {
                 name: "handler_timeout",
@@ -557,7 +592,7 @@ impl PipelineBuilder {
     /// `max_in_flight` at once, each holding its message.
     pub(super) fn tail_room(&self) -> Arc<tokio::sync::Semaphore> {
         Arc::new(tokio::sync::Semaphore::new(
-            self.config.source.max_in_flight.max(1),
+            self.config.source.max_in_flight.max().max(1),
         ))
     }
 

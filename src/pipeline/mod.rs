@@ -148,7 +148,7 @@ impl Pipeline {
         let mut b = self.b;
         let reporting = match b.reporting.take() {
             Some(r) => {
-                let (reporter, task, work) = r.connect().await?;
+                let (reporter, task, work) = r.connect(b.config.report_concurrency).await?;
                 b = b.lifecycle(reporter, work);
                 Some((task, r.drain_timeout))
             }

@@ -51,4 +51,8 @@ pub struct SourceStats {
     /// Committed completion maps ignored because they did not decode (their
     /// offsets are replayed).
     pub completion_maps_ignored: AtomicU64,
+    /// Events let through by the rate limit ([`SourceOptions::rate_limit`]):
+    /// its tokens handed out, never more than `burst + per_second × elapsed`
+    /// (per bucket).
+    pub rate_tokens_granted: AtomicU64,
 }

@@ -30,6 +30,7 @@ use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::dispatch::Ordering;
+use xzepr_consumer::flow_control::Concurrency;
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
 use xzepr_consumer::pipeline::{
     Pipeline, PipelineBuilder, PipelineConfig, Reporting, RetryPolicy, RunningPipeline,
@@ -117,10 +118,20 @@ pub struct RunArgs {
     /// only after the work finished.
     #[arg(long)]
     pub no_report: bool,
-    /// Most events in flight at once [default: 16 with --exec, 128 with
-    /// --forward].
+    /// Most events in flight at once: N, or `adaptive[:MIN-MAX]` (async
+    /// work only: grows while latency stays near its lowest, cut on rising
+    /// latency, timeouts and, with --forward, 429/503, honouring Retry-After)
+    /// [default: 16 with --exec, 128 with --forward].
+    #[arg(long, value_name = "N|adaptive[:MIN-MAX]")]
+    pub concurrency: Option<Concurrency>,
+    /// At most N events a second reach the work (a token bucket; events wait,
+    /// none is dropped or failed) [default: no limit].
     #[arg(long, value_name = "N")]
-    pub concurrency: Option<usize>,
+    pub rate: Option<f64>,
+    /// With --rate: events that may start at once after a quiet spell
+    /// [default: a tenth of a second's worth].
+    #[arg(long, value_name = "B", requires = "rate")]
+    pub rate_burst: Option<u32>,
     /// What stays in order: one event at a time per partition, per message
     /// key (XZepr keys by event id), or none [default: partition].
     #[arg(long, value_enum)]
@@ -296,7 +307,7 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
     let mut set = |key: &str, given, default| put(&mut v, key, given, default);
     set(
         "max_in_flight",
-        args.concurrency.map(|n| json!(n.max(1))),
+        args.concurrency.map(|c| json!(c)),
         Some(json!(concurrency)),
     );
     set(
@@ -320,6 +331,10 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
         Some(duration(DEFAULT_TIMEOUT)),
     );
     set("drain_timeout", args.drain_timeout.map(duration), None);
+    let rate = args
+        .rate
+        .map(|r| json!({"per_second": r, "burst": args.rate_burst}));
+    set("rate_limit", rate, None);
     set("metrics_addr", args.metrics_addr.map(|a| json!(a)), None);
     set("start_from", args.start_from.map(|s| json!(s)), None);
     let dead_letter = match (&args.dead_letter_topic, args.dead_letter) {
@@ -400,7 +415,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
             (Action::Exec(exec), EXEC_CONCURRENCY, EXEC_RETRIES)
         }
         (None, Some(url)) => {
-            let concurrency = args.concurrency.unwrap_or(FORWARD_CONCURRENCY);
+            let concurrency = args.concurrency.map_or(FORWARD_CONCURRENCY, |c| c.max());
             let forward = Forward::new(url, args.structured, concurrency)?;
             (
                 Action::Forward(forward),
@@ -434,7 +449,7 @@ async fn run_async(args: RunArgs) -> Result<()> {
         group = %kafka.group_id,
         instance = kafka.group_instance_id.as_deref().unwrap_or("-"),
         assignment = ?settings.source.assignment,
-        concurrency = settings.source.max_in_flight,
+        concurrency = %settings.source.max_in_flight,
         ordering = ?settings.source.ordering,
         types = ?settings.types,
         "Consuming."

@@ -71,7 +71,8 @@ pub(super) fn start(
         hooks,
         state: Mutex::new(State {
             parts: PartMap::default(),
-            sched: Scheduler::new(options.ordering, options.max_in_flight, options.batch),
+            sched: Scheduler::new(options.ordering, options.max_in_flight.max(), options.batch)
+                .with_rate_limit(options.rate_limit.as_ref()),
             executor: Some(executor),
             executor_gone: false,
             ready: Vec::new(),

@@ -76,16 +76,15 @@ pub(super) fn route(
 }
 
 /// What librdkafka already holds, up to [`BURST`] messages (`poll(0)` after
-/// the first does not wait), so the state lock is paid once per burst. While
-/// jobs run the first poll does not wait either: releases are waited for on
-/// their channel instead.
+/// the first does not wait), so the state lock is paid once per burst. The
+/// first poll waits up to `wait`: nothing while jobs run (releases are waited
+/// for on their channel instead).
 pub(super) fn poll_burst(
     consumer: &BaseConsumer<Context>,
-    poll_interval: Duration,
-    busy: bool,
+    wait: Duration,
 ) -> Vec<BorrowedMessage<'_>> {
     let mut burst = Vec::with_capacity(BURST);
-    let mut wait = if busy { Duration::ZERO } else { poll_interval };
+    let mut wait = wait;
     while burst.len() < BURST {
         match consumer.poll(wait) {
             Some(Ok(m)) => burst.push(m),

@@ -44,6 +44,9 @@ struct Flow {
     busy: bool,
     /// Whether to poll Kafka now.
     poll: bool,
+    /// Longest wait in `poll`: none while jobs run, until the next token
+    /// while lanes wait for one, else the poll interval.
+    wait: Duration,
 }
 
 impl PollLoop {
@@ -92,14 +95,14 @@ impl PollLoop {
                 break end;
             }
             // Completions, resumes and commits, between polls.
-            let Some(Flow { busy, poll }) = self.between_polls() else {
+            let Some(Flow { busy, poll, wait }) = self.between_polls() else {
                 break Ok(());
             };
             if !poll {
                 self.wait_for_completion();
                 continue;
             }
-            let burst = poll_burst(&self.consumer, self.options.poll_interval, busy);
+            let burst = poll_burst(&self.consumer, wait);
             if burst.is_empty() {
                 if busy {
                     self.wait_for_completion();
@@ -143,6 +146,11 @@ impl PollLoop {
         let ctx = self.consumer.context();
         let mut st = ctx.state.lock().ok()?;
         st.drain_completions();
+        if st.sched.waiting_for_tokens() {
+            let st = &mut *st;
+            st.sched.refill(&mut st.ready);
+            st.run_ready();
+        }
         let o = &self.options;
         let (bytes, n) = (st.sched.buffered_bytes(), st.sched.buffered());
         if bytes > o.buffer_budget || n > o.max_buffered {
@@ -186,10 +194,13 @@ impl PollLoop {
             self.commit_async(&mut st);
         }
         st.publish_gauges();
-        Some(Flow {
-            busy: st.sched.in_flight() > 0,
-            poll,
-        })
+        let busy = st.sched.in_flight() > 0;
+        let wait = match st.sched.next_token() {
+            _ if busy => Duration::ZERO,
+            Some(token) => token.clamp(COMPLETION_WAIT, self.options.poll_interval),
+            None => self.options.poll_interval,
+        };
+        Some(Flow { busy, poll, wait })
     }
 
     /// Nothing new from Kafka while jobs run: wait for the next release (or

@@ -237,6 +237,8 @@ impl State {
             .store(self.sched.peak_buffered_bytes() as u64, Relaxed);
         s.lanes.store(self.sched.lanes() as u64, Relaxed);
         s.buffered.store(self.sched.buffered() as u64, Relaxed);
+        s.rate_tokens_granted
+            .store(self.sched.tokens_granted(), Relaxed);
     }
 }
 
