@@ -240,3 +240,41 @@ fn an_async_handlers_adaptive_limit_falls_and_recovers_and_every_event_is_handle
     assert_eq!(m.handled, N, "each event handled once, to its end");
     assert!(calls.load(Relaxed) > N, "the 503s were retried");
 }
+
+#[test]
+fn a_rate_limit_lets_a_backlog_through_at_its_rate_and_fails_nothing() {
+    const N: u64 = 2_000;
+    const RATE: f64 = 500.0;
+    const BURST: u32 = 50;
+    let cluster = kafka_support::cluster("rated", 2);
+    let brokers = cluster.bootstrap_servers();
+    kafka_support::produce(&brokers, "rated", 2, N, |i| xzepr_event(i, "01SOMEONE").1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Before the pipeline (and its bucket) exists: the bound below is loose
+    // by the start-up, never tight.
+    let began = Instant::now();
+    let running = Pipeline::builder(KafkaConsumerConfig::new(&brokers, "rated", "rated"))
+        .runtime(rt.handle().clone())
+        .ordering(Ordering::Unordered)
+        .rate_limit(xzepr_consumer::flow_control::RateLimit::per_second(RATE).with_burst(BURST))
+        .start_async(|_m: CloudEventMessage, _i: WorkInfo| async {
+            Ok::<_, HandlerError>(json!({}))
+        })
+        .unwrap();
+    let stats = running.source().stats();
+    kafka_support::wait_for(PATIENCE, "every event handled", || {
+        let granted = stats.rate_tokens_granted.load(Relaxed) as f64;
+        let bound = f64::from(BURST) + RATE * began.elapsed().as_secs_f64();
+        assert!(granted <= bound, "{granted} tokens, more than {bound}");
+        running.metrics().handled == N
+    });
+    running.shutdown();
+    running.join().unwrap();
+    let m = running.metrics();
+    assert_eq!((m.handled, m.handler_failed), (N, 0));
+    assert_eq!(stats.rate_tokens_granted.load(Relaxed), N);
+}
