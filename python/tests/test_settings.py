@@ -119,3 +119,19 @@ def test_memory_store_settings_are_checked() -> None:
         MemoryStore(retention=10, lease=20)
     m = MemoryStore(capacity=10).metrics()
     assert (m.events_processed_total, m.processed_events_table_size) == (0, 0)
+
+
+def test_adaptive_concurrency_and_a_rate_limit_reach_the_library() -> None:
+    from xzepr_consumer import Adaptive, RateLimit
+
+    c = resolve(
+        Settings(
+            max_in_flight=Adaptive(2, 48),
+            report_concurrency=Adaptive(max=64),
+            rate_limit=RateLimit(2000, burst=100),
+        ).to_config()
+    )
+    assert c["max_in_flight"] == {"adaptive": {"min": 2, "max": 48}}
+    assert c["report_concurrency"] == {"adaptive": {"min": 1, "max": 64}}
+    assert (c["rate_limit"]["per_second"], c["rate_limit"]["burst"]) == (2000.0, 100)
+    assert resolve(Settings().to_config())["rate_limit"] is None
