@@ -242,20 +242,8 @@ impl StandInBuilder {
             seq: AtomicU64::new(0),
             stats: Arc::clone(&stats),
         });
-        let served = Arc::clone(&shared);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let shared = Arc::clone(&served);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let shared = Arc::clone(&shared);
-                        async move { Ok::<_, std::convert::Infallible>(route(&shared, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = serve(listener, Arc::clone(&shared), |s, req| async move {
+            route(&s, req).await
         });
         Ok(StandIn {
             addr,
@@ -264,6 +252,30 @@ impl StandInBuilder {
             task,
         })
     }
+}
+
+/// Serves every connection `listener` accepts (HTTP/1.1 and HTTP/2), each
+/// request answered by `answer`, until the task is aborted.
+fn serve<S, F, Fut>(listener: TcpListener, shared: Arc<S>, answer: F) -> tokio::task::JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let answered = answer(Arc::clone(&shared), req);
+                    async move { Ok::<_, std::convert::Infallible>(answered.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
 }
 
 fn micros(d: Duration) -> u64 {

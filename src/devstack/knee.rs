@@ -18,8 +18,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 /// What the server saw; read at any time.
@@ -81,20 +79,8 @@ impl KneeServer {
             concurrent: AtomicUsize::new(0),
             stats: KneeStats::default(),
         });
-        let served = Arc::clone(&shared);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let shared = Arc::clone(&served);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let shared = Arc::clone(&shared);
-                        async move { Ok::<_, std::convert::Infallible>(answer(&shared, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = super::serve(listener, Arc::clone(&shared), |s, req| async move {
+            answer(&s, req).await
         });
         Ok(KneeServer { addr, shared, task })
     }
