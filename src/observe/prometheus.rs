@@ -181,6 +181,18 @@ impl Collector for PipelineCollector {
         )?;
         counter(
             e,
+            "xzepr_consumer_messages_delayed",
+            "Events sent to a delay topic and acknowledged by the broker (they run again once due).",
+            m.delayed,
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_delay_topic_failures",
+            "Delay-topic produces that failed (produced again; their offsets wait).",
+            m.delay_failed,
+        )?;
+        counter(
+            e,
             "xzepr_consumer_messages_skipped_done",
             "Messages finished without dispatch: a previous owner's completion map said they were done.",
             load(&s.skipped_done),

@@ -137,6 +137,11 @@ pub struct SourceOptions {
     /// `auto_offset_reset`. If a time cannot be looked up, the partitions stay
     /// paused and the source stops with [`SourceError::StartFrom`].
     pub start_from: StartFrom,
+    /// The delay topics among the subscribed ones (the pipeline's retry
+    /// policy names them): a partition of one is paused while its next
+    /// message is not due.
+    #[serde(skip)]
+    pub(crate) delay_topics: Vec<String>,
 }
 
 impl Default for SourceOptions {
@@ -157,6 +162,7 @@ impl Default for SourceOptions {
             completion_map_max_bytes: crate::offsets::progress::DEFAULT_MAX_BYTES,
             stall_timeout: Some(Duration::from_secs(300)),
             start_from: StartFrom::Committed,
+            delay_topics: Vec::new(),
         }
     }
 }
