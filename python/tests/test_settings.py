@@ -34,9 +34,12 @@ def test_durations_are_exact_in_any_form() -> None:
         poll_interval=2,
         stall_timeout=None,
         handler_timeout=timedelta(milliseconds=1500),
-        retry=RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max="2s"),
+        retry=RetryPolicy(
+            max_attempts=4, backoff_base=0.01, backoff_max="2s", delay_topics=[60, "10m"]
+        ),
     )
     c = resolve(s.to_config())
+    assert c["retry"]["delay_topics"] == ["1m", "10m"]
     assert (c["commit_interval"], c["drain_timeout"], c["pause_after"]) == ("250ms", "3s", "750ms")
     assert (c["poll_interval"], c["stall_timeout"], c["handler_timeout"]) == ("2s", None, "1500ms")
     assert (c["retry"]["backoff_base"], c["retry"]["backoff_max"]) == ("10ms", "2s")

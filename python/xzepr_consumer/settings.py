@@ -80,6 +80,13 @@ class RetryPolicy:
     wait before attempt *n* is random up to ``backoff_base * 2**(n-2)``, at
     most ``backoff_max``. An exception is retried with ``retry_errors``, a
     ``handler_timeout`` with ``retry_timeouts``.
+
+    ``delay_topics`` are long delays after those attempts (e.g.
+    ``["1m", "10m", "1h"]``): the event is produced to
+    ``<topic>.retry.<delay>`` for each in turn (the topics must exist), its
+    offset finished once the broker took it, and runs again once due, with its
+    attempts carried and no second ``started``; after the last one it fails for
+    good. It leaves its key's order.
     """
 
     max_attempts: int = 1
@@ -89,6 +96,7 @@ class RetryPolicy:
     retry_timeouts: bool = True
     #: A Rust handler's panic; a Python handler's exceptions are errors.
     retry_panics: bool = False
+    delay_topics: Sequence[Duration] = ()
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -98,6 +106,7 @@ class RetryPolicy:
             "retry_errors": self.retry_errors,
             "retry_timeouts": self.retry_timeouts,
             "retry_panics": self.retry_panics,
+            "delay_topics": [_duration(d) for d in self.delay_topics],
         }
 
 

@@ -511,6 +511,7 @@ impl PipelineBuilder {
             }
             .into());
         }
+        c.retry.check_subscriptions(&self.kafka.topics)?;
         if let Some(dlq) = &c.dead_letter {
             dlq.validate()?;
             dlq.check_not_subscribed(&self.kafka.topics)?;
@@ -561,7 +562,7 @@ impl PipelineBuilder {
         &self,
         metrics: &Arc<Metrics>,
         runtime: Option<&tokio::runtime::Handle>,
-        dead_letters: Option<&Arc<deadletter::DeadLetters>>,
+        producers: &Producers,
         remote_store: bool,
         tail_room: &Arc<tokio::sync::Semaphore>,
     ) -> Arc<Shared> {
@@ -583,7 +584,8 @@ impl PipelineBuilder {
                     remote: remote_store,
                 }),
             retry: self.config.retry.clone(),
-            dead_letters: dead_letters.cloned(),
+            dead_letters: producers.dead_letters.clone(),
+            delays: producers.delays.clone(),
             tail_room: Arc::clone(tail_room),
         })
     }
@@ -596,14 +598,39 @@ impl PipelineBuilder {
         ))
     }
 
-    /// The dead-letter producer, if one is set.
-    pub(super) fn dead_letters(
-        &self,
-    ) -> Result<Option<Arc<deadletter::DeadLetters>>, crate::Error> {
-        self.config
+    /// The dead-letter and delay-topic producers, those that are set.
+    pub(super) fn producers(&self) -> Result<Producers, crate::Error> {
+        let dead_letters = self
+            .config
             .dead_letter
             .as_ref()
             .map(|c| deadletter::DeadLetters::new(&self.kafka, c.clone()).map(Arc::new))
-            .transpose()
+            .transpose()?;
+        let delays = super::delay::DelayTopics::new(&self.kafka, &self.config.retry)?.map(Arc::new);
+        Ok(Producers {
+            dead_letters,
+            delays,
+        })
     }
+
+    /// The source's settings: the Kafka configuration with the delay topics
+    /// subscribed beside the source topics, and the options naming them.
+    pub(super) fn source_settings(&self) -> (KafkaConsumerConfig, crate::source::SourceOptions) {
+        let (mut kafka, mut options) = (self.kafka.clone(), self.config.source.clone());
+        let delay_topics: Vec<String> = self
+            .kafka
+            .topics
+            .iter()
+            .flat_map(|t| self.config.retry.delay_topic_names(t))
+            .collect();
+        kafka.topics.extend(delay_topics.iter().cloned());
+        options.delay_topics = delay_topics;
+        (kafka, options)
+    }
+}
+
+/// The pipeline's producers, shared by every executor.
+pub(super) struct Producers {
+    pub(super) dead_letters: Option<Arc<deadletter::DeadLetters>>,
+    pub(super) delays: Option<Arc<super::delay::DelayTopics>>,
 }

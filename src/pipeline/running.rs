@@ -40,7 +40,7 @@ impl Pipeline {
             None => None,
         };
         let listener = b.bind_metrics()?;
-        let dead_letters = b.dead_letters()?;
+        let producers = b.producers()?;
         let decoder = Arc::new(Decoder::new(b.config.decoder.clone())?);
         let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(b.config.source.max_in_flight.max().max(1));
@@ -55,9 +55,10 @@ impl Pipeline {
                 .map_err(SourceError::Spawn)?;
             runtimes.push(runtime);
         }
+        let (kafka, options) = b.source_settings();
         let source = Source::start_with(
-            &b.kafka,
-            b.config.source.clone(),
+            &kafka,
+            options,
             Some(hooks),
             // Sync handlers: one job channel read by every worker thread.
             Box::new(crate::source::ChannelExecutor(tx)),
@@ -68,7 +69,7 @@ impl Pipeline {
         for (i, runtime) in runtimes.into_iter().enumerate() {
             let m = Arc::new(Metrics::default());
             let guard = guard_runtime.as_ref();
-            let shared = b.shared(&m, guard, dead_letters.as_ref(), true, &room);
+            let shared = b.shared(&m, guard, &producers, true, &room);
             metrics.push(m);
             let (rx, handler, decoder) = (rx.clone(), Arc::clone(&handler), Arc::clone(&decoder));
             let spawned = std::thread::Builder::new()
@@ -103,16 +104,10 @@ impl Pipeline {
         let runtime =
             b.runtime_for("async handlers need a tokio runtime (call from one, or set `runtime`)")?;
         let listener = b.bind_metrics()?;
-        let dead_letters = b.dead_letters()?;
+        let producers = b.producers()?;
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
-            shared: b.shared(
-                &metrics,
-                Some(&runtime),
-                dead_letters.as_ref(),
-                false,
-                &b.tail_room(),
-            ),
+            shared: b.shared(&metrics, Some(&runtime), &producers, false, &b.tail_room()),
             runtime,
             attempts: Arc::new(AsyncAttempts {
                 handler: Arc::new(handler),
@@ -120,7 +115,8 @@ impl Pipeline {
             }),
             decoder: Arc::new(Decoder::new(b.config.decoder.clone())?),
         });
-        let source = Source::start_with(&b.kafka, b.config.source.clone(), None, executor)?;
+        let (kafka, options) = b.source_settings();
+        let source = Source::start_with(&kafka, options, None, executor)?;
         b.running(source, Vec::new(), vec![metrics], listener)
     }
 }

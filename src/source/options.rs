@@ -153,6 +153,11 @@ pub struct SourceOptions {
     /// against the buffer budget, so the partitions pause as when handlers
     /// are slow. Nothing is dropped or failed for the rate.
     pub rate_limit: Option<RateLimit>,
+    /// The delay topics among the subscribed ones (the pipeline's retry
+    /// policy names them): a partition of one is paused while its next
+    /// message is not due.
+    #[serde(skip)]
+    pub(crate) delay_topics: Vec<String>,
 }
 
 impl Default for SourceOptions {
@@ -174,6 +179,7 @@ impl Default for SourceOptions {
             stall_timeout: Some(Duration::from_secs(300)),
             start_from: StartFrom::Committed,
             rate_limit: None,
+            delay_topics: Vec::new(),
         }
     }
 }

@@ -16,6 +16,8 @@ pub struct SourceStats {
     pub jobs: AtomicU64,
     /// Times a partition was paused (buffers over budget, or the tracking limit).
     pub pauses: AtomicU64,
+    /// Delay-topic partitions paused until their next message was due.
+    pub delay_pauses: AtomicU64,
     /// Times a paused partition was resumed.
     pub resumes: AtomicU64,
     /// Commits sent (async and sync).

@@ -159,6 +159,13 @@ pub struct RunArgs {
     /// [default: 0 with --exec, 2 with --forward].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
+    /// Long delays for an event whose retries are spent: it is produced to
+    /// `<topic>.retry.<delay>` for each delay in turn (e.g. 1m,10m,1h), its
+    /// offset finished once the broker took it, and runs again once due
+    /// (its partition paused until then); after the last one it fails for
+    /// good. The topics must exist. It leaves its key's order.
+    #[arg(long, value_name = "DELAYS", value_delimiter = ',', value_parser = parse_duration)]
+    pub delay_topics: Option<Vec<Duration>>,
     /// Where a partition the group has no committed offset for starts:
     /// committed (the consumer's auto_offset_reset: earliest), earliest,
     /// latest, or a time
@@ -354,6 +361,9 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
         (Some(n), _) => config.retry = config.retry.clone().with_max_attempts(attempts(n)),
         (None, None) => config.retry = RetryPolicy::attempts(attempts(retries)),
         (None, Some(_)) => {}
+    }
+    if let Some(delays) = &args.delay_topics {
+        config.retry = config.retry.clone().delay_topics(delays.iter().copied());
     }
     Ok(config)
 }

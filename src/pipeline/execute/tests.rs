@@ -83,6 +83,7 @@ fn shared(sink: Option<Arc<HeldSink>>, filter: TypeFilter, policy: MalformedPoli
         idempotency: None,
         retry: RetryPolicy::none(),
         dead_letters: None,
+        delays: None,
         tail_room: Arc::new(tokio::sync::Semaphore::new(1)),
     }
 }

@@ -32,6 +32,8 @@ pub(super) struct PollLoop {
     topic_names: HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     last_commit: Instant,
     pub(super) to_pause: Vec<PartKey>,
+    /// Delay-topic partitions to pause, with the offset to read again from.
+    pub(super) to_delay: Vec<(PartKey, i64)>,
     /// Since when the buffers are over budget (polling stopped).
     throttled: Option<Instant>,
     last_watch: Instant,
@@ -70,6 +72,7 @@ impl PollLoop {
             topic_names: HashMap::default(),
             last_commit: Instant::now(),
             to_pause: Vec::new(),
+            to_delay: Vec::new(),
             throttled: None,
             last_watch: Instant::now(),
             watch_every,
@@ -114,12 +117,14 @@ impl PollLoop {
                 &self.options,
                 &mut self.topic_names,
                 &mut self.to_pause,
+                &mut self.to_delay,
                 burst,
             );
             if !routed {
                 break Ok(());
             }
             self.pause_marked();
+            self.delay_marked();
         }
     }
 
@@ -160,6 +165,9 @@ impl PollLoop {
         }
         if st.paused > 0 {
             self.resume_ready(&mut st);
+        }
+        if st.delayed > 0 {
+            self.resume_due(&mut st);
         }
         // Over budget: stop polling (librdkafka keeps its own prefetch, within
         // its own limits) while the handlers drain the buffers. When they stall
