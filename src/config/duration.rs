@@ -129,7 +129,7 @@ pub mod option {
 }
 
 /// `#[serde(with = "crate::config::duration::list")]` for a `Vec<Duration>`:
-/// a list of durations, each as [`super::deserialize`] reads one.
+/// a list of durations, each as [`deserialize`] reads one.
 pub mod list {
     use super::*;
 
