@@ -17,6 +17,10 @@
 //!   a "lost response" whose event was recorded all the same.
 //!
 //! [`StandIn::restart`] forgets every receiver and event, as an XZepr restart does.
+//!
+//! [`KneeServer`] is a service with a capacity (flat latency up to a knee of
+//! concurrent requests, then rising, 503 past twice the knee), for the
+//! flow-control tests and `bench`.
 
 // The request helpers return the HTTP error response itself as their `Err`: a
 // dev-only server where that reads best, and size does not matter.
@@ -38,6 +42,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::generate::ulid_like;
+
+mod knee;
+pub use knee::{KneeServer, KneeStats};
 
 /// Where the stand-in publishes the CloudEvents of what it records.
 pub trait EventSink: Send + Sync + 'static {
@@ -237,20 +244,8 @@ impl StandInBuilder {
             seq: AtomicU64::new(0),
             stats: Arc::clone(&stats),
         });
-        let served = Arc::clone(&shared);
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let shared = Arc::clone(&served);
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let shared = Arc::clone(&shared);
-                        async move { Ok::<_, std::convert::Infallible>(route(&shared, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = serve(listener, Arc::clone(&shared), |s, req| async move {
+            route(&s, req).await
         });
         Ok(StandIn {
             addr,
@@ -259,6 +254,30 @@ impl StandInBuilder {
             task,
         })
     }
+}
+
+/// Serves every connection `listener` accepts (HTTP/1.1 and HTTP/2), each
+/// request answered by `answer`, until the task is aborted.
+fn serve<S, F, Fut>(listener: TcpListener, shared: Arc<S>, answer: F) -> tokio::task::JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let shared = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let answered = answer(Arc::clone(&shared), req);
+                    async move { Ok::<_, std::convert::Infallible>(answered.await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
 }
 
 fn micros(d: Duration) -> u64 {

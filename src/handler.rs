@@ -200,7 +200,12 @@ pub struct HandlerError {
     message: String,
     code: Option<String>,
     permanent: bool,
+    /// The downstream service's `Retry-After`, with an overload.
+    retry_after: Option<std::time::Duration>,
 }
+
+/// Error code of [`HandlerError::overloaded`].
+pub const OVERLOADED_CODE: &str = "overloaded";
 
 impl HandlerError {
     /// A failure with a message.
@@ -209,6 +214,7 @@ impl HandlerError {
             message: message.into(),
             code: None,
             permanent: false,
+            retry_after: None,
         }
     }
 
@@ -218,7 +224,34 @@ impl HandlerError {
             message: message.into(),
             code: Some(code.into()),
             permanent: false,
+            retry_after: None,
         }
+    }
+
+    /// A failure because the service the handler calls is overloaded (it
+    /// answered 429 or 503, or said so otherwise): code `overloaded`. Under an
+    /// adaptive [`max_in_flight`](crate::source::SourceOptions::max_in_flight)
+    /// it cuts the limit; the retry policy retries it like any error.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::with_code(message, OVERLOADED_CODE)
+    }
+
+    /// Adds the service's `Retry-After`: under an adaptive limit no handler
+    /// call starts before it has passed (at most a minute).
+    pub fn with_retry_after(mut self, after: std::time::Duration) -> Self {
+        self.retry_after = Some(after);
+        self
+    }
+
+    /// Whether the error says the service is overloaded: code `overloaded`
+    /// ([`HandlerError::overloaded`], or any error given that code).
+    pub fn is_overloaded(&self) -> bool {
+        self.code.as_deref() == Some(OVERLOADED_CODE)
+    }
+
+    /// The `Retry-After` given with [`HandlerError::with_retry_after`].
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        self.retry_after
     }
 
     /// Marks the failure permanent: the retry policy never runs it again (bad
@@ -287,6 +320,7 @@ fn to_handler_error<E: fmt::Display + 'static>(e: E, code: Option<String>) -> Ha
         message: e.to_string(),
         code,
         permanent: false,
+        retry_after: None,
     }
 }
 

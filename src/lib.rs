@@ -29,6 +29,7 @@
 //! | offsets | [`offsets`] | per-partition tracker; commits only the contiguous run of finished offsets, with the offsets finished above it as a completion map in the commit's metadata |
 //! | replay | [`source::StartFrom`], [`offsets::admin`], [`pipeline::Redrive`] | after an incident: where a group without committed offsets starts (a time, via `offsets_for_times`); a stopped group's offsets shown and moved from outside it; dead letters produced back to their topics, committed only once acknowledged |
 //! | trace | [`trace`] | the W3C context each event came with; with feature `otel`, a span per event and per step (claim, attempts, dead letter, lifecycle posts), exported over OTLP/HTTP |
+//! | flow control | [`flow_control`] | one concurrency [`flow_control::Limiter`] (fixed, or adaptive: AIMD on latency, timeouts, 429/503 and `Retry-After`) for the reporter's posts, async handlers and `run --forward`; the token bucket ([`flow_control::RateLimit`]) the lanes take a token from per event |
 //! | observe | [`observe`], [`metrics`] | counters the stages write; Prometheus text read from them at scrape time; health and readiness; the `/metrics`, `/health`, `/ready` endpoint |
 //! | run | [`pipeline`] | [`pipeline::PipelineConfig`] (every setting, `serde`), [`pipeline::PipelineBuilder::build`], [`pipeline::Pipeline::run`] (receiver discovery, reporting, drain) |
 //!
@@ -54,6 +55,7 @@ pub mod decode;
 pub mod devstack;
 pub mod dispatch;
 mod error;
+pub mod flow_control;
 #[cfg(feature = "dev-stack")]
 pub mod generate;
 pub mod handler;

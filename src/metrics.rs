@@ -82,6 +82,11 @@ counters! {
     dead_lettered,
     /// Dead-letter produces that failed (their offsets are held).
     dead_letter_failed,
+    /// Events sent to a delay topic (the retry policy's `delay_topics`) and
+    /// acknowledged by the broker: they run again once due.
+    delayed,
+    /// Delay-topic produces that failed (produced again; their offsets wait).
+    delay_failed,
     /// Events finished without running: the idempotency store had their key
     /// processed (by this consumer before a replay, or by another).
     duplicates,

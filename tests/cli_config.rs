@@ -58,7 +58,8 @@ fn everything() -> Value {
         "workers": 3,
         "handler_timeout": "45s",
         "retry": {"max_attempts": 4, "backoff_base": "50ms", "backoff_max": "5s",
-                  "retry_errors": false, "retry_timeouts": true, "retry_panics": true},
+                  "retry_errors": false, "retry_timeouts": true, "retry_panics": true,
+                  "delay_topics": []},
         "types": ["deployment.", "build.*.done"],
         "skip_own_events": false,
         "own_receiver_id": "01OWNRECEIVER",
@@ -67,8 +68,30 @@ fn everything() -> Value {
         "dead_letter": {"topic": "svc.dlq", "message_timeout": "20s",
                         "properties": {"compression.type": "zstd"}},
         "idempotency_key": {"header": "x-key"},
-        "metrics_addr": "127.0.0.1:9464"
+        "metrics_addr": "127.0.0.1:9464",
+        "rate_limit": {"per_second": 250.0, "burst": 25, "per_key": true, "max_keys": 500},
+        "report_concurrency": {"adaptive": {"min": 2, "max": 64}}
     })
+}
+
+#[test]
+fn concurrency_and_rate_flags_reach_the_settings() {
+    let (ok, stdout, stderr) = print_config(&[
+        "--concurrency",
+        "adaptive:2-48",
+        "--rate",
+        "2000",
+        "--rate-burst",
+        "100",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        v["max_in_flight"],
+        json!({"adaptive": {"min": 2, "max": 48}})
+    );
+    assert_eq!(v["rate_limit"]["per_second"], 2000.0);
+    assert_eq!(v["rate_limit"]["burst"], 100);
 }
 
 #[test]

@@ -111,7 +111,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn reporter_config() -> ReporterConfig {
     let mut config = ReporterConfig::default();
     config.queue_capacity = 32;
-    config.max_in_flight = 4;
+    config.concurrency = xzepr_consumer::flow_control::Concurrency::Fixed(4);
     config.backoff_base = Duration::from_millis(1);
     config.backoff_max = Duration::from_millis(50);
     config.breaker_cooldown = Duration::from_millis(100);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
+use xzepr_consumer::flow_control::Concurrency;
 use xzepr_consumer::report::{
     Ack, OwnedWork, Record, ReportError, Reporter, ReporterConfig, Status,
 };
@@ -59,7 +60,7 @@ async fn run(server: &http_support::Server, n: usize, config: ReporterConfig, po
 async fn thousands_of_posts_reuse_the_pooled_connections() {
     let server = http_support::start(http_support::Chaos::default()).await;
     let mut config = ReporterConfig::default();
-    config.max_in_flight = 16;
+    config.concurrency = Concurrency::Fixed(16);
     // hyper's pool may open a connection before a finished one is back in it, so
     // the pool is sized at twice the in-flight limit; reuse is what is asserted.
     let acks = run(&server, 2_000, config, 32).await;

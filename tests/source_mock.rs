@@ -19,7 +19,7 @@ const PATIENCE: Duration = Duration::from_secs(240);
 
 fn options(max_in_flight: usize) -> SourceOptions {
     let mut o = SourceOptions::default();
-    o.max_in_flight = max_in_flight;
+    o.max_in_flight = max_in_flight.into();
     o.commit_interval = Duration::from_millis(100);
     o.drain_timeout = Duration::from_secs(5);
     o
@@ -399,7 +399,7 @@ fn configuration_errors_name_the_field() {
     let config = KafkaConsumerConfig::new("127.0.0.1:1", "t", "s");
     let err = Source::start(&config, o.clone()).unwrap_err().to_string();
     assert!(err.contains("max_in_flight"), "{err}");
-    o.max_in_flight = 1;
+    o.max_in_flight = 1.into();
     o.batch = 0;
     let err = Source::start(&config, o.clone()).unwrap_err().to_string();
     assert!(err.contains("batch"), "{err}");

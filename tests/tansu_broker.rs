@@ -25,7 +25,7 @@ use tansu_support::Broker;
 
 fn options() -> SourceOptions {
     let mut o = SourceOptions::default();
-    o.max_in_flight = 256;
+    o.max_in_flight = 256.into();
     o.commit_interval = Duration::from_millis(200);
     o.drain_timeout = Duration::from_secs(5);
     o

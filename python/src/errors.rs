@@ -88,6 +88,12 @@ pub(crate) fn consumer_error(e: &xzepr_consumer::Error) -> PyErr {
     })
 }
 
+/// An incident tool's failure (`offsets`, `redrive`): `XzeprConsumerError`
+/// with the error's chain of causes.
+pub(crate) fn tool_error(py: Python<'_>, e: &dyn std::error::Error) -> PyErr {
+    raise(py, "XzeprConsumerError", (chain(e),))
+}
+
 /// An error's text, then each cause's that it does not already show.
 fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();

@@ -15,6 +15,7 @@
 //! | [`inbox`] | the handler's futures parking events for the loop, and their answers |
 //! | [`settings`] | the pipeline's settings: JSON read by `PipelineConfig::from_json` |
 //! | [`idempotency`] | the in-memory and PostgreSQL idempotency stores |
+//! | [`replay`] | `offsets show`/`reset` and `redrive`, the incident tools |
 //! | [`client`] | the XZepr REST client (awaitables on the shared tokio runtime) |
 //! | [`config`] | `KafkaConsumerConfig` from the `XZEPR_KAFKA_*` environment |
 //! | [`convert`] | owned messages into the package's dataclasses, JSON values both ways |
@@ -39,6 +40,7 @@ mod devstack;
 mod errors;
 mod idempotency;
 mod inbox;
+mod replay;
 mod settings;
 
 use std::sync::OnceLock;
@@ -76,6 +78,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(settings::default_settings, m)?)?;
     m.add_function(wrap_pyfunction!(settings::resolve_settings, m)?)?;
     m.add_function(wrap_pyfunction!(consumer::decode, m)?)?;
+    m.add_function(wrap_pyfunction!(replay::offsets_show, m)?)?;
+    m.add_function(wrap_pyfunction!(replay::offsets_reset, m)?)?;
+    m.add_function(wrap_pyfunction!(replay::redrive, m)?)?;
     m.add_function(wrap_pyfunction!(consumer::metric_names, m)?)?;
     m.add_function(wrap_pyfunction!(convert::parse_timestamp, m)?)?;
     m.add_function(wrap_pyfunction!(config::kafka_config_from_env, m)?)?;

@@ -142,6 +142,55 @@ def test_an_event_failing_every_attempt_is_dead_lettered_and_its_offset_committe
     assert headers["xzepr.dlq.error"].startswith(b"ValueError: cannot handle")
 
 
+@pytest.fixture
+def delay_stack() -> Iterator[DevStack]:
+    s = DevStack(partitions=1, token="test-token", extra_topics=["xzepr.dev.events.retry.1s"])
+    yield s
+    s.close()
+
+
+def test_an_event_failing_its_first_visit_runs_again_from_its_delay_topic(
+    delay_stack: DevStack,
+) -> None:
+    stack = delay_stack
+    n = 3
+    produce(stack.brokers, stack.topic, [_event(i, "later") for i in range(n)])
+    config = KafkaConsumerConfig(
+        brokers=stack.brokers,
+        topic=stack.topic,
+        service_name="py-delay",
+        group_id=f"py-delay-{time.monotonic_ns()}",
+    )
+    visits: list[tuple[str, str]] = []
+
+    async def handle(message: CloudEventMessage) -> None:
+        visits.append((message.id, message.kafka.topic))
+        if message.kafka.topic == stack.topic:
+            raise RuntimeError("partner down")
+
+    async def main() -> XzeprConsumer:
+        client = XzeprClient(XzeprClientConfig(stack.api.url, stack.api.token))
+        consumer = XzeprConsumer(
+            config,
+            client=client,
+            work_name="py-delay",
+            retry=RetryPolicy(delay_topics=["1s"]),
+        )
+        await run_until(
+            consumer,
+            lambda: consumer.run_with_callback(handle),
+            lambda: stack.api.stats()["completed"] >= n,
+        )
+        return consumer
+
+    m = asyncio.run(main()).metrics()
+    delay_topic = f"{stack.topic}.retry.1s"
+    assert Counter(t for _, t in visits) == {stack.topic: n, delay_topic: n}, visits
+    assert (m.delayed, m.handler_failed, m.posted_started, m.posted_completed) == (n, 0, n, n)
+    stats = stack.api.stats()
+    assert (stats["started"], stats["completed"], stats["failed"]) == (n, n, 0)
+
+
 def _same_event_twice(stack: DevStack) -> None:
     # One partition, so the second copy comes after the first one finished.
     twice = [_event(0, "dup", "D" * 26), _event(1, "dup", "D" * 26), _event(2, "dup")]

@@ -34,9 +34,12 @@ def test_durations_are_exact_in_any_form() -> None:
         poll_interval=2,
         stall_timeout=None,
         handler_timeout=timedelta(milliseconds=1500),
-        retry=RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max="2s"),
+        retry=RetryPolicy(
+            max_attempts=4, backoff_base=0.01, backoff_max="2s", delay_topics=[60, "10m"]
+        ),
     )
     c = resolve(s.to_config())
+    assert c["retry"]["delay_topics"] == ["1m", "10m"]
     assert (c["commit_interval"], c["drain_timeout"], c["pause_after"]) == ("250ms", "3s", "750ms")
     assert (c["poll_interval"], c["stall_timeout"], c["handler_timeout"]) == ("2s", None, "1500ms")
     assert (c["retry"]["backoff_base"], c["retry"]["backoff_max"]) == ("10ms", "2s")
@@ -119,3 +122,19 @@ def test_memory_store_settings_are_checked() -> None:
         MemoryStore(retention=10, lease=20)
     m = MemoryStore(capacity=10).metrics()
     assert (m.events_processed_total, m.processed_events_table_size) == (0, 0)
+
+
+def test_adaptive_concurrency_and_a_rate_limit_reach_the_library() -> None:
+    from xzepr_consumer import Adaptive, RateLimit
+
+    c = resolve(
+        Settings(
+            max_in_flight=Adaptive(2, 48),
+            report_concurrency=Adaptive(max=64),
+            rate_limit=RateLimit(2000, burst=100),
+        ).to_config()
+    )
+    assert c["max_in_flight"] == {"adaptive": {"min": 2, "max": 48}}
+    assert c["report_concurrency"] == {"adaptive": {"min": 1, "max": 64}}
+    assert (c["rate_limit"]["per_second"], c["rate_limit"]["burst"]) == (2000.0, 100)
+    assert resolve(Settings().to_config())["rate_limit"] is None

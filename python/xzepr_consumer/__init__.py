@@ -38,6 +38,7 @@ from .message import (
 )
 from .observe import Health, Metrics, PartitionState
 from .settings import (
+    Adaptive,
     Assignment,
     DeadLetter,
     DecoderLimits,
@@ -45,11 +46,13 @@ from .settings import (
     IdempotencyKey,
     MalformedPolicy,
     Ordering,
+    RateLimit,
     RetryPolicy,
     Settings,
 )
 
 __all__ = [
+    "Adaptive",
     "Assignment",
     "CloudEventData",
     "CloudEventMessage",
@@ -74,6 +77,7 @@ __all__ = [
     "Ordering",
     "PartitionState",
     "PostgresStore",
+    "RateLimit",
     "RetryPolicy",
     "SaslConfig",
     "SaslMechanism",

@@ -12,6 +12,25 @@ def decode(payload: bytes, headers: list[tuple[str, bytes]] | None = None) -> Cl
 def parse_timestamp(text: str) -> datetime: ...
 def kafka_config_from_env(service_name: str, env: dict[str, str]) -> dict[str, Any]: ...
 def check_kafka_config(config: dict[str, Any]) -> list[tuple[str, str]]: ...
+def offsets_show(kafka: dict[str, Any], group: str, topic: str) -> str: ...
+def offsets_reset(
+    kafka: dict[str, Any],
+    group: str,
+    topic: str,
+    to: str,
+    value: str | None = None,
+    dry_run: bool = False,
+) -> str: ...
+def redrive(
+    kafka: dict[str, Any],
+    from_topic: str,
+    to: str | None = None,
+    reasons: list[str] = ...,
+    since: str | None = None,
+    dry_run: bool = False,
+    max_redrives: int | None = None,
+    group: str | None = None,
+) -> str: ...
 def client_config_from_env(env: dict[str, str]) -> dict[str, Any]: ...
 
 class Client:

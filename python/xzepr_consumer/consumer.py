@@ -33,11 +33,13 @@ from .idempotency import MemoryStore, PostgresStore
 from .message import CloudEventMessage
 from .observe import Health, Metrics
 from .settings import (
+    Adaptive,
     DeadLetter,
     Duration,
     Ordering,
     RetryPolicy,
     Settings,
+    _concurrency,
     _optional_duration,
     _types,
 )
@@ -152,7 +154,7 @@ class XzeprConsumer:
         idempotency: MemoryStore | PostgresStore | None = None,
         executor: concurrent.futures.Executor | None = None,
         ordering: Ordering | str | None = None,
-        max_in_flight: int | None = None,
+        max_in_flight: int | Adaptive | None = None,
         handler_timeout: Duration | None = None,
         drain_timeout: Duration | None = None,
         commit_interval: Duration | None = None,
@@ -181,7 +183,7 @@ class XzeprConsumer:
         )
         overrides: dict[str, Any] = {
             "ordering": None if ordering is None else Ordering(ordering)._config(),
-            "max_in_flight": max_in_flight,
+            "max_in_flight": None if max_in_flight is None else _concurrency(max_in_flight),
             "handler_timeout": _optional_duration(handler_timeout),
             "drain_timeout": _optional_duration(drain_timeout),
             "commit_interval": _optional_duration(commit_interval),
@@ -290,7 +292,7 @@ class XzeprConsumer:
         tasks: _Tasks = {}
         inline = self._executor is None and not _is_async(call)
         logger.info(
-            "Consuming %s as group %s (%s, max_in_flight=%d)",
+            "Consuming %s as group %s (%s, max_in_flight=%s)",
             self.config.topic,
             self.config.group_id,
             self._resolved["ordering"],

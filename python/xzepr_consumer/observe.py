@@ -50,6 +50,10 @@ class Metrics:
     dead_lettered: int = 0
     #: Dead-letter produces that failed (their offsets are held).
     dead_letter_failed: int = 0
+    #: Events sent to a delay topic and acknowledged (they run again once due).
+    delayed: int = 0
+    #: Delay-topic produces that failed (produced again; their offsets wait).
+    delay_failed: int = 0
     #: Events finished without running: their idempotency key was processed.
     duplicates: int = 0
     #: Idempotency store calls that failed (retried; the event waited).
@@ -89,6 +93,9 @@ class PartitionState:
     commit_point_age_ms: int | None
     stalled: bool
     paused: bool
+    #: A delay topic's partition paused until its next event is due: in how
+    #: many ms (None otherwise).
+    due_in_ms: int | None = None
 
 
 @dataclass(frozen=True)

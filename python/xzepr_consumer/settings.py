@@ -80,6 +80,13 @@ class RetryPolicy:
     wait before attempt *n* is random up to ``backoff_base * 2**(n-2)``, at
     most ``backoff_max``. An exception is retried with ``retry_errors``, a
     ``handler_timeout`` with ``retry_timeouts``.
+
+    ``delay_topics`` are long delays after those attempts (e.g.
+    ``["1m", "10m", "1h"]``): the event is produced to
+    ``<topic>.retry.<delay>`` for each in turn (the topics must exist), its
+    offset finished once the broker took it, and runs again once due, with its
+    attempts carried and no second ``started``; after the last one it fails for
+    good. It leaves its key's order.
     """
 
     max_attempts: int = 1
@@ -89,6 +96,7 @@ class RetryPolicy:
     retry_timeouts: bool = True
     #: A Rust handler's panic; a Python handler's exceptions are errors.
     retry_panics: bool = False
+    delay_topics: Sequence[Duration] = ()
 
     def _config(self) -> dict[str, Any]:
         return {
@@ -98,6 +106,7 @@ class RetryPolicy:
             "retry_errors": self.retry_errors,
             "retry_timeouts": self.retry_timeouts,
             "retry_panics": self.retry_panics,
+            "delay_topics": [_duration(d) for d in self.delay_topics],
         }
 
 
@@ -158,6 +167,45 @@ class IdempotencyKey:
 
 
 @dataclass(frozen=True)
+class Adaptive:
+    """An adaptive concurrency limit: starts at ``min``, grows while the
+    service's latency stays near its lowest, and is cut on rising latency,
+    timeouts and overload answers (a handler's ``overloaded`` error, 429/503),
+    never past ``max``."""
+
+    min: int = 1
+    max: int = 256
+
+    def _config(self) -> Any:
+        return {"adaptive": {"min": self.min, "max": self.max}}
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """At most ``per_second`` events a second reach the handler, with bursts
+    of ``burst`` (default: a tenth of a second's worth); ``per_key``: one
+    bucket per message key, at most ``max_keys`` kept. Events wait in their
+    lanes for a token: none is dropped or failed."""
+
+    per_second: float
+    burst: int | None = None
+    per_key: bool = False
+    max_keys: int = 10_000
+
+    def _config(self) -> Any:
+        return {
+            "per_second": self.per_second,
+            "burst": self.burst,
+            "per_key": self.per_key,
+            "max_keys": self.max_keys,
+        }
+
+
+def _concurrency(c: int | Adaptive) -> Any:
+    return c._config() if isinstance(c, Adaptive) else c
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every data setting of the pipeline, with the library's defaults.
 
@@ -169,8 +217,9 @@ class Settings:
     ordering: Ordering | str = Ordering.PER_PARTITION
     #: How a rebalance moves partitions (eager or cooperative).
     assignment: Assignment | str = Assignment.EAGER
-    #: Most handlers running at once; past it, events wait in their lanes.
-    max_in_flight: int = 1024
+    #: Most handlers running at once (a number, or ``Adaptive(min, max)``);
+    #: past it, events wait in their lanes.
+    max_in_flight: int | Adaptive = 1024
     #: Most waiting events of one lane handed over as one job.
     batch: int = 64
     #: Bytes of events buffered; over it, arriving partitions pause.
@@ -223,13 +272,17 @@ class Settings:
     #: Where ``GET /metrics``, ``/health`` and ``/ready`` are served
     #: (``"host:port"``; port 0 picks a free one); None: not served.
     metrics_addr: str | None = None
+    #: Events a second that reach the handler; None: no limit.
+    rate_limit: RateLimit | None = None
+    #: The lifecycle reporter's posts in flight (a number, or ``Adaptive``).
+    report_concurrency: int | Adaptive = 128
 
     def to_config(self) -> dict[str, Any]:
         """The ``PipelineConfig`` JSON object of these settings."""
         return {
             "ordering": Ordering(self.ordering)._config(),
             "assignment": Assignment(self.assignment).value,
-            "max_in_flight": self.max_in_flight,
+            "max_in_flight": _concurrency(self.max_in_flight),
             "batch": self.batch,
             "buffer_budget": self.buffer_budget,
             "max_buffered": self.max_buffered,
@@ -252,6 +305,8 @@ class Settings:
             "dead_letter": None if self.dead_letter is None else self.dead_letter._config(),
             "idempotency_key": self.idempotency_key._config(),
             "metrics_addr": self.metrics_addr,
+            "rate_limit": None if self.rate_limit is None else self.rate_limit._config(),
+            "report_concurrency": _concurrency(self.report_concurrency),
         }
 
 

@@ -128,6 +128,35 @@ pub mod option {
     }
 }
 
+/// `#[serde(with = "crate::config::duration::list")]` for a `Vec<Duration>`:
+/// a list of durations, each as [`deserialize`] reads one.
+pub mod list {
+    use super::*;
+
+    /// See [`super::serialize`].
+    ///
+    /// # Errors
+    /// The serializer's.
+    pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(v.iter().map(|d| format(*d)))
+    }
+
+    /// See [`super::deserialize`].
+    ///
+    /// # Errors
+    /// As [`super::deserialize`], for any item; or a value that is not a list.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        struct One(Duration);
+        impl<'de> serde::Deserialize<'de> for One {
+            fn deserialize<D2: Deserializer<'de>>(d: D2) -> Result<Self, D2::Error> {
+                super::deserialize(d).map(One)
+            }
+        }
+        let items: Vec<One> = serde::Deserialize::deserialize(d)?;
+        Ok(items.into_iter().map(|One(d)| d).collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,6 +100,8 @@ pub(crate) struct Observed {
     pub(crate) source: SourceHandle,
     pub(crate) metrics: Vec<Arc<Metrics>>,
     pub(crate) reporter: Option<Arc<ReporterStats>>,
+    /// The concurrency limits, each a gauge.
+    pub(crate) limits: Vec<crate::flow_control::Limiter>,
 }
 
 impl Observed {

@@ -181,6 +181,18 @@ impl Collector for PipelineCollector {
         )?;
         counter(
             e,
+            "xzepr_consumer_messages_delayed",
+            "Events sent to a delay topic and acknowledged by the broker (they run again once due).",
+            m.delayed,
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_delay_topic_failures",
+            "Delay-topic produces that failed (produced again; their offsets wait).",
+            m.delay_failed,
+        )?;
+        counter(
+            e,
             "xzepr_consumer_messages_skipped_done",
             "Messages finished without dispatch: a previous owner's completion map said they were done.",
             load(&s.skipped_done),
@@ -284,6 +296,26 @@ impl Collector for PipelineCollector {
             )?;
         }
 
+        counter(
+            e,
+            "xzepr_consumer_rate_limit_tokens_granted",
+            "Events let through by the pipeline's rate limit (its tokens handed out; 0 without one).",
+            load(&s.rate_tokens_granted),
+        )?;
+        // Concurrency limits, one gauge per limit.
+        if !o.limits.is_empty() {
+            let mut f = e.encode_descriptor(
+                "xzepr_consumer_concurrency_limit",
+                "Calls let run at once by a concurrency limit now (fixed, or adaptive: follows the service's latency and overload answers).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for l in &o.limits {
+                let v = i64::try_from(l.limit()).unwrap_or(i64::MAX);
+                ConstGauge::new(v).encode(f.encode_family(&[("limit", l.name())])?)?;
+            }
+        }
+
         // The source: queues, lanes, pauses, commits.
         gauge(
             e,
@@ -330,6 +362,12 @@ impl Collector for PipelineCollector {
             "xzepr_consumer_partition_resumes",
             "Times a paused partition was resumed.",
             load(&s.resumes),
+        )?;
+        counter(
+            e,
+            "xzepr_consumer_delay_pauses",
+            "Times a delay topic's partition was paused until its next event was due.",
+            load(&s.delay_pauses),
         )?;
         counter(
             e,
@@ -410,6 +448,11 @@ impl Collector for PipelineCollector {
                 "xzepr_consumer_partition_commit_point_age_seconds",
                 "How long ago, by its Kafka timestamp, the message at an assigned partition's commit point was produced (0 when nothing is unfinished).",
                 |p| p.commit_point_age_ms.map(|ms| ms as f64 / 1000.0),
+            ),
+            (
+                "xzepr_consumer_partition_due_in_seconds",
+                "A delay topic's partition paused until its next event is due: in how long (absent otherwise).",
+                |p| p.due_in_ms.map(|ms| ms as f64 / 1000.0),
             ),
         ] {
             let mut f = e.encode_descriptor(name, help, None, MetricType::Gauge)?;

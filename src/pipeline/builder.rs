@@ -18,6 +18,7 @@ use super::{Pipeline, PipelineError, RunningPipeline};
 use crate::config::KafkaConsumerConfig;
 use crate::decode::{Decoder, DecoderConfig};
 use crate::dispatch::{Ordering, TypeFilter};
+use crate::flow_control::{Concurrency, Limiter, RateLimit};
 use crate::handler::{AsyncHandler, Handler};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
@@ -45,6 +46,8 @@ pub struct PipelineBuilder {
     pub(super) reporter_stats: Option<Arc<crate::report::ReporterStats>>,
     /// Reporting set up by the run itself ([`PipelineBuilder::report_to`]).
     pub(super) reporting: Option<Reporting>,
+    /// Concurrency limits whose gauges the pipeline's metrics show.
+    pub(super) limits: Vec<Limiter>,
 }
 
 impl PipelineBuilder {
@@ -59,6 +62,7 @@ impl PipelineBuilder {
             idempotency: None,
             reporter_stats: None,
             reporting: None,
+            limits: Vec::new(),
         }
     }
 
@@ -75,7 +79,35 @@ impl PipelineBuilder {
     /// concurrently; for a sync handler it bounds the jobs queued for the
     /// worker threads. Past it, events wait in their lanes.
     pub fn max_in_flight(mut self, n: usize) -> Self {
-        self.config.source.max_in_flight = n;
+        self.config.source.max_in_flight = Concurrency::Fixed(n);
+        self
+    }
+
+    /// Handler calls in progress at once, fixed or adaptive (default fixed
+    /// 1,024; see [`SourceOptions::max_in_flight`]). Adaptive needs an async
+    /// handler ([`PipelineBuilder::start_async`], [`Pipeline::run`]): its
+    /// limit follows the handler's latency, its timeouts and its
+    /// [`overloaded`](crate::handler::HandlerError::overloaded) errors, and is
+    /// the gauge `xzepr_consumer_concurrency_limit{limit="handler"}`.
+    pub fn concurrency(mut self, concurrency: Concurrency) -> Self {
+        self.config.source.max_in_flight = concurrency;
+        self
+    }
+
+    /// At most this many events a second reach the handler, with bursts
+    /// (default: no limit; see [`SourceOptions::rate_limit`]). Events wait in
+    /// their lanes for a token, never dropped or failed.
+    pub fn rate_limit(mut self, rate: RateLimit) -> Self {
+        self.config.source.rate_limit = Some(rate);
+        self
+    }
+
+    /// Shows `limiter`'s current limit with the pipeline's metrics, as
+    /// `xzepr_consumer_concurrency_limit{limit="NAME"}`: for a limit the
+    /// handler keeps itself (as `run --forward` does). The handler's and the
+    /// reporter's own are shown without it.
+    pub fn observe_limit(mut self, limiter: Limiter) -> Self {
+        self.limits.push(limiter);
         self
     }
 
@@ -240,6 +272,7 @@ impl PipelineBuilder {
         own.insert(&work.receiver_id);
         self.own_set = Some(own);
         self.reporter_stats = Some(reporter.stats_shared());
+        self.limits.push(reporter.limiter().clone());
         self.work = Some(work.clone());
         self.sink = Some(SinkDebug(Arc::new(ReporterSink(Arc::new(SinkInner {
             reporter,
@@ -436,6 +469,7 @@ impl PipelineBuilder {
     ) -> Result<RunningPipeline, crate::Error> {
         let mut running = RunningPipeline::new(source, workers, metrics, &self.config.source);
         running.reporter = self.reporter_stats.clone();
+        running.limits = self.limits.clone();
         if let Some((addr, listener)) = listener {
             let server = crate::observe::Server::start(listener, running.observed())
                 .map_err(|source| PipelineError::MetricsBind { addr, source })?;
@@ -481,6 +515,7 @@ impl PipelineBuilder {
             }
             .into());
         }
+        c.report_concurrency.validate("report_concurrency")?;
         if c.handler_timeout == Some(Duration::ZERO) {
             return Err(crate::config::ConfigError::Invalid {
                 name: "handler_timeout",
@@ -497,6 +532,7 @@ impl PipelineBuilder {
             }
             .into());
         }
+        c.retry.check_subscriptions(&self.kafka.topics)?;
         if let Some(dlq) = &c.dead_letter {
             dlq.validate()?;
             dlq.check_not_subscribed(&self.kafka.topics)?;
@@ -547,7 +583,7 @@ impl PipelineBuilder {
         &self,
         metrics: &Arc<Metrics>,
         runtime: Option<&tokio::runtime::Handle>,
-        dead_letters: Option<&Arc<deadletter::DeadLetters>>,
+        producers: &Producers,
         remote_store: bool,
         tail_room: &Arc<tokio::sync::Semaphore>,
     ) -> Arc<Shared> {
@@ -569,7 +605,8 @@ impl PipelineBuilder {
                     remote: remote_store,
                 }),
             retry: self.config.retry.clone(),
-            dead_letters: dead_letters.cloned(),
+            dead_letters: producers.dead_letters.clone(),
+            delays: producers.delays.clone(),
             tail_room: Arc::clone(tail_room),
             spans: self.config.traces.then(|| crate::trace::EventSpans {
                 group: self.kafka.group_id.as_str().into(),
@@ -581,18 +618,43 @@ impl PipelineBuilder {
     /// `max_in_flight` at once, each holding its message.
     pub(super) fn tail_room(&self) -> Arc<tokio::sync::Semaphore> {
         Arc::new(tokio::sync::Semaphore::new(
-            self.config.source.max_in_flight.max(1),
+            self.config.source.max_in_flight.max().max(1),
         ))
     }
 
-    /// The dead-letter producer, if one is set.
-    pub(super) fn dead_letters(
-        &self,
-    ) -> Result<Option<Arc<deadletter::DeadLetters>>, crate::Error> {
-        self.config
+    /// The dead-letter and delay-topic producers, those that are set.
+    pub(super) fn producers(&self) -> Result<Producers, crate::Error> {
+        let dead_letters = self
+            .config
             .dead_letter
             .as_ref()
             .map(|c| deadletter::DeadLetters::new(&self.kafka, c.clone()).map(Arc::new))
-            .transpose()
+            .transpose()?;
+        let delays = super::delay::DelayTopics::new(&self.kafka, &self.config.retry)?.map(Arc::new);
+        Ok(Producers {
+            dead_letters,
+            delays,
+        })
     }
+
+    /// The source's settings: the Kafka configuration with the delay topics
+    /// subscribed beside the source topics, and the options naming them.
+    pub(super) fn source_settings(&self) -> (KafkaConsumerConfig, crate::source::SourceOptions) {
+        let (mut kafka, mut options) = (self.kafka.clone(), self.config.source.clone());
+        let delay_topics: Vec<String> = self
+            .kafka
+            .topics
+            .iter()
+            .flat_map(|t| self.config.retry.delay_topic_names(t))
+            .collect();
+        kafka.topics.extend(delay_topics.iter().cloned());
+        options.delay_topics = delay_topics;
+        (kafka, options)
+    }
+}
+
+/// The pipeline's producers, shared by every executor.
+pub(super) struct Producers {
+    pub(super) dead_letters: Option<Arc<deadletter::DeadLetters>>,
+    pub(super) delays: Option<Arc<super::delay::DelayTopics>>,
 }

@@ -35,6 +35,10 @@ pub(crate) enum Acked {
     Rejected(String),
     /// Not sent: the event's other post was rejected, so this one is moot.
     Abandoned,
+    /// Not sent, and not to be: `started` was posted on an earlier visit (the
+    /// event is back from a delay topic), or the event went on to a delay
+    /// topic and its terminal post is that visit's.
+    Skipped,
 }
 
 /// Where a post's acknowledgement goes (the event's [`Pending`]).
@@ -181,7 +185,7 @@ impl<D: Delivery> Pending<D> {
                     slot.get_or_insert(body);
                 }
             }
-            Acked::Abandoned => {}
+            Acked::Abandoned | Acked::Skipped => {}
         }
         self.count_down();
     }
@@ -207,7 +211,7 @@ impl<D: Delivery> Pending<D> {
                 if hold == HOLD_REPORT {
                     "Lifecycle post failed and the reporter is gone"
                 } else {
-                    "Dead letter not acknowledged"
+                    "Dead letter or delay-topic record not acknowledged"
                 }
             );
             hold_unmarked(d, mark);
@@ -294,6 +298,15 @@ const DEAD_LETTER_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// back from an outage is used within half a minute.
 const DEAD_LETTER_RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// Where an event's record goes when it leaves its partition's flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Destination {
+    /// Its dead-letter topic: it failed for good.
+    DeadLetter,
+    /// Its next delay topic: it runs again once due.
+    Delay,
+}
+
 /// Produces `d` to the dead-letter topic, counting and logging each try, and
 /// tries again with backoff (in its lane: its offset waits, and the commit
 /// point with it) until the broker takes it. `None` once `d`'s partition is
@@ -305,14 +318,33 @@ pub(crate) async fn dead_letter<D: Delivery>(
     reason: &Reason<'_>,
     metrics: &Metrics,
 ) -> Option<Placed> {
+    until_acked(d, metrics, Destination::DeadLetter, || dlq.send(d, reason)).await
+}
+
+/// Runs `send` until the broker acknowledges the record, as [`dead_letter`]
+/// does for any [`Destination`].
+pub(crate) async fn until_acked<D: Delivery, F, Fut>(
+    d: &D,
+    metrics: &Metrics,
+    to: Destination,
+    mut send: F,
+) -> Option<Placed>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Placed, String>>,
+{
     let mut wait = DEAD_LETTER_RETRY_FIRST;
     let mut tries = 0u32;
     loop {
         tries += 1;
-        match dlq.send(d, reason).await {
-            Ok(placed) => return Some(dead_lettered(d, placed, tries, metrics)),
+        match send().await {
+            Ok(placed) => return Some(placed_at(d, placed, tries, metrics, to)),
             Err(e) => {
-                Metrics::add(&metrics.dead_letter_failed, 1);
+                let (counter, what) = match to {
+                    Destination::DeadLetter => (&metrics.dead_letter_failed, "Dead-letter"),
+                    Destination::Delay => (&metrics.delay_failed, "Delay-topic"),
+                };
+                Metrics::add(counter, 1);
                 tracing::error!(
                     topic = d.topic(),
                     partition = d.partition(),
@@ -320,7 +352,7 @@ pub(crate) async fn dead_letter<D: Delivery>(
                     tries,
                     retry_in_ms = wait.as_millis() as u64,
                     error = %e,
-                    "Dead-letter produce failed: the offset waits, and the letter is produced again."
+                    "{what} produce failed: the offset waits, and the record is produced again."
                 );
             }
         }
@@ -343,17 +375,27 @@ pub(crate) async fn dead_letter<D: Delivery>(
 /// is still this consumer's.
 const RETRY_CHECK: Duration = Duration::from_millis(100);
 
-fn dead_lettered<D: Delivery>(d: &D, placed: Placed, tries: u32, metrics: &Metrics) -> Placed {
-    Metrics::add(&metrics.dead_lettered, 1);
+fn placed_at<D: Delivery>(
+    d: &D,
+    placed: Placed,
+    tries: u32,
+    metrics: &Metrics,
+    to: Destination,
+) -> Placed {
+    let (counter, what) = match to {
+        Destination::DeadLetter => (&metrics.dead_lettered, "Event dead-lettered."),
+        Destination::Delay => (&metrics.delayed, "Event sent to a delay topic."),
+    };
+    Metrics::add(counter, 1);
     tracing::warn!(
         topic = d.topic(),
         partition = d.partition(),
         offset = d.offset(),
-        dead_letter_topic = %placed.topic,
-        dead_letter_partition = placed.partition,
-        dead_letter_offset = placed.offset,
+        to_topic = %placed.topic,
+        to_partition = placed.partition,
+        to_offset = placed.offset,
         tries,
-        "Event dead-lettered."
+        "{what}"
     );
     placed
 }
@@ -428,17 +470,47 @@ fn started(w: &WorkStart<'_>) -> Lifecycle {
 }
 
 /// Hands `started` to the sink (before the handler runs) and returns what
-/// will finish the offset once everything is acknowledged.
+/// will finish the offset once everything is acknowledged. An event back from
+/// a delay topic (`resumed`) had its `started` posted on its first visit.
 pub(crate) async fn begin<D: Delivery>(
     sink: Option<&SharedSink>,
     metrics: &Arc<Metrics>,
     dead_letters: Option<&Arc<DeadLetters>>,
     w: &WorkStart<'_>,
+    resumed: bool,
 ) -> Option<Arc<Pending<D>>> {
     let sink = sink?;
     let p = Pending::new(Arc::clone(metrics), dead_letters.cloned());
-    sink.submit(started(w), p.acker(Status::Started)).await;
+    if resumed {
+        p.acker(Status::Started).send(Acked::Skipped);
+    } else {
+        sink.submit(started(w), p.acker(Status::Started)).await;
+    }
     Some(p)
+}
+
+/// After the event went to a delay topic (`placed`) or could not (its
+/// partition is no longer this consumer's): gives its claim back, for its
+/// next visit, and finishes its offset once its `started` was acknowledged,
+/// or holds it. No terminal post: the visit that ends it makes that one.
+pub(crate) fn moved<D: Delivery>(
+    metrics: &Arc<Metrics>,
+    pending: Option<Arc<Pending<D>>>,
+    d: D,
+    mark: Option<Mark>,
+    placed: bool,
+) {
+    if let Some(mark) = mark {
+        mark.release();
+    }
+    match pending {
+        Some(p) => {
+            p.acker(Status::Completed).send(Acked::Skipped);
+            p.handler_done(d, None, !placed);
+        }
+        None if placed => finish_now(d, metrics),
+        None => d.hold(),
+    }
 }
 
 /// The handler's outcome, ready to be counted and reported.

@@ -21,6 +21,7 @@ use super::retry::RetryPolicy;
 use crate::config::ConfigError;
 use crate::decode::DecoderConfig;
 use crate::dispatch::TypeFilter;
+use crate::flow_control::Concurrency;
 use crate::source::SourceOptions;
 
 /// Every data setting of a pipeline, each with its default (and the
@@ -31,6 +32,7 @@ use crate::source::SourceOptions;
 /// field is optional and durations read as `500ms`, `30s`, `5m` or `1h`:
 ///
 /// ```
+/// use xzepr_consumer::flow_control::Concurrency;
 /// use xzepr_consumer::pipeline::PipelineConfig;
 ///
 /// let config: PipelineConfig = serde_json::from_str(r#"{
@@ -41,7 +43,7 @@ use crate::source::SourceOptions;
 ///     "dead_letter": {"topic": "orders.dlq"},
 ///     "types": ["deployment.", "build.*.completed"]
 /// }"#).unwrap();
-/// assert_eq!(config.source.max_in_flight, 256);
+/// assert_eq!(config.source.max_in_flight, Concurrency::Fixed(256));
 /// ```
 ///
 /// The source's settings ([`SourceOptions`]) sit at the top level beside the
@@ -80,6 +82,15 @@ pub struct PipelineConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// A span per event and per step (default off; needs feature `otel`).
     pub traces: bool,
+    /// The lifecycle reporter's posts in flight, when the pipeline starts its
+    /// own reporter ([`PipelineBuilder::report_to`](super::PipelineBuilder::report_to)):
+    /// default fixed 128, or adaptive (see
+    /// [`ReporterConfig::concurrency`](crate::report::ReporterConfig::concurrency)).
+    /// It replaces the concurrency of the [`ReporterConfig`](crate::report::ReporterConfig)
+    /// given to [`Reporting::reporter`](super::Reporting::reporter); a reporter
+    /// handed to [`PipelineBuilder::lifecycle`](super::PipelineBuilder::lifecycle)
+    /// keeps its own.
+    pub report_concurrency: Concurrency,
     /// Names read from a file that are no setting, refused by `build()`.
     #[serde(flatten, skip_serializing)]
     unknown: BTreeMap<String, serde::de::IgnoredAny>,
@@ -101,6 +112,7 @@ impl Default for PipelineConfig {
             idempotency_key: IdempotencyKey::default(),
             metrics_addr: None,
             traces: false,
+            report_concurrency: crate::report::ReporterConfig::default().concurrency,
             unknown: BTreeMap::new(),
         }
     }
@@ -212,7 +224,15 @@ mod tests {
         assert!(e.to_string().contains("sideways"), "{e}");
         // A value of the wrong type names its setting, however deep.
         let e = PipelineConfig::from_json(r#"{"max_in_flight": "many"}"#).unwrap_err();
-        assert!(e.to_string().contains("max_in_flight: invalid type"), "{e}");
+        assert!(
+            e.to_string().contains("max_in_flight: expected a number"),
+            "{e}"
+        );
+        let c = PipelineConfig::from_json(
+            r#"{"max_in_flight": {"adaptive": {"min": 2, "max": 64}}, "report_concurrency": "bad"}"#,
+        )
+        .unwrap_err();
+        assert!(c.to_string().contains("report_concurrency"), "{c}");
         let e = PipelineConfig::from_json(r#"{"retry": {"max_attempts": -1}}"#).unwrap_err();
         assert!(e.to_string().contains("retry.max_attempts"), "{e}");
         let e = PipelineConfig::from_json(r#"{"workers": 2} {"workers": 3}"#).unwrap_err();

@@ -5,12 +5,11 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
-use serde_json::{json, Value};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::FutureProducer;
 
 use super::delivery::Delivery;
+pub(crate) use super::produce::Placed;
 use crate::config::{ConfigError, KafkaConsumerConfig};
 
 /// The default dead-letter topic is the event's topic with this suffix.
@@ -24,10 +23,16 @@ const CONNECT_CLASS: &str = "__connect.errors.exception.class.name";
 const CONNECT_MESSAGE: &str = "__connect.errors.exception.message";
 const CONNECT_STAGE: &str = "__connect.errors.stage";
 
-/// Header name prefixes of a dead letter's own headers (ours and Connect's): a
-/// message that already carries them (a dead letter replayed to a source topic)
-/// gets them replaced, not doubled, when it is dead-lettered again.
-pub(super) const DEAD_LETTER_PREFIXES: &[&str] = &["xzepr.dlq.", "__connect.errors."];
+/// Header name prefixes of a dead letter's own headers (ours and Connect's)
+/// and of a delay topic's: a message that already carries them (a dead letter
+/// replayed to a source topic, an event back from a delay topic) gets them
+/// replaced, not doubled, when it is dead-lettered again, and a redriven
+/// letter starts afresh.
+pub(super) const DEAD_LETTER_PREFIXES: &[&str] = &[
+    "xzepr.dlq.",
+    "__connect.errors.",
+    super::delay::headers::PREFIX,
+];
 
 /// Our own dead-letter headers, beside Kafka Connect's.
 pub mod headers {
@@ -331,21 +336,6 @@ pub(crate) struct Reason<'a> {
     pub(crate) attempts: u32,
 }
 
-/// Where the broker put a dead letter.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Placed {
-    pub(crate) topic: String,
-    pub(crate) partition: i32,
-    pub(crate) offset: i64,
-}
-
-impl Placed {
-    /// For the `failed` post's `details`.
-    pub(crate) fn to_json(&self) -> Value {
-        json!({ "topic": self.topic, "partition": self.partition, "offset": self.offset })
-    }
-}
-
 /// The pipeline's dead-letter producer.
 pub(crate) struct DeadLetters {
     producer: FutureProducer,
@@ -360,9 +350,6 @@ impl std::fmt::Debug for DeadLetters {
             .finish_non_exhaustive()
     }
 }
-
-/// How long to wait before offering a record again to a full producer queue.
-const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(5);
 
 impl DeadLetters {
     /// A producer on the consumer's cluster and credentials.
@@ -383,20 +370,26 @@ impl DeadLetters {
         })
     }
 
-    /// The dead-letter topic for `d`.
+    /// The dead-letter topic for `d`: its source topic's, for an event back
+    /// from a delay topic.
     pub(crate) fn topic_for<D: Delivery>(&self, d: &D) -> String {
-        self.config.topic_for(d.topic()).into_owned()
+        self.config
+            .topic_for(&super::delay::Origin::of(d).topic)
+            .into_owned()
     }
 
     /// The original headers but for dead-letter ones, then Connect's and ours.
+    /// An event back from a delay topic is described as it came from its
+    /// source topic.
     fn headers<D: Delivery>(&self, d: &D, r: &Reason<'_>) -> OwnedHeaders {
-        let (partition, offset) = (d.partition().to_string(), d.offset().to_string());
+        let origin = super::delay::Origin::of(d);
+        let (partition, offset) = (origin.partition.to_string(), origin.offset.to_string());
         let (attempts, time) = (
             r.attempts.to_string(),
             chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         );
         let ours: [(&str, &str); 15] = [
-            (CONNECT_TOPIC, d.topic()),
+            (CONNECT_TOPIC, &origin.topic),
             (CONNECT_PARTITION, &partition),
             (CONNECT_OFFSET, &offset),
             (CONNECT_CLASS, r.code),
@@ -408,45 +401,11 @@ impl DeadLetters {
             (headers::ATTEMPTS, &attempts),
             (headers::GROUP, &self.group),
             (headers::TIME, &time),
-            (headers::TOPIC, d.topic()),
+            (headers::TOPIC, &origin.topic),
             (headers::PARTITION, &partition),
             (headers::OFFSET, &offset),
         ];
-        let original = d.headers();
-        let mut h = OwnedHeaders::new_with_capacity(original.len() + ours.len());
-        // An earlier dead letter's headers describe an earlier failure: this
-        // letter carries one set, its own (copying them would append a set per hop).
-        let earlier = |key: &str| DEAD_LETTER_PREFIXES.iter().any(|p| key.starts_with(p));
-        for (key, value) in original.into_iter().filter(|(k, _)| !earlier(k)) {
-            h = h.insert(Header {
-                key,
-                value: Some(value),
-            });
-        }
-        for (key, value) in ours {
-            h = h.insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
-        }
-        h
-    }
-
-    /// Offers the record to the producer queue once.
-    fn enqueue<D: Delivery>(
-        &self,
-        topic: &str,
-        d: &D,
-        headers: &OwnedHeaders,
-    ) -> Result<DeliveryFuture, KafkaError> {
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(headers.clone());
-        if let Some(key) = d.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = d.payload() {
-            record = record.payload(payload);
-        }
-        self.producer.send_result(record).map_err(|(e, _)| e)
+        super::produce::headers(d, DEAD_LETTER_PREFIXES, &ours)
     }
 
     /// Produces `d` to its dead-letter topic and waits for the broker's
@@ -454,31 +413,7 @@ impl DeadLetters {
     pub(crate) async fn send<D: Delivery>(&self, d: &D, r: &Reason<'_>) -> Result<Placed, String> {
         let topic = self.topic_for(d);
         let headers = self.headers(d, r);
-        let delivery = loop {
-            match self.enqueue(&topic, d, &headers) {
-                Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)) => {
-                    tokio::time::sleep(QUEUE_FULL_PAUSE).await;
-                }
-                other => break other,
-            }
-        };
-        placed(topic, delivery.map_err(|e| e.to_string())?.await)
-    }
-}
-
-/// The broker's answer (the outer error: the producer dropped the record).
-fn placed<E>(
-    topic: String,
-    result: Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
-) -> Result<Placed, String> {
-    match result {
-        Ok(Ok(delivered)) => Ok(Placed {
-            topic,
-            partition: delivered.partition,
-            offset: delivered.offset,
-        }),
-        Ok(Err((e, _))) => Err(e.to_string()),
-        Err(_) => Err("the dead-letter producer is gone".to_owned()),
+        super::produce::send(&self.producer, topic, d, &headers, "dead-letter").await
     }
 }
 

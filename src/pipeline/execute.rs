@@ -11,7 +11,10 @@
 //!   job, so no worker waits out a backoff.
 //! - **Async handlers** ([`AsyncAttempts`]) run as tokio tasks, one per job: up
 //!   to `max_in_flight` futures at once on the runtime, never a thread or a
-//!   `block_on` per event.
+//!   `block_on` per event. Under an adaptive `max_in_flight` each attempt
+//!   first takes a permit from the handler's [`Limiter`] (a job waiting for
+//!   one holds only its own lane), and gives it back with the attempt's
+//!   latency and outcome.
 //!
 //! The scheduler in [`dispatch::lanes`](crate::dispatch::lanes) decides what may
 //! run; this stage only runs it.
@@ -28,8 +31,9 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use serde_json::Value;
 
 use super::flow::{run_job, Attempts, Shared};
-use super::retry::PANIC_CODE;
+use super::retry::{PANIC_CODE, TIMEOUT_CODE};
 use crate::decode::{CloudEvent, CloudEventMessage, Decoder};
+use crate::flow_control::{Limiter, Outcome};
 use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
 use crate::metrics::Metrics;
 use crate::source::{Batch, Executor};
@@ -109,8 +113,12 @@ fn call_sync<H: Handler + ?Sized>(
     result
 }
 
-/// An async handler's attempts: awaited, cancelled at the timeout.
-pub(crate) struct AsyncAttempts<H: ?Sized>(pub(crate) Arc<H>);
+/// An async handler's attempts: awaited, cancelled at the timeout; under an
+/// adaptive `max_in_flight`, each takes a permit of `limit` first.
+pub(crate) struct AsyncAttempts<H: ?Sized> {
+    pub(crate) handler: Arc<H>,
+    pub(crate) limit: Option<Limiter>,
+}
 
 impl<H: AsyncHandler + ?Sized> Attempts for AsyncAttempts<H> {
     type Owned = CloudEventMessage;
@@ -133,12 +141,30 @@ impl<H: AsyncHandler + ?Sized> Attempts for AsyncAttempts<H> {
             let Some(message) = message else {
                 return Err(panicked());
             };
-            run_handler(&*self.0, message, work, shared).await
+            let Some(limit) = &self.limit else {
+                return run_handler(&*self.handler, message, work, shared).await;
+            };
+            let permit = limit.acquire().await;
+            let ran = run_handler(&*self.handler, message, work, shared).await;
+            permit.release(limit_outcome(&ran));
+            ran
         }
     }
 
     fn spawn_tail(&self, tail: impl Future<Output = ()> + Send + 'static) {
         tokio::spawn(tail);
+    }
+}
+
+/// What a handler call says about the service behind it: its timeouts and
+/// its `overloaded` errors are congestion; any other answer's latency counts.
+fn limit_outcome(ran: &Result<Value, HandlerError>) -> Outcome {
+    match ran {
+        Err(e) if e.code() == Some(TIMEOUT_CODE) => Outcome::Timeout,
+        Err(e) if e.is_overloaded() => Outcome::Overloaded {
+            retry_after: e.retry_after(),
+        },
+        _ => Outcome::Ok,
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! stale? ─> decode ─> wanted? ─> claim ─> started ─> attempts ─┬─> terminal post ─> offset
-//!             │                   (idempotency)    (retry policy)  └─> dead letter ─> terminal post ─> offset
+//!             │                   (idempotency)    (retry policy)  ├─> dead letter ─> terminal post ─> offset
+//!             │                                                    └─> delay topic ─> offset (runs again once due)
 //!             └─> malformed policy (skip, hold, dead letter)
 //! ```
 //!
@@ -23,9 +24,11 @@ use serde_json::Value;
 
 use super::complete::{
     begin, complete, dead_letter, finish_now, malformed, malformed_dead_lettered, malformed_reason,
-    Delivery, MalformedPolicy, Outcome, Pending, SharedSink, WorkStart,
+    moved, until_acked, Delivery, Destination, MalformedPolicy, Outcome, Pending, SharedSink,
+    WorkStart,
 };
 use super::deadletter::{DeadLetters, Placed, Reason, Why};
+use super::delay::{DelayTopics, Failure, Visit};
 use super::guard::Guard;
 use super::retry::{RetryPolicy, TIMEOUT_CODE};
 use crate::decode::{CloudEvent, Decoder};
@@ -51,6 +54,8 @@ pub(crate) struct Shared {
     pub(crate) retry: RetryPolicy,
     /// Where events that failed for good go.
     pub(crate) dead_letters: Option<Arc<DeadLetters>>,
+    /// Where events go to wait out a long delay (the retry policy's).
+    pub(crate) delays: Option<Arc<DelayTopics>>,
     /// At most `max_in_flight` dead letters waiting on the broker at once;
     /// past it the lane waits for room (each holds its message, which no
     /// longer counts in the buffer budget).
@@ -247,7 +252,13 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
     .with_record(delivery.record());
     let platform_id = ev.platform_id().unwrap_or_default().to_owned();
     let sink = shared.lifecycle.as_ref();
-    // `started` goes to the reporter before the first attempt, once.
+    // Back from a delay topic: its attempts go on from where they were.
+    let visit = match &shared.delays {
+        Some(_) => Visit::of(&headers),
+        None => Visit::default(),
+    };
+    // `started` goes to the reporter before the first attempt, once (on the
+    // event's first visit).
     let pending = begin(
         sink,
         metrics,
@@ -259,6 +270,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
             event_type: ev.event_type(),
             trace: trace.as_ref(),
         },
+        visit.resumed(),
     )
     .await;
     let mut owned = Some(owned);
@@ -291,6 +303,19 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
         }
     };
     drop((ev, headers, owned));
+    // Attempts made in every visit, this one's included.
+    let attempt = visit.attempts.saturating_add(attempt);
+    if let (Err(e), Some(delays)) = (&result, &shared.delays) {
+        if let Some(stage) = delays.next(visit).filter(|_| shared.retry.retryable(e)) {
+            let next = Visit {
+                stage,
+                attempts: attempt,
+            };
+            let tail = delay_tail(shared, Arc::clone(delays), delivery, pending, mark, next, e);
+            Box::pin(spawn_tail(attempts, shared, tail)).await;
+            return;
+        }
+    }
     let (result, details) = match result {
         Ok(details) => (Ok(()), details),
         Err(e) => (Err(e), Value::Object(std::mem::take(&mut work.details))),
@@ -307,7 +332,7 @@ pub(crate) async fn run_event<D: Delivery, A: Attempts>(
         hold: false,
         trace,
     };
-    let retries_on = shared.retry.max_attempts() > 1;
+    let retries_on = shared.retry.max_attempts() > 1 || shared.delays.is_some();
     match shared
         .dead_letters
         .clone()
@@ -361,7 +386,7 @@ fn failure_tail<D: Delivery>(
         Ok(()) => (String::new(), String::new()),
     };
     let (metrics, sink) = (Arc::clone(&shared.metrics), shared.lifecycle.clone());
-    let retries_on = shared.retry.max_attempts() > 1;
+    let retries_on = shared.retry.max_attempts() > 1 || shared.delays.is_some();
     async move {
         let reason = Reason {
             why: Why::HandlerFailed,
@@ -373,6 +398,35 @@ fn failure_tail<D: Delivery>(
         outcome.hold = annotate_terminal(&mut details, attempt, retries_on, Some(placed));
         outcome.details = details;
         complete(sink.as_ref(), &metrics, pending, delivery, outcome).await;
+    }
+}
+
+/// A failed event's move to its next delay topic, tried until the broker
+/// takes it (its offset waits, its lane goes on), then its offset.
+fn delay_tail<D: Delivery>(
+    shared: &Shared,
+    delays: Arc<DelayTopics>,
+    delivery: D,
+    pending: Option<Arc<Pending<D>>>,
+    mark: Option<super::complete::Mark>,
+    next: Visit,
+    err: &HandlerError,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (message, code) = (
+        err.message().to_owned(),
+        err.code().unwrap_or("handler_error").to_owned(),
+    );
+    let metrics = Arc::clone(&shared.metrics);
+    async move {
+        let failure = Failure {
+            message: &message,
+            code: &code,
+        };
+        let placed = until_acked(&delivery, &metrics, Destination::Delay, || {
+            delays.send(&delivery, next, &failure)
+        })
+        .await;
+        moved(&metrics, pending, delivery, mark, placed.is_some());
     }
 }
 

@@ -26,10 +26,12 @@ mod complete;
 mod config;
 mod consumer;
 mod deadletter;
+mod delay;
 mod delivery;
 mod execute;
 mod flow;
 mod guard;
+mod produce;
 mod redrive;
 mod reporting;
 mod retry;
@@ -50,12 +52,13 @@ pub use consumer::XzeprConsumer;
 pub use deadletter::{
     headers as dead_letter_headers, DeadLetterConfig, DEFAULT_DEAD_LETTER_SUFFIX,
 };
+pub use delay::headers as delay_topic_headers;
 pub use guard::IdempotencyKey;
 pub use redrive::{
     Redrive, RedriveError, RedriveReport, DEFAULT_MAX_REDRIVES, REDRIVE_COUNT_HEADER,
 };
 pub use reporting::{Reporting, DEFAULT_REPORT_DRAIN};
-pub use retry::RetryPolicy;
+pub use retry::{RetryPolicy, DELAY_TOPIC_INFIX};
 pub use running::RunningPipeline;
 pub use sink::WorkTemplate;
 
@@ -148,7 +151,7 @@ impl Pipeline {
         let mut b = self.b;
         let reporting = match b.reporting.take() {
             Some(r) => {
-                let (reporter, task, work) = r.connect().await?;
+                let (reporter, task, work) = r.connect(b.config.report_concurrency).await?;
                 b = b.lifecycle(reporter, work);
                 Some((task, r.drain_timeout))
             }

@@ -104,7 +104,8 @@ impl Reporting {
         self
     }
 
-    /// The reporter's queue, concurrency, retries and breaker.
+    /// The reporter's queue, retries and breaker. Its concurrency is the
+    /// pipeline's [`PipelineConfig::report_concurrency`](super::PipelineConfig::report_concurrency).
     pub fn reporter(mut self, config: ReporterConfig) -> Self {
         self.reporter = config;
         self
@@ -135,9 +136,11 @@ impl Reporting {
         )
     }
 
-    /// Finds or creates the receiver and starts the reporter.
+    /// Finds or creates the receiver and starts the reporter, its posts
+    /// under `concurrency`.
     pub(super) async fn connect(
         &self,
+        concurrency: crate::flow_control::Concurrency,
     ) -> Result<(Reporter, ReporterTask, WorkTemplate), crate::Error> {
         let receiver = self
             .client
@@ -160,7 +163,9 @@ impl Reporting {
             work = %self.work_name,
             "Reporting to XZepr."
         );
-        let (reporter, task) = Reporter::start(self.client.clone(), self.reporter.clone());
+        let mut config = self.reporter.clone();
+        config.concurrency = concurrency;
+        let (reporter, task) = Reporter::start(self.client.clone(), config);
         let work = WorkTemplate::new(
             receiver,
             &*self.work_name,

@@ -22,6 +22,18 @@ pub(crate) const PANIC_CODE: &str = "handler_panic";
 /// One `started` is posted before the first attempt, and the terminal post
 /// after the last one carries `attempts` in its `details`.
 ///
+/// **Long delays** go through delay topics instead ([`RetryPolicy::delay_topics`]):
+/// once an event's attempts in its lane are spent on an error the policy
+/// retries, it is produced to `<topic>.retry.<delay>` (the first delay, then
+/// the next one on its next failure) and its offset finishes once the broker
+/// acknowledged that record, so its partition moves on. The pipeline reads its
+/// delay topics too: a delay topic's partition whose next event is not due is
+/// paused until it is (nothing held in memory, no polling), then the event runs
+/// again with its attempt count carried and no second `started`. After the
+/// last delay it fails for good (dead-lettered if a dead-letter topic is set).
+/// An event sent to a delay topic **leaves its key's order**: the events
+/// behind it in its partition run before it.
+///
 /// ```
 /// use std::time::Duration;
 /// use xzepr_consumer::pipeline::RetryPolicy;
@@ -34,7 +46,8 @@ pub(crate) const PANIC_CODE: &str = "handler_panic";
 ///
 /// In configuration: `{"max_attempts": 5, "backoff_base": "100ms",
 /// "backoff_max": "10s", "retry_errors": true, "retry_timeouts": true,
-/// "retry_panics": false}`, every field optional.
+/// "retry_panics": false, "delay_topics": ["1m", "10m", "1h"]}`, every field
+/// optional.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryPolicy {
@@ -46,7 +59,15 @@ pub struct RetryPolicy {
     retry_errors: bool,
     retry_timeouts: bool,
     retry_panics: bool,
+    #[serde(with = "crate::config::duration::list")]
+    delay_topics: Vec<Duration>,
 }
+
+/// A delay topic is named `<topic>` + this + the delay (`orders.retry.10m`).
+pub const DELAY_TOPIC_INFIX: &str = ".retry.";
+
+/// Most delay topics a policy may have: each is a topic to create and to read.
+const MAX_DELAY_TOPICS: usize = 16;
 
 impl Default for RetryPolicy {
     /// One attempt: no retries. A handler's work may not be idempotent, and a
@@ -59,6 +80,7 @@ impl Default for RetryPolicy {
             retry_errors: true,
             retry_timeouts: true,
             retry_panics: false,
+            delay_topics: Vec::new(),
         }
     }
 }
@@ -111,6 +133,37 @@ impl RetryPolicy {
         self
     }
 
+    /// After its attempts in its lane, an event that failed on an error this
+    /// policy retries goes to a delay topic per delay, in order
+    /// (`<topic>.retry.1m`, `<topic>.retry.10m`, ...), and runs again from
+    /// each once its delay passed (see the type's docs). The topics must exist
+    /// (or the cluster create them); the delays must differ.
+    pub fn delay_topics(mut self, delays: impl IntoIterator<Item = Duration>) -> Self {
+        self.delay_topics = delays.into_iter().collect();
+        self
+    }
+
+    /// The delays of [`RetryPolicy::delay_topics`], in order.
+    pub fn delays(&self) -> &[Duration] {
+        &self.delay_topics
+    }
+
+    /// The delay topics of events from `topic`, in order.
+    pub fn delay_topic_names(&self, topic: &str) -> Vec<String> {
+        (1..=self.delay_topics.len())
+            .filter_map(|stage| self.delay_topic(topic, stage))
+            .collect()
+    }
+
+    /// The delay topic of events from `topic` at `stage` (1-based), if any.
+    pub(crate) fn delay_topic(&self, topic: &str, stage: usize) -> Option<String> {
+        let delay = self.delay_topics.get(stage.checked_sub(1)?)?;
+        Some(format!(
+            "{topic}{DELAY_TOPIC_INFIX}{}",
+            crate::config::duration::format(*delay)
+        ))
+    }
+
     /// Attempts in all, the first included.
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts
@@ -147,11 +200,72 @@ impl RetryPolicy {
                 "at least retry.backoff_base",
             );
         }
+        if self.delay_topics.len() > MAX_DELAY_TOPICS {
+            return bad(
+                "retry.delay_topics",
+                format!("{} delays", self.delay_topics.len()),
+                "at most 16 delays (each is a topic to create and read)",
+            );
+        }
+        for (i, d) in self.delay_topics.iter().enumerate() {
+            if d.is_zero() {
+                return bad(
+                    "retry.delay_topics",
+                    "0s".to_owned(),
+                    "delays of more than zero",
+                );
+            }
+            if self.delay_topics[..i].contains(d) {
+                return bad(
+                    "retry.delay_topics",
+                    crate::config::duration::format(*d),
+                    "different delays (each names its own topic)",
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses delay topics with a `^regex` subscription (their names derive
+    /// from the named topics), or that the consumer already reads as sources.
+    pub(crate) fn check_subscriptions(
+        &self,
+        subscriptions: &[String],
+    ) -> Result<(), crate::config::ConfigError> {
+        if self.delay_topics.is_empty() {
+            return Ok(());
+        }
+        for s in subscriptions {
+            let invalid = |value: String, expected| crate::config::ConfigError::Invalid {
+                name: "retry.delay_topics",
+                value,
+                expected,
+            };
+            if s.starts_with('^') {
+                return Err(invalid(
+                    format!("with the subscription {s}"),
+                    "named topics: each one's delay topics are `<topic>.retry.<delay>`",
+                ));
+            }
+            if s.contains(DELAY_TOPIC_INFIX) {
+                return Err(invalid(
+                    format!("with the subscribed topic {s}"),
+                    "source topics that are not themselves delay topics (the pipeline \
+                     reads its delay topics by itself)",
+                ));
+            }
+        }
         Ok(())
     }
 
     pub(crate) fn retries(&self, err: &HandlerError, attempt: u32) -> bool {
-        if attempt >= self.max_attempts || err.is_permanent() {
+        attempt < self.max_attempts && self.retryable(err)
+    }
+
+    /// Whether the policy retries this kind of error at all (the attempts left
+    /// aside): in the lane, or through a delay topic.
+    pub(crate) fn retryable(&self, err: &HandlerError) -> bool {
+        if err.is_permanent() {
             return false;
         }
         match err.code() {
@@ -190,6 +304,38 @@ mod tests {
         assert!(!p.retry_errors(false).retries(&err, 1));
         assert!(!RetryPolicy::none().retries(&err, 1));
         assert_eq!(RetryPolicy::attempts(0).max_attempts(), 1);
+    }
+
+    #[test]
+    fn delay_topics_are_named_by_their_delays_and_checked() {
+        let p = RetryPolicy::attempts(2).delay_topics([
+            Duration::from_secs(60),
+            Duration::from_secs(600),
+            Duration::from_secs(3600),
+        ]);
+        assert_eq!(
+            p.delay_topic_names("orders"),
+            ["orders.retry.1m", "orders.retry.10m", "orders.retry.1h"]
+        );
+        assert_eq!(p.delay_topic("orders", 0), None);
+        assert_eq!(p.delay_topic("orders", 4), None);
+        p.validate().unwrap();
+        p.check_subscriptions(&["orders".to_owned()]).unwrap();
+        // The policy reads back from configuration as it was written.
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["delay_topics"], serde_json::json!(["1m", "10m", "1h"]));
+        assert_eq!(serde_json::from_value::<RetryPolicy>(json).unwrap(), p);
+        let many = RetryPolicy::none().delay_topics((1..=17).map(Duration::from_secs));
+        assert!(many
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("retry.delay_topics"));
+        assert!(p
+            .check_subscriptions(&["^orders".to_owned()])
+            .unwrap_err()
+            .to_string()
+            .contains("retry.delay_topics"));
     }
 
     #[test]

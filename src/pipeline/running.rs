@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use super::execute::{self, AsyncAttempts, AsyncExecutor};
 use super::{Pipeline, PipelineError};
 use crate::decode::Decoder;
+use crate::flow_control::{Concurrency, Limiter};
 use crate::handler::{AsyncHandler, Handler};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::source::{Executor, Source, SourceError, SourceHandle, SourceOptions};
@@ -19,8 +20,19 @@ impl Pipeline {
     /// [`crate::Error::Config`] / [`crate::Error::Source`] for bad settings or a
     /// consumer librdkafka refuses; [`crate::Error::Decode`] for bad decoder limits.
     pub fn start<H: Handler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
-        let b = self.b;
+        let mut b = self.b;
         b.no_reporting()?;
+        if b.config.source.max_in_flight.is_adaptive() {
+            // A sync call holds its worker thread: the workers, not a limit,
+            // bound what runs.
+            return Err(SourceError::InvalidOption {
+                field: "max_in_flight",
+                reason: "adaptive needs an async handler (start_async or run); sync handlers are bounded by `workers`",
+            }
+            .into());
+        }
+        b.limits
+            .push(Limiter::new("handler", b.config.source.max_in_flight));
         let guard_runtime = match b.idempotency {
             Some(_) => Some(b.runtime_for(
                 "the idempotency store needs a tokio runtime (start from one, or set `runtime`)",
@@ -28,10 +40,10 @@ impl Pipeline {
             None => None,
         };
         let listener = b.bind_metrics()?;
-        let dead_letters = b.dead_letters()?;
+        let producers = b.producers()?;
         let decoder = Arc::new(Decoder::new(b.config.decoder.clone())?);
         let handler = Arc::new(handler);
-        let (tx, rx) = crossbeam_channel::bounded(b.config.source.max_in_flight.max(1));
+        let (tx, rx) = crossbeam_channel::bounded(b.config.source.max_in_flight.max().max(1));
         let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
         // Each worker drives its jobs' flows on a runtime of its own, made
         // before anything starts so a failure to make one fails here.
@@ -43,9 +55,10 @@ impl Pipeline {
                 .map_err(SourceError::Spawn)?;
             runtimes.push(runtime);
         }
+        let (kafka, options) = b.source_settings();
         let source = Source::start_with(
-            &b.kafka,
-            b.config.source.clone(),
+            &kafka,
+            options,
             Some(hooks),
             // Sync handlers: one job channel read by every worker thread.
             Box::new(crate::source::ChannelExecutor(tx)),
@@ -56,7 +69,7 @@ impl Pipeline {
         for (i, runtime) in runtimes.into_iter().enumerate() {
             let m = Arc::new(Metrics::default());
             let guard = guard_runtime.as_ref();
-            let shared = b.shared(&m, guard, dead_letters.as_ref(), true, &room);
+            let shared = b.shared(&m, guard, &producers, true, &room);
             metrics.push(m);
             let (rx, handler, decoder) = (rx.clone(), Arc::clone(&handler), Arc::clone(&decoder));
             let spawned = std::thread::Builder::new()
@@ -81,26 +94,29 @@ impl Pipeline {
     /// As [`Pipeline::start`]; also [`SourceError::InvalidOption`] when there
     /// is no tokio runtime to drive the handler.
     pub fn start_async<H: AsyncHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
-        let b = self.b;
+        let mut b = self.b;
         b.no_reporting()?;
+        let limit = Limiter::new("handler", b.config.source.max_in_flight);
+        b.limits.push(limit.clone());
+        // A fixed limit is the lanes' own bound: no permit per call.
+        let limit =
+            matches!(b.config.source.max_in_flight, Concurrency::Adaptive { .. }).then_some(limit);
         let runtime =
             b.runtime_for("async handlers need a tokio runtime (call from one, or set `runtime`)")?;
         let listener = b.bind_metrics()?;
-        let dead_letters = b.dead_letters()?;
+        let producers = b.producers()?;
         let metrics = Arc::new(Metrics::default());
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
-            shared: b.shared(
-                &metrics,
-                Some(&runtime),
-                dead_letters.as_ref(),
-                false,
-                &b.tail_room(),
-            ),
+            shared: b.shared(&metrics, Some(&runtime), &producers, false, &b.tail_room()),
             runtime,
-            attempts: Arc::new(AsyncAttempts(Arc::new(handler))),
+            attempts: Arc::new(AsyncAttempts {
+                handler: Arc::new(handler),
+                limit,
+            }),
             decoder: Arc::new(Decoder::new(b.config.decoder.clone())?),
         });
-        let source = Source::start_with(&b.kafka, b.config.source.clone(), None, executor)?;
+        let (kafka, options) = b.source_settings();
+        let source = Source::start_with(&kafka, options, None, executor)?;
         b.running(source, Vec::new(), vec![metrics], listener)
     }
 }
@@ -141,6 +157,8 @@ pub struct RunningPipeline {
     pub(super) reporter: Option<Arc<crate::report::ReporterStats>>,
     /// The metrics and health endpoint, when served.
     pub(super) server: std::sync::Mutex<Option<crate::observe::Server>>,
+    /// The concurrency limits shown as gauges.
+    pub(super) limits: Vec<Limiter>,
 }
 
 impl RunningPipeline {
@@ -157,6 +175,7 @@ impl RunningPipeline {
             drain_timeout: options.drain_timeout,
             reporter: None,
             server: std::sync::Mutex::new(None),
+            limits: Vec::new(),
         }
     }
 
@@ -165,7 +184,19 @@ impl RunningPipeline {
             source: self.source.clone(),
             metrics: self.metrics.clone(),
             reporter: self.reporter.clone(),
+            limits: self.limits.clone(),
         }
+    }
+
+    /// The current limit of the concurrency limit named `name` (`handler`,
+    /// `reporter`, or one given to
+    /// [`PipelineBuilder::observe_limit`](super::PipelineBuilder::observe_limit)),
+    /// as the gauge `xzepr_consumer_concurrency_limit` shows it.
+    pub fn concurrency_limit(&self, name: &str) -> Option<usize> {
+        self.limits
+            .iter()
+            .find(|l| l.name() == name)
+            .map(Limiter::limit)
     }
 
     /// Whether the pipeline is alive and ready, with the facts behind it (what

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::flow_control::Concurrency;
+
 /// Limits and policies of the reporter. Every bound has a numeric default.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -12,11 +14,15 @@ pub struct ReporterConfig {
     /// XZepr takes nothing the handlers stop being fed instead of piling up
     /// unreported work.
     pub queue_capacity: usize,
-    /// Posts in flight at once. Default 128: the real server (~5.5 ms a post)
-    /// reached ~7,800 posts/s at 64 concurrent connections; twice that keeps the
-    /// server, not this client, the limit when its latency spikes. More waits for
-    /// a slot (and so, through the queue, holds the workers).
-    pub max_in_flight: usize,
+    /// Posts in flight at once: [`Concurrency::Fixed`] (default 128: the real
+    /// server, ~5.5 ms a post, reached ~7,800 posts/s at 64 concurrent
+    /// connections; twice that keeps the server, not this client, the limit
+    /// when its latency spikes), or [`Concurrency::Adaptive`], which finds
+    /// the limit from XZepr's latency and cuts it on timeouts, 429 and 503
+    /// (see [`crate::flow_control`]). The reporter runs `max` posting tasks; at
+    /// the limit a post waits for a slot (and so, through the queue, holds the
+    /// workers). Formerly `max_in_flight`.
+    pub concurrency: Concurrency,
     /// Attempts per record, the first included. Default 8: with the backoff below,
     /// up to ~6 s of waiting between attempts (~3 s on average), plus whatever the
     /// breaker holds them; a record that still fails comes back failed and its
@@ -57,7 +63,7 @@ impl Default for ReporterConfig {
     fn default() -> Self {
         ReporterConfig {
             queue_capacity: 4096,
-            max_in_flight: 128,
+            concurrency: Concurrency::Fixed(128),
             max_attempts: 8,
             backoff_base: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),

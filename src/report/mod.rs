@@ -1,7 +1,7 @@
 //! The reporter stage: lifecycle records from the workers to XZepr's events API.
 //!
 //! ```text
-//!  workers ──send / send_blocking──> bounded queue ──> max_in_flight posting tasks
+//!  workers ──send / send_blocking──> bounded queue ──> concurrency.max() posting tasks
 //!                                     (full: the worker waits)   │  (each: take one record,
 //!                                                                 │   encode into its own
 //!                                                                 │   buffer, post over the
@@ -10,7 +10,11 @@
 //! ```
 //!
 //! The posting tasks are started once and live as long as the reporter: a record
-//! costs no task spawn, and the number of tasks *is* the in-flight bound.
+//! costs no task spawn. Each attempt takes a permit from the reporter's
+//! [`Limiter`] (`limit="reporter"`): with a fixed
+//! [`ReporterConfig::concurrency`] the number of tasks is the bound; an
+//! adaptive one lets fewer of them post while XZepr slows down or answers
+//! 429/503 (honouring its `Retry-After`).
 //!
 //! - **Never drops**: a full queue makes the submitting worker wait; a record that
 //!   exhausts its retries is acknowledged with its error, never silently lost.
@@ -61,7 +65,7 @@
 //!   later record of the old one.
 //!
 //! Records parked for ordering or coalescing are out of the queue: at most
-//! `max_in_flight` `started` posts are in flight, so at most that many work ids
+//! `concurrency.max()` `started` posts are in flight, so at most that many work ids
 //! hold parked records.
 //!
 //! | File | Holds |
@@ -93,6 +97,7 @@ pub use record::{validate_work_fields, Ack, OwnedWork, Record, WorkTemplate};
 pub use stats::ReporterStats;
 
 use crate::client::{ClientError, XzeprClient};
+use crate::flow_control::Limiter;
 use breaker::Breaker;
 use dedup::DedupState;
 
@@ -160,6 +165,8 @@ pub struct Reporter {
     resubmit_after: Duration,
     /// The longest such wait ([`ReporterConfig::resubmit_backoff_max`]).
     resubmit_max: Duration,
+    /// The posts' concurrency limit.
+    limiter: Limiter,
     /// Closes the reporter when the last handle is dropped.
     _open: Arc<OpenGuard>,
 }
@@ -188,7 +195,7 @@ impl Slot {
 }
 
 impl Reporter {
-    /// Starts the reporter (its `max_in_flight` posting tasks) on the current
+    /// Starts the reporter (its `concurrency.max()` posting tasks) on the current
     /// tokio runtime.
     ///
     /// # Panics
@@ -198,7 +205,8 @@ impl Reporter {
         let (tx, rx) = mpsc::channel(config.queue_capacity.clamp(1, 1 << 30));
         let stats = Arc::new(ReporterStats::default());
         let own = OwnReceivers::new();
-        let posters = config.max_in_flight.max(1);
+        let posters = config.concurrency.max().max(1);
+        let limiter = Limiter::new("reporter", config.concurrency);
         let resubmit_after = config.backoff_max.max(Duration::from_millis(1));
         let resubmit_max = config.resubmit_backoff_max.max(resubmit_after);
         let closing = CancellationToken::new();
@@ -213,6 +221,7 @@ impl Reporter {
             state: Mutex::new(DedupState::default()),
             moved: Mutex::new(HashMap::new()),
             own: own.clone(),
+            limiter: limiter.clone(),
         });
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..posters {
@@ -226,6 +235,7 @@ impl Reporter {
                 own,
                 resubmit_after,
                 resubmit_max,
+                limiter,
                 _open: Arc::new(OpenGuard(closing)),
             },
             ReporterTask { task },
@@ -273,6 +283,13 @@ impl Reporter {
     /// The record back, when the reporter is shut down.
     pub fn send_blocking(&self, record: Record) -> Result<(), Box<Record>> {
         self.tx.blocking_send(record).map_err(|e| Box::new(e.0))
+    }
+
+    /// The posts' concurrency limit ([`ReporterConfig::concurrency`]): its
+    /// current [`Limiter::limit`] is the gauge
+    /// `xzepr_consumer_concurrency_limit{limit="reporter"}`.
+    pub fn limiter(&self) -> &Limiter {
+        &self.limiter
     }
 
     /// The reporter's counters.
@@ -339,6 +356,8 @@ struct Shared {
     moved: Mutex<HashMap<String, String>>,
     /// This service's receivers: a moved one's new id joins it.
     own: OwnReceivers,
+    /// Each attempt takes a permit.
+    limiter: Limiter,
 }
 
 #[cfg(test)]

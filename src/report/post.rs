@@ -11,6 +11,7 @@ use super::breaker::Answer;
 use super::dedup::Admission;
 use super::{Record, ReportError, ReporterConfig, Shared, Status};
 use crate::client::{ClientError, LifecycleBody, Phase};
+use crate::flow_control::Outcome;
 use crate::ErrorChain;
 
 /// One posting task: takes the next admitted record, posts it (and any terminal
@@ -290,7 +291,9 @@ async fn post(
                  both with the same post_key."
             );
         }
+        let slot = shared.limiter.acquire().await;
         let result = shared.client.post_event_body(body.clone(), trace).await;
+        slot.release(limit_outcome(&result));
         let answer = match &result {
             Ok(_) => Answer::Answered,
             Err(ClientError::Unauthorized { status }) => {
@@ -347,6 +350,19 @@ async fn post(
                 tokio::time::sleep(backoff(cfg, attempt, &e)).await;
             }
         }
+    }
+}
+
+/// What a post's answer says about XZepr's load: 429/503 and timeouts are
+/// overload, an answer's latency counts, a connection that failed says nothing.
+fn limit_outcome(result: &Result<String, ClientError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Ok,
+        Err(e) if e.is_timeout() => Outcome::Timeout,
+        Err(e) => match e.status() {
+            Some(status) => Outcome::of_status(status, e.retry_after()),
+            None => Outcome::Ignored,
+        },
     }
 }
 

@@ -221,7 +221,7 @@ async fn a_rediscovery_is_logged_once_however_many_tasks_share_it() {
         .unwrap();
     assert_eq!(receiver, "R-OLD");
     let config = ReporterConfig {
-        max_in_flight: 16,
+        concurrency: crate::flow_control::Concurrency::Fixed(16),
         ..ReporterConfig::default()
     };
     let (reporter, task) = Reporter::start(client, config);

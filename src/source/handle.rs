@@ -58,7 +58,7 @@ impl Source {
         config: &KafkaConsumerConfig,
         options: SourceOptions,
     ) -> Result<Source, SourceError> {
-        let (tx, rx) = crossbeam_channel::bounded(options.max_in_flight.max(1));
+        let (tx, rx) = crossbeam_channel::bounded(options.max_in_flight.max().max(1));
         let handle = Self::start_with(config, options, None, Box::new(ChannelExecutor(tx)))?;
         Ok(Source {
             receiver: Some(rx),

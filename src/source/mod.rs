@@ -55,7 +55,7 @@ pub use handle::{Source, SourceHandle};
 pub use message::{Message, Timestamp};
 pub(crate) use message::{PartShared, Recycler};
 pub use options::{Assignment, SourceOptions};
-pub(crate) use poll::RebalanceHooks;
+pub(crate) use poll::{RebalanceHooks, NOT_BEFORE_HEADER};
 pub use stall::PartitionState;
 pub(crate) use start::offsets_at;
 pub use start::{parse_time, StartFrom};

@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::SourceStats;
 use super::{SourceError, StartFrom};
 use crate::dispatch::Ordering;
+use crate::flow_control::{Concurrency, RateLimit};
 
 /// How the group moves partitions between members on a rebalance, and so
 /// what stops while it does.
@@ -57,7 +58,16 @@ pub struct SourceOptions {
     /// keep ~50,000 events/s moving, more than one consumer's partitions usually
     /// carry; a few KB of task state each. Past it, lanes with waiting events
     /// queue for room, oldest first.
-    pub max_in_flight: usize,
+    ///
+    /// [`Concurrency::Adaptive`] (async handlers only) lets the lanes hand out
+    /// up to `max` jobs and starts at most the adaptive limit's handler calls
+    /// at once: the limit grows while the handler's latency stays near the
+    /// lowest seen, and is cut when it rises, on timeouts, and on errors the
+    /// handler marks [`HandlerError::overloaded`](crate::handler::HandlerError::overloaded)
+    /// (see [`crate::flow_control`]). The lanes' ordering and the buffer
+    /// budget are unchanged: the limit only decides how many calls run. In
+    /// configuration: `256` or `{"adaptive": {"min": 1, "max": 256}}`.
+    pub max_in_flight: Concurrency,
     /// Most waiting events of one lane handed over as one job (run in order by
     /// one executor). Default 64: a busy partition costs one hand-off and one
     /// release per 64 events instead of per event.
@@ -137,6 +147,17 @@ pub struct SourceOptions {
     /// `auto_offset_reset`. If a time cannot be looked up, the partitions stay
     /// paused and the source stops with [`SourceError::StartFrom`].
     pub start_from: StartFrom,
+    /// At most this many events a second handed to the handler, with a
+    /// burst (see [`RateLimit`]); `None` (the default): no limit. An event
+    /// without a token waits in its lane; the lanes' waiting events count
+    /// against the buffer budget, so the partitions pause as when handlers
+    /// are slow. Nothing is dropped or failed for the rate.
+    pub rate_limit: Option<RateLimit>,
+    /// The delay topics among the subscribed ones (the pipeline's retry
+    /// policy names them): a partition of one is paused while its next
+    /// message is not due.
+    #[serde(skip)]
+    pub(crate) delay_topics: Vec<String>,
 }
 
 impl Default for SourceOptions {
@@ -144,7 +165,7 @@ impl Default for SourceOptions {
         SourceOptions {
             ordering: Ordering::PerPartition,
             assignment: Assignment::Eager,
-            max_in_flight: 1024,
+            max_in_flight: Concurrency::Fixed(1024),
             batch: 64,
             buffer_budget: 16 << 20,
             max_buffered: 50_000,
@@ -157,6 +178,8 @@ impl Default for SourceOptions {
             completion_map_max_bytes: crate::offsets::progress::DEFAULT_MAX_BYTES,
             stall_timeout: Some(Duration::from_secs(300)),
             start_from: StartFrom::Committed,
+            rate_limit: None,
+            delay_topics: Vec::new(),
         }
     }
 }
@@ -164,8 +187,11 @@ impl Default for SourceOptions {
 impl SourceOptions {
     pub(crate) fn validate(&self, session_timeout: Duration) -> Result<(), SourceError> {
         let bad = |field, reason| Err(SourceError::InvalidOption { field, reason });
-        if self.max_in_flight == 0 {
-            return bad("max_in_flight", "must be at least 1");
+        if let Some(reason) = self.max_in_flight.problem() {
+            return bad("max_in_flight", reason);
+        }
+        if let Some((field, reason)) = self.rate_limit.as_ref().and_then(RateLimit::problem) {
+            return bad(field, reason);
         }
         if self.batch == 0 {
             return bad("batch", "must be at least 1");

@@ -53,8 +53,12 @@ pub struct PartitionState {
     pub commit_point_age_ms: Option<u64>,
     /// `stalled_for_ms` reached the stall timeout.
     pub stalled: bool,
-    /// The partition is paused (its share of the buffers, or its tracking limit).
+    /// The partition is paused (its share of the buffers, its tracking limit,
+    /// or a delay topic's next message not yet due).
     pub paused: bool,
+    /// A delay topic's partition paused until its next message is due: in how
+    /// many milliseconds. `None` otherwise.
+    pub due_in_ms: Option<u64>,
 }
 
 /// How long one partition's commit point has stood still.

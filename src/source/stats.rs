@@ -16,6 +16,8 @@ pub struct SourceStats {
     pub jobs: AtomicU64,
     /// Times a partition was paused (buffers over budget, or the tracking limit).
     pub pauses: AtomicU64,
+    /// Delay-topic partitions paused until their next message was due.
+    pub delay_pauses: AtomicU64,
     /// Times a paused partition was resumed.
     pub resumes: AtomicU64,
     /// Commits sent (async and sync).
@@ -51,4 +53,8 @@ pub struct SourceStats {
     /// Committed completion maps ignored because they did not decode (their
     /// offsets are replayed).
     pub completion_maps_ignored: AtomicU64,
+    /// Events let through by the rate limit ([`SourceOptions::rate_limit`]):
+    /// its tokens handed out, never more than `burst + per_second × elapsed`
+    /// (per bucket).
+    pub rate_tokens_granted: AtomicU64,
 }

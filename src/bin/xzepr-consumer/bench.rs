@@ -18,6 +18,7 @@ use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::decode::{CloudEvent, CloudEventMessage};
 use xzepr_consumer::dispatch::Ordering;
+use xzepr_consumer::flow_control::Concurrency;
 use xzepr_consumer::handler::{Work, WorkInfo};
 use xzepr_consumer::pipeline::{Pipeline, RunningPipeline, WorkTemplate};
 use xzepr_consumer::report::{Reporter, ReporterConfig};
@@ -484,7 +485,7 @@ fn run_forward(
     use crate::run::Action;
     let forward = crate::forward::Forward::new(endpoint, false, 128)?;
     let mut settings = xzepr_consumer::pipeline::PipelineConfig::default();
-    settings.source.max_in_flight = 128;
+    settings.source.max_in_flight = Concurrency::Fixed(128);
     settings.source.ordering = ordering;
     settings.handler_timeout = Some(Duration::from_secs(60));
     settings.retry = xzepr_consumer::pipeline::RetryPolicy::attempts(3);

@@ -32,8 +32,9 @@
 //! through.
 //!
 //! A 2xx answer is `completed` (details: `http_status`). Anything else fails
-//! the attempt with code `http_status` (the status and the start of the body
-//! in the error) or `transport`; 408, 429, 5xx and transport errors are left to
+//! the attempt with code `http_status` (429 and 503: `overloaded`, which cuts
+//! an adaptive `--concurrency` and honours `Retry-After`; the status and the
+//! start of the body in the error) or `transport`; 408, 429, 5xx and transport errors are left to
 //! the pipeline's retry policy (`--retries`), any other answer is marked
 //! permanent: sending the same request again would get the same answer.
 //!
@@ -202,6 +203,11 @@ impl Forward {
             HandlerError::with_code(format!("request failed: {}", ErrorChain(&e)), "transport")
         })?;
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.trim().parse().ok())
+            .map(Duration::from_secs);
         let start = body_start(resp.into_body()).await;
         if status.is_success() {
             return Ok(serde_json::json!({ "http_status": status.as_u16() }));
@@ -212,6 +218,15 @@ impl Forward {
         } else {
             format!("the endpoint answered {status}: {text}")
         };
+        if matches!(status.as_u16(), 429 | 503) {
+            // The endpoint is overloaded: an adaptive --concurrency is cut,
+            // and waits out its Retry-After (seconds).
+            let mut err = HandlerError::overloaded(message);
+            if let Some(after) = retry_after {
+                err = err.with_retry_after(after);
+            }
+            return Err(err);
+        }
         let err = HandlerError::with_code(message, "http_status");
         let transient = status.is_server_error()
             || status == http::StatusCode::TOO_MANY_REQUESTS

@@ -30,6 +30,7 @@ use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::dispatch::Ordering;
+use xzepr_consumer::flow_control::Concurrency;
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
 use xzepr_consumer::pipeline::{
     Pipeline, PipelineBuilder, PipelineConfig, Reporting, RetryPolicy, RunningPipeline,
@@ -117,10 +118,20 @@ pub struct RunArgs {
     /// only after the work finished.
     #[arg(long)]
     pub no_report: bool,
-    /// Most events in flight at once [default: 16 with --exec, 128 with
-    /// --forward].
+    /// Most events in flight at once: N, or `adaptive[:MIN-MAX]` (async
+    /// work only: grows while latency stays near its lowest, cut on rising
+    /// latency, timeouts and, with --forward, 429/503, honouring Retry-After)
+    /// [default: 16 with --exec, 128 with --forward].
+    #[arg(long, value_name = "N|adaptive[:MIN-MAX]")]
+    pub concurrency: Option<Concurrency>,
+    /// At most N events a second reach the work (a token bucket; events wait,
+    /// none is dropped or failed) [default: no limit].
     #[arg(long, value_name = "N")]
-    pub concurrency: Option<usize>,
+    pub rate: Option<f64>,
+    /// With --rate: events that may start at once after a quiet spell
+    /// [default: a tenth of a second's worth].
+    #[arg(long, value_name = "B", requires = "rate")]
+    pub rate_burst: Option<u32>,
     /// What stays in order: one event at a time per partition, per message
     /// key (XZepr keys by event id), or none [default: partition].
     #[arg(long, value_enum)]
@@ -148,6 +159,13 @@ pub struct RunArgs {
     /// [default: 0 with --exec, 2 with --forward].
     #[arg(long, value_name = "N")]
     pub retries: Option<u32>,
+    /// Long delays for an event whose retries are spent: it is produced to
+    /// `<topic>.retry.<delay>` for each delay in turn (e.g. 1m,10m,1h), its
+    /// offset finished once the broker took it, and runs again once due
+    /// (its partition paused until then); after the last one it fails for
+    /// good. The topics must exist. It leaves its key's order.
+    #[arg(long, value_name = "DELAYS", value_delimiter = ',', value_parser = parse_duration)]
+    pub delay_topics: Option<Vec<Duration>>,
     /// Where a partition the group has no committed offset for starts:
     /// committed (the consumer's auto_offset_reset: earliest), earliest,
     /// latest, or a time
@@ -296,7 +314,7 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
     let mut set = |key: &str, given, default| put(&mut v, key, given, default);
     set(
         "max_in_flight",
-        args.concurrency.map(|n| json!(n.max(1))),
+        args.concurrency.map(|c| json!(c)),
         Some(json!(concurrency)),
     );
     set(
@@ -320,6 +338,10 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
         Some(duration(DEFAULT_TIMEOUT)),
     );
     set("drain_timeout", args.drain_timeout.map(duration), None);
+    let rate = args
+        .rate
+        .map(|r| json!({"per_second": r, "burst": args.rate_burst}));
+    set("rate_limit", rate, None);
     set("metrics_addr", args.metrics_addr.map(|a| json!(a)), None);
     set("start_from", args.start_from.map(|s| json!(s)), None);
     let dead_letter = match (&args.dead_letter_topic, args.dead_letter) {
@@ -339,6 +361,9 @@ pub fn settings(args: &RunArgs, concurrency: usize, retries: u32) -> Result<Pipe
         (Some(n), _) => config.retry = config.retry.clone().with_max_attempts(attempts(n)),
         (None, None) => config.retry = RetryPolicy::attempts(attempts(retries)),
         (None, Some(_)) => {}
+    }
+    if let Some(delays) = &args.delay_topics {
+        config.retry = config.retry.clone().delay_topics(delays.iter().copied());
     }
     Ok(config)
 }
@@ -400,7 +425,7 @@ async fn run_async(args: RunArgs, traced: bool) -> Result<()> {
             (Action::Exec(exec), EXEC_CONCURRENCY, EXEC_RETRIES)
         }
         (None, Some(url)) => {
-            let concurrency = args.concurrency.unwrap_or(FORWARD_CONCURRENCY);
+            let concurrency = args.concurrency.map_or(FORWARD_CONCURRENCY, |c| c.max());
             let forward = Forward::new(url, args.structured, concurrency)?;
             (
                 Action::Forward(forward),
@@ -436,7 +461,7 @@ async fn run_async(args: RunArgs, traced: bool) -> Result<()> {
         group = %kafka.group_id,
         instance = kafka.group_instance_id.as_deref().unwrap_or("-"),
         assignment = ?settings.source.assignment,
-        concurrency = settings.source.max_in_flight,
+        concurrency = %settings.source.max_in_flight,
         ordering = ?settings.source.ordering,
         types = ?settings.types,
         "Consuming."

@@ -83,6 +83,7 @@ fn shared(sink: Option<Arc<HeldSink>>, filter: TypeFilter, policy: MalformedPoli
         idempotency: None,
         retry: RetryPolicy::none(),
         dead_letters: None,
+        delays: None,
         tail_room: Arc::new(tokio::sync::Semaphore::new(1)),
         spans: None,
     }
@@ -333,7 +334,10 @@ async fn an_async_handler_past_its_timeout_fails_with_code_timeout_and_panics_fa
         Ok::<_, String>(json!({"ok": true}))
     };
     let pool = Decoder::new(DecoderConfig::default()).unwrap();
-    let attempts = AsyncAttempts(Arc::new(handler));
+    let attempts = AsyncAttempts {
+        handler: Arc::new(handler),
+        limit: None,
+    };
     let (ds, finished) = deliveries(vec![
         event("slow", "x"),
         event("panic", "x"),
@@ -388,7 +392,10 @@ async fn an_event_revoked_between_attempts_is_not_retried_and_a_reassigned_one_s
         }
     };
     let pool = Arc::new(Decoder::new(DecoderConfig::default()).unwrap());
-    let attempts = Arc::new(AsyncAttempts(Arc::new(handler)));
+    let attempts = Arc::new(AsyncAttempts {
+        handler: Arc::new(handler),
+        limit: None,
+    });
     let sh = Arc::new(sh);
     let (mut ds, finished) = deliveries(vec![event("x", "x")]);
     let first = ds.remove(0);

@@ -27,6 +27,7 @@ use rebalance::Context;
 use run::PollLoop;
 use state::{PartMap, State};
 
+pub(crate) use route::NOT_BEFORE_HEADER;
 pub(super) use shutdown::SHUTDOWN_GRACE;
 
 /// Called on the poll thread around rebalances (the handler's `on_assign` and
@@ -71,7 +72,8 @@ pub(super) fn start(
         hooks,
         state: Mutex::new(State {
             parts: PartMap::default(),
-            sched: Scheduler::new(options.ordering, options.max_in_flight, options.batch),
+            sched: Scheduler::new(options.ordering, options.max_in_flight.max(), options.batch)
+                .with_rate_limit(options.rate_limit.as_ref()),
             executor: Some(executor),
             executor_gone: false,
             ready: Vec::new(),
@@ -88,6 +90,8 @@ pub(super) fn start(
             paused: 0,
             states: Arc::clone(&states),
             stall_timeout: options.stall_timeout,
+            delay_topics: options.delay_topics.clone(),
+            delayed: 0,
         }),
         read_maps: options.completion_map,
         static_member: config.group_instance_id.is_some(),

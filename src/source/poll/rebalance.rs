@@ -134,6 +134,7 @@ impl ConsumerContext for Context {
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
+            let mut delay_parts = TopicPartitionList::new();
             for e in tpl.elements() {
                 st.epochs += 1;
                 let epoch = st.epochs;
@@ -145,6 +146,10 @@ impl ConsumerContext for Context {
                     recycle: Arc::clone(&st.recycle),
                 });
                 let skip = maps.remove(&key);
+                let delay = st.delay_topics.iter().any(|t| t == e.topic());
+                if delay {
+                    delay_parts.add_partition(e.topic(), e.partition());
+                }
                 // librdkafka resumes assigned partitions from the committed offsets.
                 st.parts.insert(
                     key,
@@ -158,12 +163,21 @@ impl ConsumerContext for Context {
                         skip,
                         watch: crate::source::stall::StallWatch::new(Instant::now()),
                         arrivals: crate::source::age::Arrivals::default(),
+                        delay,
+                        delayed: None,
                     },
                 );
             }
             self.stats.assigned.store(st.parts.len() as u64, Relaxed);
             self.stats.group_joined.store(true, Relaxed);
             drop(st);
+            // A delay topic's partition paused in an earlier assignment starts
+            // unpaused: the first message read decides again.
+            if delay_parts.count() > 0 {
+                if let Err(e) = consumer.resume(&delay_parts) {
+                    tracing::warn!(error = %e, "Resume of delay-topic partitions failed.");
+                }
+            }
             tracing::debug!(partitions = tpl.count(), "Partitions assigned.");
             if let Some(hooks) = &self.hooks {
                 hooks.assigned(&owned_partitions(tpl));
@@ -199,6 +213,9 @@ impl Context {
             if let Some(p) = st.parts.remove(key) {
                 if p.paused {
                     st.paused -= 1;
+                }
+                if p.delayed.is_some() {
+                    st.delayed -= 1;
                 }
                 retire(&p);
                 let mut ready = std::mem::take(&mut st.ready);

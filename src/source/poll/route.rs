@@ -13,17 +13,24 @@ use super::rebalance::Context;
 use super::state::{Part, PartKey};
 use crate::source::{Message, SourceOptions};
 
+/// The header of a delay topic's message saying when it is due, in
+/// milliseconds since the Unix epoch.
+pub(crate) const NOT_BEFORE_HEADER: &str = "xzepr.retry.not_before";
+
 /// Most messages taken from librdkafka per lock of the shared state.
 const BURST: usize = 64;
 
 /// Copies each message once, tracks its offset, puts it in its lane, hands
-/// over what may run, and marks partitions to pause. False when the state
-/// is poisoned.
+/// over what may run, and marks partitions to pause: over their tracking
+/// limit (`to_pause`), or a delay topic's whose message is not due
+/// (`to_delay`, with the offset to read again from). False when the state is
+/// poisoned.
 pub(super) fn route(
     consumer: &BaseConsumer<Context>,
     o: &SourceOptions,
     topic_names: &mut HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     to_pause: &mut Vec<PartKey>,
+    to_delay: &mut Vec<(PartKey, i64)>,
     burst: Vec<BorrowedMessage<'_>>,
 ) -> bool {
     let ctx = consumer.context();
@@ -33,6 +40,7 @@ pub(super) fn route(
     let st = &mut *guard;
     // One clock read per burst: arrival ages are kept to 10 ms anyway.
     let now = Instant::now();
+    let mut wall_ms = None;
     for m in burst {
         let topic = topic_arc(topic_names, m.topic());
         let Some(p) = st.parts.get_mut(&(Arc::clone(&topic), m.partition())) else {
@@ -40,6 +48,10 @@ pub(super) fn route(
             continue;
         };
         let partition = m.partition();
+        if p.delayed.is_some() {
+            // Behind a message that is not due: read again after it, once due.
+            continue;
+        }
         if let Some(skip) = &mut p.skip {
             if skip.take(m.offset()) {
                 // Finished by a previous owner: finished here, never dispatched.
@@ -50,6 +62,16 @@ pub(super) fn route(
             }
             if skip.ranges.is_empty() {
                 p.skip = None;
+            }
+        }
+        if p.delay {
+            let wall = *wall_ms.get_or_insert_with(crate::source::age::wall_ms);
+            if let Some(wait) = not_due(&m, wall) {
+                p.delayed = Some(now + wait);
+                st.delayed += 1;
+                st.stats.delay_pauses.fetch_add(1, Relaxed);
+                to_delay.push(((topic, partition), m.offset()));
+                continue;
             }
         }
         let buf = st.recycle.take();
@@ -76,16 +98,15 @@ pub(super) fn route(
 }
 
 /// What librdkafka already holds, up to [`BURST`] messages (`poll(0)` after
-/// the first does not wait), so the state lock is paid once per burst. While
-/// jobs run the first poll does not wait either: releases are waited for on
-/// their channel instead.
+/// the first does not wait), so the state lock is paid once per burst. The
+/// first poll waits up to `wait`: nothing while jobs run (releases are waited
+/// for on their channel instead).
 pub(super) fn poll_burst(
     consumer: &BaseConsumer<Context>,
-    poll_interval: Duration,
-    busy: bool,
+    wait: Duration,
 ) -> Vec<BorrowedMessage<'_>> {
     let mut burst = Vec::with_capacity(BURST);
-    let mut wait = if busy { Duration::ZERO } else { poll_interval };
+    let mut wait = wait;
     while burst.len() < BURST {
         match consumer.poll(wait) {
             Some(Ok(m)) => burst.push(m),
@@ -102,6 +123,25 @@ pub(super) fn poll_burst(
             .fetch_add(burst.len() as u64, Relaxed);
     }
     burst
+}
+
+/// How long until a delay topic's message is due, if it is not yet (no
+/// not-before header, or one that does not read, is due now: it runs rather
+/// than waits forever).
+fn not_due(m: &BorrowedMessage<'_>, wall_ms: i64) -> Option<Duration> {
+    let headers = m.headers()?;
+    let due = headers
+        .iter()
+        .find(|h| h.key == NOT_BEFORE_HEADER)
+        .and_then(|h| {
+            std::str::from_utf8(h.value?)
+                .ok()?
+                .trim()
+                .parse::<i64>()
+                .ok()
+        })?;
+    let wait = due.checked_sub(wall_ms).filter(|w| *w > 0)?;
+    Some(Duration::from_millis(u64::try_from(wait).ok()?))
 }
 
 /// The shared topic name for `name`, allocated once per topic.

@@ -32,6 +32,8 @@ pub(super) struct PollLoop {
     topic_names: HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     last_commit: Instant,
     pub(super) to_pause: Vec<PartKey>,
+    /// Delay-topic partitions to pause, with the offset to read again from.
+    pub(super) to_delay: Vec<(PartKey, i64)>,
     /// Since when the buffers are over budget (polling stopped).
     throttled: Option<Instant>,
     last_watch: Instant,
@@ -44,6 +46,9 @@ struct Flow {
     busy: bool,
     /// Whether to poll Kafka now.
     poll: bool,
+    /// Longest wait in `poll`: none while jobs run, until the next token
+    /// while lanes wait for one, else the poll interval.
+    wait: Duration,
 }
 
 impl PollLoop {
@@ -67,6 +72,7 @@ impl PollLoop {
             topic_names: HashMap::default(),
             last_commit: Instant::now(),
             to_pause: Vec::new(),
+            to_delay: Vec::new(),
             throttled: None,
             last_watch: Instant::now(),
             watch_every,
@@ -92,14 +98,14 @@ impl PollLoop {
                 break end;
             }
             // Completions, resumes and commits, between polls.
-            let Some(Flow { busy, poll }) = self.between_polls() else {
+            let Some(Flow { busy, poll, wait }) = self.between_polls() else {
                 break Ok(());
             };
             if !poll {
                 self.wait_for_completion();
                 continue;
             }
-            let burst = poll_burst(&self.consumer, self.options.poll_interval, busy);
+            let burst = poll_burst(&self.consumer, wait);
             if burst.is_empty() {
                 if busy {
                     self.wait_for_completion();
@@ -111,12 +117,14 @@ impl PollLoop {
                 &self.options,
                 &mut self.topic_names,
                 &mut self.to_pause,
+                &mut self.to_delay,
                 burst,
             );
             if !routed {
                 break Ok(());
             }
             self.pause_marked();
+            self.delay_marked();
         }
     }
 
@@ -143,6 +151,11 @@ impl PollLoop {
         let ctx = self.consumer.context();
         let mut st = ctx.state.lock().ok()?;
         st.drain_completions();
+        if st.sched.waiting_for_tokens() {
+            let st = &mut *st;
+            st.sched.refill(&mut st.ready);
+            st.run_ready();
+        }
         let o = &self.options;
         let (bytes, n) = (st.sched.buffered_bytes(), st.sched.buffered());
         if bytes > o.buffer_budget || n > o.max_buffered {
@@ -152,6 +165,9 @@ impl PollLoop {
         }
         if st.paused > 0 {
             self.resume_ready(&mut st);
+        }
+        if st.delayed > 0 {
+            self.resume_due(&mut st);
         }
         // Over budget: stop polling (librdkafka keeps its own prefetch, within
         // its own limits) while the handlers drain the buffers. When they stall
@@ -186,10 +202,13 @@ impl PollLoop {
             self.commit_async(&mut st);
         }
         st.publish_gauges();
-        Some(Flow {
-            busy: st.sched.in_flight() > 0,
-            poll,
-        })
+        let busy = st.sched.in_flight() > 0;
+        let wait = match st.sched.next_token() {
+            _ if busy => Duration::ZERO,
+            Some(token) => token.clamp(COMPLETION_WAIT, self.options.poll_interval),
+            None => self.options.poll_interval,
+        };
+        Some(Flow { busy, poll, wait })
     }
 
     /// Nothing new from Kafka while jobs run: wait for the next release (or

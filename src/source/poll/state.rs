@@ -31,6 +31,11 @@ pub(super) struct Part {
     pub(super) watch: crate::source::stall::StallWatch,
     /// When its unfinished offsets arrived.
     pub(super) arrivals: crate::source::age::Arrivals,
+    /// A delay topic's partition: its messages run only once due.
+    pub(super) delay: bool,
+    /// Paused until then: its next message is not due. It is read again from
+    /// that message's offset once resumed.
+    pub(super) delayed: Option<Instant>,
 }
 
 pub(super) type PartKey = (Arc<str>, i32);
@@ -64,6 +69,10 @@ pub(super) struct State {
     /// Where [`State::watch_partitions`] publishes what it saw.
     pub(super) states: Arc<Mutex<Vec<crate::source::PartitionState>>>,
     pub(super) stall_timeout: Option<Duration>,
+    /// The subscribed delay topics (see [`Part::delay`]).
+    pub(super) delay_topics: Vec<String>,
+    /// Partitions paused now until their next message is due.
+    pub(super) delayed: usize,
 }
 
 impl State {
@@ -216,7 +225,8 @@ impl State {
                     oldest_unfinished_ms,
                     commit_point_age_ms,
                     stalled,
-                    paused: p.paused,
+                    paused: p.paused || p.delayed.is_some(),
+                    due_in_ms: p.delayed.map(|due| ms(due.saturating_duration_since(now))),
                 }
             })
             .collect();
@@ -237,6 +247,8 @@ impl State {
             .store(self.sched.peak_buffered_bytes() as u64, Relaxed);
         s.lanes.store(self.sched.lanes() as u64, Relaxed);
         s.buffered.store(self.sched.buffered() as u64, Relaxed);
+        s.rate_tokens_granted
+            .store(self.sched.tokens_granted(), Relaxed);
     }
 }
 
