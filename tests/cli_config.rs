@@ -70,7 +70,8 @@ fn everything() -> Value {
         "idempotency_key": {"header": "x-key"},
         "metrics_addr": "127.0.0.1:9464",
         "rate_limit": {"per_second": 250.0, "burst": 25, "per_key": true, "max_keys": 500},
-        "report_concurrency": {"adaptive": {"min": 2, "max": 64}}
+        "report_concurrency": {"adaptive": {"min": 2, "max": 64}},
+        "traces": false
     })
 }
 
