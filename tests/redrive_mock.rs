@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, Message as _, OwnedHeaders};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaApiKey;
 use rdkafka::types::RDKafkaRespErr;
@@ -68,17 +68,7 @@ fn read_all(brokers: &str, topic: &str, from: &BTreeMap<i32, i64>) -> Vec<Record
             continue;
         };
         let m = m.unwrap();
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                        (h.key.to_owned(), v.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let headers = header_texts(&m);
         out.push(Record {
             partition: m.partition(),
             offset: m.offset(),

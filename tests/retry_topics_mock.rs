@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use serde_json::Value;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
@@ -266,17 +266,7 @@ fn after_its_last_delay_an_event_is_dead_lettered_as_from_its_source_topic() {
     let mut letter = None;
     wait_for(PATIENCE, "the dead letter", || {
         if let Some(Ok(msg)) = c.poll(Duration::from_millis(100)) {
-            let headers: HashMap<String, String> = msg
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| {
-                            let v = String::from_utf8_lossy(h.value.unwrap_or_default());
-                            (h.key.to_owned(), v.into_owned())
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let headers: HashMap<String, String> = header_texts(&msg).into_iter().collect();
             let id = serde_json::from_slice::<Value>(msg.payload().unwrap()).unwrap()["id"]
                 .as_str()
                 .unwrap()

@@ -21,6 +21,21 @@ pub fn wait_for(patience: Duration, what: &str, mut done: impl FnMut() -> bool) 
     }
 }
 
+/// A message's headers as text, in order (a null value is empty).
+pub fn header_texts(m: &impl rdkafka::message::Message) -> Vec<(String, String)> {
+    use rdkafka::message::Headers;
+    m.headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    let v = String::from_utf8_lossy(h.value.unwrap_or_default());
+                    (h.key.to_owned(), v.into_owned())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A mock cluster with one topic.
 pub fn cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProducerContext> {
     let cluster = MockCluster::new(1).expect("mock cluster");
