@@ -115,6 +115,8 @@ fn a_forwarded_batch_gets_an_outcome_per_event_and_retries_only_what_asked() {
             "2",
             "--batch",
             "8",
+            "--metrics-addr",
+            "127.0.0.1:0",
             "--forward-batch",
             "--forward",
             &url,
@@ -122,6 +124,11 @@ fn a_forwarded_batch_gets_an_outcome_per_event_and_retries_only_what_asked() {
         &[],
     );
     let posts = stack.wait_reported(&ids, &mut cli);
+    let metrics = http_get(&metrics_addr(&cli.stderr()), "/metrics");
+    assert!(
+        metrics.contains("xzepr_consumer_concurrency_limit{limit=\"forward\"}"),
+        "the endpoint's limit is shown as `forward`:\n{metrics}"
+    );
     cli.stop_cleanly();
 
     let requests = seen.lock().unwrap().clone();

@@ -448,6 +448,10 @@ async fn run_async(args: RunArgs, traced: bool) -> Result<()> {
         return Ok(());
     }
     let mut pipeline = builder(kafka.clone(), &settings, tokio::runtime::Handle::current());
+    if matches!(action, Action::Forward(_)) {
+        // The limit is the endpoint's: its gauge says so.
+        pipeline = pipeline.limit_label("forward");
+    }
     if !args.no_report {
         pipeline = pipeline.report_to(reporting(&args, &service)?);
     }
