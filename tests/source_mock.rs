@@ -381,9 +381,9 @@ fn a_slow_handler_pauses_partitions_and_memory_stays_bounded() {
         "buffers over their budget pause their partitions"
     );
     assert!(resumes > 0, "drained buffers resume them");
-    // Over the budget only by what librdkafka had already handed over for each
-    // partition when it was paused (kept, in order: dropping it would skip it).
-    assert!(peak <= 2 * BUDGET, "{peak} bytes buffered");
+    // Never over the budget: a message that does not fit is left to
+    // librdkafka (its partition paused and sought back to it), not kept.
+    assert!(peak <= BUDGET, "{peak} bytes buffered, budget {BUDGET}");
     // Never evicted: had the group dropped us, the commit would fail and the
     // committed offsets would stop short of the end.
     let ends = end_offsets(&brokers, "backlog", PARTITIONS);

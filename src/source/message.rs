@@ -208,7 +208,13 @@ impl Item for Message {
         Message::key(self)
     }
     fn cost(&self) -> usize {
-        const BOOKKEEPING: usize = 128;
-        self.data.len() + BOOKKEEPING
+        cost_of(self.data.len())
     }
+}
+
+/// What a message of `data` bytes (payload and key) counts in the buffer
+/// budget: its bytes and its bookkeeping.
+pub(crate) fn cost_of(data: usize) -> usize {
+    const BOOKKEEPING: usize = 128;
+    data + BOOKKEEPING
 }

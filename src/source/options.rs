@@ -74,10 +74,16 @@ pub struct SourceOptions {
     pub batch: usize,
     /// Bytes of messages between their arrival and their job's release (payload,
     /// key and ~128 bytes of bookkeeping each). Default 16 MiB: a quarter of
-    /// librdkafka's own prefetch limit, about 13,000 ~1 KB events. Over it, the
-    /// partition of each arriving message is **paused**, and resumes once the
-    /// buffers are at most half full. A pause is not free: librdkafka drops the
-    /// partition's prefetched messages and fetches them again after the resume.
+    /// librdkafka's own prefetch limit, about 13,000 ~1 KB events. The buffers
+    /// **never pass it**: a message that does not fit is not copied; its
+    /// partition is paused and sought back to it, and resumes once the buffers
+    /// are at most half full (then the message is read again). Half the
+    /// budget is the partitions' own, split evenly: a partition whose handler
+    /// never returns holds at most its share and the shared half, never the
+    /// others' own. Only a partition holding nothing takes a message bigger
+    /// than its room. A pause is not
+    /// free: librdkafka drops the partition's prefetched messages and fetches
+    /// them again after the resume.
     pub buffer_budget: usize,
     /// Messages between their arrival and their job's release, counted as for
     /// `buffer_budget` (which tiny messages would not reach). Default 50,000.

@@ -9,7 +9,12 @@ use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::run::PollLoop;
-use super::state::State;
+use super::state::{PartMap, State};
+use crate::dispatch::lanes::Scheduler;
+use crate::source::Message;
+
+/// The poll thread's lane scheduler.
+type Sched = Scheduler<Message>;
 use crate::source::SourceOptions;
 
 impl PollLoop {
@@ -63,8 +68,20 @@ impl PollLoop {
                     && sched.part_buffered(p.epoch) <= share_n / 2);
             // A delay topic's partition waiting for its next message stays
             // paused until due (`resume_due`).
-            if p.paused && low && p.tracker.tracked() < o.max_tracked && p.delayed.is_none() {
+            // One held back over the budget waits for all the buffers to drain
+            // to half, or its own to a quarter of its share (the half that is
+            // its own, half drained), or it would be read, refused and sought
+            // back again at once.
+            let own_low = sched.part_buffered_bytes(p.epoch) <= share_bytes / 4
+                && sched.part_buffered(p.epoch) <= share_n / 4;
+            if p.paused
+                && low
+                && (all_low || own_low || !p.held_back)
+                && p.tracker.tracked() < o.max_tracked
+                && p.delayed.is_none()
+            {
                 p.paused = false;
+                p.held_back = false;
                 *paused -= 1;
                 tpl.add_partition(topic, *partition);
             }
@@ -97,28 +114,29 @@ impl PollLoop {
 }
 
 impl PollLoop {
-    /// Pauses the delay-topic partitions whose next message is not due and
-    /// moves each back to that message, so it is read again once resumed
-    /// (nothing of it is kept meanwhile: no memory, no polling).
-    pub(super) fn delay_marked(&mut self) {
-        if self.to_delay.is_empty() {
+    /// Pauses the partitions whose next message is not due (delay topics) or
+    /// did not fit in the budget, and moves each back to that message, so it
+    /// is read again once resumed (nothing of it is kept meanwhile: no
+    /// memory, no polling).
+    pub(super) fn rewind_marked(&mut self) {
+        if self.to_rewind.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for ((topic, partition), _) in &self.to_delay {
+        for ((topic, partition), _) in &self.to_rewind {
             tpl.add_partition(topic, *partition);
         }
         if let Err(e) = self.consumer.pause(&tpl) {
-            tracing::warn!(error = %e, "Pause of delay-topic partitions failed.");
+            tracing::warn!(error = %e, "Pause of partitions to read again failed.");
         }
-        for ((topic, partition), offset) in self.to_delay.drain(..) {
+        for ((topic, partition), offset) in self.to_rewind.drain(..) {
             // Asynchronous (no wait): messages fetched before it are dropped
             // by librdkafka, not delivered.
             if let Err(e) =
                 self.consumer
                     .seek(&topic, partition, Offset::Offset(offset), Duration::ZERO)
             {
-                tracing::warn!(topic = &*topic, partition, offset, error = %e, "Seek back to a delayed message failed.");
+                tracing::warn!(topic = &*topic, partition, offset, error = %e, "Seek back to a message to read again failed.");
             }
         }
     }
@@ -143,6 +161,43 @@ impl PollLoop {
             }
         }
     }
+}
+
+/// Whether the buffers are so far under the budget that a message costing
+/// `cost` fits whatever the partitions hold: under half of it (the other
+/// half being the partitions' own shares, see [`fits`]).
+#[inline]
+pub(super) fn plenty(sched: &Sched, o: &SourceOptions, cost: usize) -> bool {
+    sched.buffered_bytes() + cost <= o.buffer_budget / 2 && sched.buffered() < o.max_buffered / 2
+}
+
+/// Whether a message of partition `epoch` costing `cost` bytes may be
+/// buffered. Half the budget is the partitions' own, split evenly (what one
+/// has not used stays its own: a partition that never drains cannot starve
+/// the others), the other half is shared. So the buffers never pass the
+/// budget, but by one message of a partition holding nothing, taken whatever
+/// its size so that no partition waits for ever.
+pub(super) fn fits(
+    sched: &Sched,
+    parts: &PartMap,
+    o: &SourceOptions,
+    epoch: u64,
+    cost: usize,
+) -> bool {
+    let (share_bytes, share_n) = share(o, parts.len());
+    let (own_bytes, own_n) = (share_bytes / 2, (share_n / 2).max(1));
+    let (pb, pn) = (sched.part_buffered_bytes(epoch), sched.part_buffered(epoch));
+    if pn == 0 || (pb + cost <= own_bytes && pn < own_n) {
+        return true;
+    }
+    // From the shared half: what the others' own halves have left stays theirs.
+    let (mut kept_bytes, mut kept_n) = (0, 0);
+    for q in parts.values().filter(|q| q.epoch != epoch) {
+        kept_bytes += own_bytes.saturating_sub(sched.part_buffered_bytes(q.epoch));
+        kept_n += own_n.saturating_sub(sched.part_buffered(q.epoch));
+    }
+    sched.buffered_bytes() + cost + kept_bytes <= o.buffer_budget
+        && sched.buffered() + 1 + kept_n <= o.max_buffered
 }
 
 /// Each assigned partition's share of the buffer budget: bytes and events.

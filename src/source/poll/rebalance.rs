@@ -165,6 +165,7 @@ impl ConsumerContext for Context {
                         arrivals: crate::source::age::Arrivals::default(),
                         delay,
                         delayed: None,
+                        held_back: false,
                     },
                 );
             }

@@ -22,15 +22,16 @@ const BURST: usize = 64;
 
 /// Copies each message once, tracks its offset, puts it in its lane, hands
 /// over what may run, and marks partitions to pause: over their tracking
-/// limit (`to_pause`), or a delay topic's whose message is not due
-/// (`to_delay`, with the offset to read again from). False when the state is
+/// limit (`to_pause`), or to pause and read again from an offset
+/// (`to_rewind`): a delay topic's whose message is not due, and one whose
+/// message does not fit in the buffer budget. False when the state is
 /// poisoned.
 pub(super) fn route(
     consumer: &BaseConsumer<Context>,
     o: &SourceOptions,
     topic_names: &mut HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     to_pause: &mut Vec<PartKey>,
-    to_delay: &mut Vec<(PartKey, i64)>,
+    to_rewind: &mut Vec<(PartKey, i64)>,
     burst: Vec<BorrowedMessage<'_>>,
 ) -> bool {
     let ctx = consumer.context();
@@ -70,10 +71,38 @@ pub(super) fn route(
                 p.delayed = Some(now + wait);
                 st.delayed += 1;
                 st.stats.delay_pauses.fetch_add(1, Relaxed);
-                to_delay.push(((topic, partition), m.offset()));
+                to_rewind.push(((topic, partition), m.offset()));
                 continue;
             }
         }
+        if p.held_back {
+            // Behind a message that did not fit: read again from it.
+            continue;
+        }
+        let cost = crate::source::message::cost_of(m.payload_len() + m.key_len());
+        let p = if super::pause::plenty(&st.sched, o, cost) {
+            p
+        } else {
+            // Past half the budget: each partition's own share counts.
+            let (epoch, key) = (p.epoch, (Arc::clone(&topic), partition));
+            let room = super::pause::fits(&st.sched, &st.parts, o, epoch, cost);
+            let Some(p) = st.parts.get_mut(&key) else {
+                continue;
+            };
+            if !room {
+                // Left to librdkafka, never kept: its partition pauses and is
+                // sought back to it, so the buffers never pass the budget.
+                p.held_back = true;
+                if !p.paused {
+                    p.paused = true;
+                    st.paused += 1;
+                    st.stats.pauses.fetch_add(1, Relaxed);
+                }
+                to_rewind.push((key, m.offset()));
+                continue;
+            }
+            p
+        };
         let buf = st.recycle.take();
         let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);

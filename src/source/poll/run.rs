@@ -32,8 +32,9 @@ pub(super) struct PollLoop {
     topic_names: HashMap<String, Arc<str>, crate::dispatch::TrustedState>,
     last_commit: Instant,
     pub(super) to_pause: Vec<PartKey>,
-    /// Delay-topic partitions to pause, with the offset to read again from.
-    pub(super) to_delay: Vec<(PartKey, i64)>,
+    /// Partitions to pause, with the offset to read again from (a delay
+    /// topic's message not due, a message over the budget).
+    pub(super) to_rewind: Vec<(PartKey, i64)>,
     /// Since when the buffers are over budget (polling stopped).
     throttled: Option<Instant>,
     last_watch: Instant,
@@ -72,7 +73,7 @@ impl PollLoop {
             topic_names: HashMap::default(),
             last_commit: Instant::now(),
             to_pause: Vec::new(),
-            to_delay: Vec::new(),
+            to_rewind: Vec::new(),
             throttled: None,
             last_watch: Instant::now(),
             watch_every,
@@ -117,14 +118,14 @@ impl PollLoop {
                 &self.options,
                 &mut self.topic_names,
                 &mut self.to_pause,
-                &mut self.to_delay,
+                &mut self.to_rewind,
                 burst,
             );
             if !routed {
                 break Ok(());
             }
             self.pause_marked();
-            self.delay_marked();
+            self.rewind_marked();
         }
     }
 

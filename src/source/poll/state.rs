@@ -36,6 +36,9 @@ pub(super) struct Part {
     /// Paused until then: its next message is not due. It is read again from
     /// that message's offset once resumed.
     pub(super) delayed: Option<Instant>,
+    /// Paused because its next message did not fit in the buffer budget (and
+    /// sought back to it): resumed once all the buffers are half empty.
+    pub(super) held_back: bool,
 }
 
 pub(super) type PartKey = (Arc<str>, i32);
