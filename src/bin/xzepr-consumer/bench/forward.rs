@@ -6,7 +6,7 @@ use std::time::Duration;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::dispatch::Ordering;
 use xzepr_consumer::flow_control::Concurrency;
-use xzepr_consumer::pipeline::WorkTemplate;
+use xzepr_consumer::pipeline::{PipelineConfig, WorkTemplate};
 use xzepr_consumer::report::{Reporter, ReporterConfig};
 
 use super::{config, stop, time_until_finished, BENCH_RECEIVER};
@@ -38,8 +38,19 @@ pub(super) fn zero_ms_endpoint(rt: &tokio::runtime::Runtime) -> Result<String> {
     Ok(url)
 }
 
+/// `run --forward`'s settings with the command's defaults (128 in flight,
+/// 60 s timeout, 3 attempts) and `ordering`.
+pub(super) fn forward_settings(ordering: Ordering) -> PipelineConfig {
+    let mut settings = PipelineConfig::default();
+    settings.source.max_in_flight = Concurrency::Fixed(128);
+    settings.source.ordering = ordering;
+    settings.handler_timeout = Some(Duration::from_secs(60));
+    settings.retry = xzepr_consumer::pipeline::RetryPolicy::attempts(3);
+    settings
+}
+
 /// One pass of `run --forward` over `events`, with the command's defaults
-/// (binary mode, 128 in flight, 60 s timeout) and `ordering`, reporting to
+/// (binary mode, [`forward_settings`]) and `ordering`, reporting to
 /// `api_url` when given.
 pub(super) fn run_forward(
     rt: &tokio::runtime::Runtime,
@@ -50,11 +61,7 @@ pub(super) fn run_forward(
 ) -> Result<(u64, f64)> {
     use crate::run::Action;
     let forward = crate::forward::Forward::new(endpoint, false, 128)?;
-    let mut settings = xzepr_consumer::pipeline::PipelineConfig::default();
-    settings.source.max_in_flight = Concurrency::Fixed(128);
-    settings.source.ordering = ordering;
-    settings.handler_timeout = Some(Duration::from_secs(60));
-    settings.retry = xzepr_consumer::pipeline::RetryPolicy::attempts(3);
+    let settings = forward_settings(ordering);
     let (lifecycle, task) = match api_url {
         Some(url) => {
             let (reporter, task) = rt.block_on(async {

@@ -9,9 +9,12 @@
 //! passes over a topic, each with a fresh consumer group, timed from its first
 //! message), so that medians from two runs agree.
 //!
-//! One file per family of cases: [`pipeline`] (poll loop, no-op, I/O,
-//! threads, reporting), [`forward`] (`run --forward`), [`traces`] (the OTLP
-//! sink of `bench --traces`); this file holds the settings, the figures and
+//! With `--flow-control`, also the reporter against a service with a knee at
+//! fixed and adaptive concurrency, and `run --rate` over a backlog.
+//!
+//! One file per family of cases: `pipeline.rs` (poll loop, no-op, I/O,
+//! threads, reporting), `forward.rs` (`run --forward`), `flow.rs` (flow
+//! control), `traces.rs` (the OTLP sink of `bench --traces`); this file holds the settings, the figures and
 //! the order the cases run in.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -26,6 +29,7 @@ use xzepr_consumer::pipeline::RunningPipeline;
 use crate::baseline::{self, anyhow_like::Result};
 use crate::produce::produce;
 
+mod flow;
 mod forward;
 mod pipeline;
 #[cfg(feature = "otel")]
@@ -62,6 +66,8 @@ pub struct Settings {
     pub forward_events: u64,
     /// Also the no-op and I/O cases with traces on.
     pub traces: bool,
+    /// Also the flow-control cases (`flow.rs`).
+    pub flow_control: bool,
 }
 
 /// The figures of one `bench` run.
@@ -118,6 +124,9 @@ pub struct Figures {
     /// with an untraced rerun (`io_eps_256_5ms_untraced`).
     pub io_eps_256_5ms_traced: Option<f64>,
     pub io_eps_256_5ms_untraced: Option<f64>,
+    /// With `--flow-control`: the knee sweep and the rate limit.
+    #[serde(flatten)]
+    pub flow_control: Option<flow::FlowFigures>,
 }
 
 impl std::fmt::Display for Figures {
@@ -206,7 +215,11 @@ impl std::fmt::Display for Figures {
             f,
             "run_forward_report_key_eps:{:>6.0}  (the same with --ordering key)",
             self.run_forward_report_key_eps
-        )
+        )?;
+        if let Some(flow) = &self.flow_control {
+            write!(f, "\n{flow}")?;
+        }
+        Ok(())
     }
 }
 
@@ -505,6 +518,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
         )?;
         reported.push(n as f64 / secs);
     }
+    let flow_control = if s.flow_control {
+        Some(flow::run(&rt, &cluster, &brokers, &endpoint)?)
+    } else {
+        None
+    };
     Ok(Figures {
         events: s.events,
         partitions: s.partitions,
@@ -542,5 +560,6 @@ pub fn run(s: &Settings) -> Result<Figures> {
         pipeline_noop_traced_rounds: traced,
         io_eps_256_5ms_traced: s.traces.then(|| median(io_on)),
         io_eps_256_5ms_untraced: s.traces.then(|| median(io_off)),
+        flow_control,
     })
 }
