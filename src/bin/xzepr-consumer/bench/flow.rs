@@ -11,14 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::devstack::{KneeServer, LatencySnapshot};
 use xzepr_consumer::dispatch::Ordering;
 use xzepr_consumer::flow_control::{Concurrency, RateLimit};
-use xzepr_consumer::report::{Ack, OwnedWork, Record, Reporter, ReporterConfig, Status};
+use xzepr_consumer::report::{Ack, OwnedWork, Record, ReporterConfig, Status};
 
 use super::forward::forward_settings;
-use super::{config, debug, median, stop, time_until_finished, BENCH_RECEIVER};
+use super::{config, debug, median, start_reporter, stop, time_until_finished, BENCH_RECEIVER};
 use crate::baseline::anyhow_like::Result;
 
 /// Concurrent requests up to which the service's latency stays flat.
@@ -143,10 +142,9 @@ struct Pass {
 /// One pass of the reporter under `concurrency` against a fresh knee server.
 async fn knee_pass(concurrency: Concurrency, sample: bool) -> Result<Pass> {
     let server = KneeServer::start(KNEE, KNEE_BASE).await?;
-    let client = XzeprClient::new(XzeprClientConfig::new(server.url(), "bench-token"))?;
     let mut rc = ReporterConfig::default();
     rc.concurrency = concurrency;
-    let (reporter, task) = Reporter::start(client, rc);
+    let (reporter, task) = start_reporter(&tokio::runtime::Handle::current(), &server.url(), rc)?;
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let feeder = tokio::spawn({
         let (reporter, ok, failed) = (reporter.clone(), Arc::clone(&ok), Arc::clone(&failed));

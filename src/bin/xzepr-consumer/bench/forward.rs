@@ -3,13 +3,12 @@
 
 use std::time::Duration;
 
-use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::dispatch::Ordering;
 use xzepr_consumer::flow_control::Concurrency;
 use xzepr_consumer::pipeline::{PipelineConfig, WorkTemplate};
-use xzepr_consumer::report::{Reporter, ReporterConfig};
+use xzepr_consumer::report::ReporterConfig;
 
-use super::{config, stop, time_until_finished, BENCH_RECEIVER};
+use super::{config, start_reporter, stop, time_until_finished, BENCH_RECEIVER};
 use crate::baseline::anyhow_like::Result;
 
 /// A local HTTP endpoint answering `200` at once, served on `rt` while it runs:
@@ -64,13 +63,7 @@ pub(super) fn run_forward(
     let settings = forward_settings(ordering);
     let (lifecycle, task) = match api_url {
         Some(url) => {
-            let (reporter, task) = rt.block_on(async {
-                let client = XzeprClient::new(XzeprClientConfig::new(url, "bench-token"))?;
-                Ok::<_, xzepr_consumer::client::ClientError>(Reporter::start(
-                    client,
-                    ReporterConfig::default(),
-                ))
-            })?;
+            let (reporter, task) = start_reporter(rt.handle(), url, ReporterConfig::default())?;
             let work = WorkTemplate::new(BENCH_RECEIVER, "bench", "1.0.0", "bench");
             (Some((reporter, work)), Some(task))
         }

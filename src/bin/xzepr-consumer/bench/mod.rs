@@ -22,9 +22,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
+use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
 use xzepr_consumer::dispatch::Ordering;
 use xzepr_consumer::pipeline::RunningPipeline;
+use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
 
 use crate::baseline::{self, anyhow_like::Result};
 use crate::produce::produce;
@@ -124,6 +126,8 @@ pub struct Figures {
     /// with an untraced rerun (`io_eps_256_5ms_untraced`).
     pub io_eps_256_5ms_traced: Option<f64>,
     pub io_eps_256_5ms_untraced: Option<f64>,
+    pub io_eps_256_5ms_traced_rounds: Vec<f64>,
+    pub io_eps_256_5ms_untraced_rounds: Vec<f64>,
     /// With `--flow-control`: the knee sweep and the rate limit.
     #[serde(flatten)]
     pub flow_control: Option<flow::FlowFigures>,
@@ -287,6 +291,17 @@ fn stop(running: RunningPipeline) -> Result<()> {
     running.shutdown();
     running.join()?;
     Ok(())
+}
+
+/// A reporter posting to `url` with `bench`'s token, its tasks on `rt`.
+fn start_reporter(
+    rt: &tokio::runtime::Handle,
+    url: &str,
+    config: ReporterConfig,
+) -> Result<(Reporter, ReporterTask)> {
+    let _entered = rt.enter();
+    let client = XzeprClient::new(XzeprClientConfig::new(url, "bench-token"))?;
+    Ok(Reporter::start(client, config))
 }
 
 fn config(brokers: &str, topic: &str, group: &str) -> KafkaConsumerConfig {
@@ -558,8 +573,10 @@ pub fn run(s: &Settings) -> Result<Figures> {
         pipeline_noop_traced_eps: s.traces.then(|| median(traced.clone())),
         noop_traced_over_noop: s.traces.then(|| median(traced.clone()) / pipeline_noop_eps),
         pipeline_noop_traced_rounds: traced,
-        io_eps_256_5ms_traced: s.traces.then(|| median(io_on)),
-        io_eps_256_5ms_untraced: s.traces.then(|| median(io_off)),
+        io_eps_256_5ms_traced: s.traces.then(|| median(io_on.clone())),
+        io_eps_256_5ms_untraced: s.traces.then(|| median(io_off.clone())),
+        io_eps_256_5ms_traced_rounds: io_on,
+        io_eps_256_5ms_untraced_rounds: io_off,
         flow_control,
     })
 }

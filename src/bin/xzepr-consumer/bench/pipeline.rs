@@ -6,14 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::decode::{CloudEvent, CloudEventMessage};
 use xzepr_consumer::dispatch::Ordering;
 use xzepr_consumer::handler::{Work, WorkInfo};
 use xzepr_consumer::pipeline::{Pipeline, WorkTemplate};
-use xzepr_consumer::report::{Reporter, ReporterConfig};
+use xzepr_consumer::report::ReporterConfig;
 
-use super::{config, debug, stop, time_until_finished, BENCH_RECEIVER};
+use super::{config, debug, start_reporter, stop, time_until_finished, BENCH_RECEIVER};
 use crate::baseline::{self, anyhow_like::Result};
 
 /// One pass of the pipeline with a no-op sync handler over `events`.
@@ -154,13 +153,7 @@ pub(super) fn pipeline_report(
     events: u64,
     api_url: &str,
 ) -> Result<f64> {
-    let (reporter, task) = rt.block_on(async {
-        let client = XzeprClient::new(XzeprClientConfig::new(api_url, "bench-token"))?;
-        Ok::<_, xzepr_consumer::client::ClientError>(Reporter::start(
-            client,
-            ReporterConfig::default(),
-        ))
-    })?;
+    let (reporter, task) = start_reporter(rt.handle(), api_url, ReporterConfig::default())?;
     let running = Pipeline::builder(config(brokers, topic, group))
         .workers(1)
         .lifecycle(
