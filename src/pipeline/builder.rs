@@ -19,7 +19,7 @@ use crate::config::KafkaConsumerConfig;
 use crate::decode::{Decoder, DecoderConfig};
 use crate::dispatch::{Ordering, TypeFilter};
 use crate::flow_control::{Concurrency, Limiter, RateLimit};
-use crate::handler::{AsyncHandler, Handler};
+use crate::handler::{AsyncBatchHandler, AsyncHandler, BatchHandler, Handler};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::source::{Assignment, SourceError, SourceHandle, SourceOptions};
@@ -48,6 +48,8 @@ pub struct PipelineBuilder {
     pub(super) reporting: Option<Reporting>,
     /// Concurrency limits whose gauges the pipeline's metrics show.
     pub(super) limits: Vec<Limiter>,
+    /// The handler's limit's name in its gauge.
+    pub(super) limit_label: &'static str,
 }
 
 impl PipelineBuilder {
@@ -63,6 +65,7 @@ impl PipelineBuilder {
             reporter_stats: None,
             reporting: None,
             limits: Vec::new(),
+            limit_label: "handler",
         }
     }
 
@@ -111,8 +114,18 @@ impl PipelineBuilder {
         self
     }
 
+    /// The handler's concurrency limit's name in
+    /// `xzepr_consumer_concurrency_limit{limit="NAME"}` and
+    /// [`RunningPipeline::concurrency_limit`] (default `handler`; `run
+    /// --forward` shows its endpoint's as `forward`).
+    pub fn limit_label(mut self, label: &'static str) -> Self {
+        self.limit_label = label;
+        self
+    }
+
     /// Most waiting events of one lane handed to a handler task or worker as
-    /// one job (default 64; see [`SourceOptions::batch`]).
+    /// one job (default 64; see [`SourceOptions::batch`]): also the most
+    /// events a batch handler gets in one call.
     pub fn batch(mut self, n: usize) -> Self {
         self.config.source.batch = n;
         self
@@ -434,6 +447,25 @@ impl PipelineBuilder {
     /// As both.
     pub fn start_async<H: AsyncHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
         self.build()?.start_async(handler)
+    }
+
+    /// [`PipelineBuilder::build`], then [`Pipeline::start_batch`].
+    ///
+    /// # Errors
+    /// As both.
+    pub fn start_batch<H: BatchHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
+        self.build()?.start_batch(handler)
+    }
+
+    /// [`PipelineBuilder::build`], then [`Pipeline::start_async_batch`].
+    ///
+    /// # Errors
+    /// As both.
+    pub fn start_async_batch<H: AsyncBatchHandler>(
+        self,
+        handler: H,
+    ) -> Result<RunningPipeline, crate::Error> {
+        self.build()?.start_async_batch(handler)
     }
 
     /// `report_to` is [`Pipeline::run`]'s: a start cannot wait on XZepr.
