@@ -44,7 +44,7 @@ use tokio::net::TcpListener;
 use crate::generate::ulid_like;
 
 mod knee;
-pub use knee::{KneeServer, KneeStats};
+pub use knee::{KneeServer, KneeStats, Latencies, LatencySnapshot};
 
 /// Where the stand-in publishes the CloudEvents of what it records.
 pub trait EventSink: Send + Sync + 'static {

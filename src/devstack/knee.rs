@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -34,6 +34,92 @@ pub struct KneeStats {
     pub forced: AtomicU64,
     /// Most requests in progress at once.
     pub peak_concurrent: AtomicUsize,
+    /// How long the 2xx answers took, from arrival to answer.
+    pub latency: Latencies,
+}
+
+/// Buckets per factor of e: consecutive bucket bounds are 1 % apart.
+const BUCKETS_PER_E: f64 = 100.5;
+/// Buckets from 1 µs up: the last holds everything from ~7 minutes on.
+const BUCKETS: usize = 2_000;
+
+/// A histogram of latencies to 1 %, filled by the server's tasks without a
+/// lock. Read it through [`Latencies::snapshot`]; the difference of two
+/// snapshots is what came in between.
+#[derive(Debug)]
+pub struct Latencies {
+    buckets: Box<[AtomicU64]>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Latencies {
+            buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl Latencies {
+    /// Counts one answer that took `d`.
+    pub fn record(&self, d: Duration) {
+        let us = d.as_secs_f64() * 1e6;
+        let i = if us <= 1.0 {
+            0
+        } else {
+            ((us.ln() * BUCKETS_PER_E) as usize).min(BUCKETS - 1)
+        };
+        self.buckets[i].fetch_add(1, Relaxed);
+    }
+
+    /// The counts now.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: self.buckets.iter().map(|b| b.load(Relaxed)).collect(),
+        }
+    }
+}
+
+/// The counts of [`Latencies`] at one moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    counts: Vec<u64>,
+}
+
+impl LatencySnapshot {
+    /// What was counted after `earlier` (a snapshot of the same histogram).
+    pub fn since(&self, earlier: &LatencySnapshot) -> LatencySnapshot {
+        LatencySnapshot {
+            counts: self
+                .counts
+                .iter()
+                .zip(earlier.counts.iter().chain(std::iter::repeat(&0)))
+                .map(|(now, then)| now.saturating_sub(*then))
+                .collect(),
+        }
+    }
+
+    /// Answers counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// The latency under which a share `q` (0 to 1) of the answers came, to
+    /// 1 % (a bucket's upper bound); `None` with no answers.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+        let mut seen = 0;
+        let i = self.counts.iter().position(|c| {
+            seen += c;
+            seen >= rank
+        })?;
+        Some(Duration::from_secs_f64(
+            ((i + 1) as f64 / BUCKETS_PER_E).exp() / 1e6,
+        ))
+    }
 }
 
 #[derive(Debug)]
@@ -145,6 +231,7 @@ impl Drop for InProgress<'_> {
 }
 
 async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let arrived = Instant::now();
     let n = s.stats.requests.fetch_add(1, Relaxed);
     let now = s.concurrent.fetch_add(1, Relaxed) + 1;
     let _counted = InProgress(&s.concurrent);
@@ -165,6 +252,7 @@ async fn answer(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     tokio::time::sleep(latency(s, now)).await;
     s.stats.ok.fetch_add(1, Relaxed);
+    s.stats.latency.record(arrived.elapsed());
     let mut resp = Response::new(Full::new(Bytes::from(format!("{{\"data\":\"K{n}\"}}"))));
     *resp.status_mut() = StatusCode::CREATED;
     resp
@@ -194,5 +282,24 @@ mod tests {
         assert_eq!(k.latency_at(15), Duration::from_millis(6));
         k.set_base(Duration::from_millis(8));
         assert_eq!(k.latency_at(20), Duration::from_millis(16));
+    }
+
+    #[test]
+    fn latency_quantiles_come_within_one_percent() {
+        let l = Latencies::default();
+        let before = l.snapshot();
+        for ms in 1..=100 {
+            l.record(Duration::from_millis(ms));
+        }
+        let got = l.snapshot().since(&before);
+        assert_eq!(got.count(), 100);
+        for (q, ms) in [(0.5, 50.0), (0.99, 99.0), (1.0, 100.0)] {
+            let d = got.quantile(q).unwrap().as_secs_f64() * 1e3;
+            assert!(d >= ms && d <= ms * 1.011, "q {q}: {d} ms");
+        }
+        let later = l.snapshot();
+        l.record(Duration::from_secs(2));
+        assert_eq!(l.snapshot().since(&later).count(), 1);
+        assert_eq!(LatencySnapshot { counts: vec![] }.quantile(0.5), None);
     }
 }

@@ -133,6 +133,11 @@ enum Command {
         /// endpoint answering at once, interleaved with the untraced rounds.
         #[arg(long)]
         traces: bool,
+        /// Also the flow-control cases: the reporter against a local service
+        /// whose latency rises past a knee (fixed limits swept, then
+        /// adaptive), and `run --rate 2000` over a 20 s backlog.
+        #[arg(long)]
+        flow_control: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -244,6 +249,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             seed_events,
             forward_events,
             traces,
+            flow_control,
             json,
         } => {
             if traces && !cfg!(feature = "otel") {
@@ -260,6 +266,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                 seed_events,
                 forward_events,
                 traces,
+                flow_control,
             })?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);

@@ -8,6 +8,14 @@
 //! Every round of every case measures at least [`MIN_WINDOW`] of work (repeated
 //! passes over a topic, each with a fresh consumer group, timed from its first
 //! message), so that medians from two runs agree.
+//!
+//! With `--flow-control`, also the reporter against a service with a knee at
+//! fixed and adaptive concurrency, and `run --rate` over a backlog.
+//!
+//! One file per family of cases: `pipeline.rs` (poll loop, no-op, I/O,
+//! threads, reporting), `forward.rs` (`run --forward`), `flow.rs` (flow
+//! control), `traces.rs` (the OTLP sink of `bench --traces`); this file holds the settings, the figures and
+//! the order the cases run in.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -16,15 +24,23 @@ use std::time::{Duration, Instant};
 use rdkafka::mocking::MockCluster;
 use xzepr_consumer::client::{XzeprClient, XzeprClientConfig};
 use xzepr_consumer::config::KafkaConsumerConfig;
-use xzepr_consumer::decode::{CloudEvent, CloudEventMessage};
 use xzepr_consumer::dispatch::Ordering;
-use xzepr_consumer::flow_control::Concurrency;
-use xzepr_consumer::handler::{Work, WorkInfo};
-use xzepr_consumer::pipeline::{Pipeline, RunningPipeline, WorkTemplate};
-use xzepr_consumer::report::{Reporter, ReporterConfig};
+use xzepr_consumer::pipeline::RunningPipeline;
+use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
 
 use crate::baseline::{self, anyhow_like::Result};
 use crate::produce::produce;
+
+mod flow;
+mod forward;
+mod pipeline;
+#[cfg(feature = "otel")]
+mod traces;
+
+use forward::{run_forward, zero_ms_endpoint};
+use pipeline::{io_pass, pipeline_noop, pipeline_report, raw_pass, rss_mb, threads_pass, Waits};
+#[cfg(feature = "otel")]
+pub use traces::traces;
 
 /// Least measured time per round of a case.
 const MIN_WINDOW: Duration = Duration::from_secs(1);
@@ -52,6 +68,8 @@ pub struct Settings {
     pub forward_events: u64,
     /// Also the no-op and I/O cases with traces on.
     pub traces: bool,
+    /// Also the flow-control cases (`flow.rs`).
+    pub flow_control: bool,
 }
 
 /// The figures of one `bench` run.
@@ -108,6 +126,11 @@ pub struct Figures {
     /// with an untraced rerun (`io_eps_256_5ms_untraced`).
     pub io_eps_256_5ms_traced: Option<f64>,
     pub io_eps_256_5ms_untraced: Option<f64>,
+    pub io_eps_256_5ms_traced_rounds: Vec<f64>,
+    pub io_eps_256_5ms_untraced_rounds: Vec<f64>,
+    /// With `--flow-control`: the knee sweep and the rate limit.
+    #[serde(flatten)]
+    pub flow_control: Option<flow::FlowFigures>,
 }
 
 impl std::fmt::Display for Figures {
@@ -196,7 +219,11 @@ impl std::fmt::Display for Figures {
             f,
             "run_forward_report_key_eps:{:>6.0}  (the same with --ordering key)",
             self.run_forward_report_key_eps
-        )
+        )?;
+        if let Some(flow) = &self.flow_control {
+            write!(f, "\n{flow}")?;
+        }
+        Ok(())
     }
 }
 
@@ -266,256 +293,19 @@ fn stop(running: RunningPipeline) -> Result<()> {
     Ok(())
 }
 
+/// A reporter posting to `url` with `bench`'s token, its tasks on `rt`.
+fn start_reporter(
+    rt: &tokio::runtime::Handle,
+    url: &str,
+    config: ReporterConfig,
+) -> Result<(Reporter, ReporterTask)> {
+    let _entered = rt.enter();
+    let client = XzeprClient::new(XzeprClientConfig::new(url, "bench-token"))?;
+    Ok(Reporter::start(client, config))
+}
+
 fn config(brokers: &str, topic: &str, group: &str) -> KafkaConsumerConfig {
     KafkaConsumerConfig::new(brokers, topic, "bench").with_group_id(group)
-}
-
-/// One pass of the pipeline with a no-op sync handler over `events`.
-fn pipeline_noop(
-    brokers: &str,
-    topic: &str,
-    group: &str,
-    events: u64,
-    traces: bool,
-) -> Result<(u64, f64)> {
-    let mut b = Pipeline::builder(config(brokers, topic, group))
-        .workers(2)
-        .traces(traces);
-    if let Some(v) = std::env::var("XZEPR_BUDGET")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        b = b.buffer_budget(v).max_buffered(1 << 30);
-    }
-    let running = b.start(
-        |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
-            std::hint::black_box(ev.event_type());
-            Ok(())
-        },
-    )?;
-    let r = time_until_finished(&running, events)?;
-    if debug() {
-        eprintln!(
-            "noop {:.0}/s {:?}",
-            r.0 as f64 / r.1,
-            running.source().stats()
-        );
-    }
-    stop(running)?;
-    Ok(r)
-}
-
-/// One pass of the bare poll loop over `events`.
-fn raw_pass(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
-    let eps = baseline::raw_poll(brokers, topic, group, events)?;
-    Ok((events, events as f64 / eps))
-}
-
-/// Total and count of the handlers' waits, to measure the real `L`.
-#[derive(Default)]
-struct Waits {
-    nanos: AtomicU64,
-    count: AtomicU64,
-}
-
-impl Waits {
-    fn mean_ms(&self) -> f64 {
-        self.nanos.load(Relaxed) as f64 / self.count.load(Relaxed).max(1) as f64 / 1e6
-    }
-}
-
-/// One pass of an async handler that only awaits `sleep(latency)`, `PerKey`,
-/// `max_in_flight` futures at once, no lifecycle.
-fn io_pass(
-    rt: &tokio::runtime::Runtime,
-    brokers: &str,
-    topic: &str,
-    group: &str,
-    events: u64,
-    (max_in_flight, latency, traces): (usize, Duration, bool),
-    waits: &Arc<Waits>,
-) -> Result<(u64, f64, u64)> {
-    let w = Arc::clone(waits);
-    let running = Pipeline::builder(config(brokers, topic, group))
-        .traces(traces)
-        .ordering(Ordering::PerKey)
-        .max_in_flight(max_in_flight)
-        .runtime(rt.handle().clone())
-        .start_async(move |_m: CloudEventMessage, _info: WorkInfo| {
-            let w = Arc::clone(&w);
-            async move {
-                let t = Instant::now();
-                tokio::time::sleep(latency).await;
-                w.nanos.fetch_add(t.elapsed().as_nanos() as u64, Relaxed);
-                w.count.fetch_add(1, Relaxed);
-                Ok::<_, String>(serde_json::Value::Null)
-            }
-        })?;
-    let (n, secs) = time_until_finished(&running, events)?;
-    let peak = running.source().stats().peak_buffered_bytes.load(Relaxed);
-    if debug() {
-        eprintln!(
-            "io {max_in_flight} x {latency:?}: {:.0}/s {:?}",
-            n as f64 / secs,
-            running.source().stats()
-        );
-    }
-    stop(running)?;
-    Ok((n, secs, peak))
-}
-
-/// One pass of a sync handler blocking its thread for `latency`, 4 workers.
-fn threads_pass(brokers: &str, topic: &str, group: &str, events: u64) -> Result<(u64, f64)> {
-    let running = Pipeline::builder(config(brokers, topic, group))
-        .ordering(Ordering::PerKey)
-        .workers(4)
-        .max_in_flight(8)
-        .start(
-            |_: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
-                std::thread::sleep(Duration::from_millis(5));
-                Ok(())
-            },
-        )?;
-    let r = time_until_finished(&running, events)?;
-    stop(running)?;
-    Ok(r)
-}
-
-/// The process's resident set, in MB (0 where /proc is not there).
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
-/// Events per second through the pipeline with automatic lifecycle reporting
-/// (two posts per event to the latency endpoint), no-op handler.
-fn pipeline_report(
-    rt: &tokio::runtime::Runtime,
-    brokers: &str,
-    topic: &str,
-    group: &str,
-    events: u64,
-    api_url: &str,
-) -> Result<f64> {
-    let (reporter, task) = rt.block_on(async {
-        let client = XzeprClient::new(XzeprClientConfig::new(api_url, "bench-token"))?;
-        Ok::<_, xzepr_consumer::client::ClientError>(Reporter::start(
-            client,
-            ReporterConfig::default(),
-        ))
-    })?;
-    let running = Pipeline::builder(config(brokers, topic, group))
-        .workers(1)
-        .lifecycle(
-            reporter,
-            WorkTemplate::new(BENCH_RECEIVER, "bench", "1.0.0", "bench"),
-        )
-        .start(
-            |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
-                std::hint::black_box(ev.event_type());
-                Ok(())
-            },
-        )?;
-    let (n, secs) = time_until_finished(&running, events)?;
-    stop(running)?;
-    rt.block_on(task.drain(Duration::from_secs(30)));
-    Ok(n as f64 / secs)
-}
-
-/// For `bench --traces`: a local OTLP endpoint answering at once (on a
-/// runtime of its own, kept while the bench runs) and the export to it.
-#[cfg(feature = "otel")]
-pub fn traces() -> Result<(tokio::runtime::Runtime, xzepr_consumer::trace::TraceGuard)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let url = zero_ms_endpoint(&rt)?;
-    // Before any thread reads the environment: the subscriber is not set yet.
-    std::env::set_var(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        format!("{url}v1/traces"),
-    );
-    let guard = xzepr_consumer::trace::init_from_env()?.ok_or("traces are disabled by OTEL_*")?;
-    Ok((rt, guard))
-}
-
-/// A local HTTP endpoint answering `200` at once, served on `rt` while it runs:
-/// what `run --forward` posts to in the bench.
-fn zero_ms_endpoint(rt: &tokio::runtime::Runtime) -> Result<String> {
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
-    let url = format!("http://{}/", listener.local_addr()?);
-    rt.spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    use http_body_util::BodyExt;
-                    let _ = req.into_body().collect().await;
-                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::new()),
-                    ))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(url)
-}
-
-/// One pass of `run --forward` over `events`, with the command's defaults
-/// (binary mode, 128 in flight, 60 s timeout) and `ordering`, reporting to
-/// `api_url` when given.
-fn run_forward(
-    rt: &tokio::runtime::Runtime,
-    (brokers, topic, group): (&str, &str, &str),
-    events: u64,
-    (endpoint, ordering): (&str, Ordering),
-    api_url: Option<&str>,
-) -> Result<(u64, f64)> {
-    use crate::run::Action;
-    let forward = crate::forward::Forward::new(endpoint, false, 128)?;
-    let mut settings = xzepr_consumer::pipeline::PipelineConfig::default();
-    settings.source.max_in_flight = Concurrency::Fixed(128);
-    settings.source.ordering = ordering;
-    settings.handler_timeout = Some(Duration::from_secs(60));
-    settings.retry = xzepr_consumer::pipeline::RetryPolicy::attempts(3);
-    let (lifecycle, task) = match api_url {
-        Some(url) => {
-            let (reporter, task) = rt.block_on(async {
-                let client = XzeprClient::new(XzeprClientConfig::new(url, "bench-token"))?;
-                Ok::<_, xzepr_consumer::client::ClientError>(Reporter::start(
-                    client,
-                    ReporterConfig::default(),
-                ))
-            })?;
-            let work = WorkTemplate::new(BENCH_RECEIVER, "bench", "1.0.0", "bench");
-            (Some((reporter, work)), Some(task))
-        }
-        None => (None, None),
-    };
-    let running = crate::run::start(
-        config(brokers, topic, group),
-        Action::Forward(forward),
-        &settings,
-        rt.handle().clone(),
-        lifecycle,
-    )?;
-    let r = time_until_finished(&running, events)?;
-    stop(running)?;
-    if let Some(task) = task {
-        rt.block_on(task.drain(Duration::from_secs(30)));
-    }
-    Ok(r)
 }
 
 const BENCH_RECEIVER: &str = "01BENCHRECEIVER00000000000";
@@ -743,6 +533,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
         )?;
         reported.push(n as f64 / secs);
     }
+    let flow_control = if s.flow_control {
+        Some(flow::run(&rt, &cluster, &brokers, &endpoint)?)
+    } else {
+        None
+    };
     Ok(Figures {
         events: s.events,
         partitions: s.partitions,
@@ -778,7 +573,10 @@ pub fn run(s: &Settings) -> Result<Figures> {
         pipeline_noop_traced_eps: s.traces.then(|| median(traced.clone())),
         noop_traced_over_noop: s.traces.then(|| median(traced.clone()) / pipeline_noop_eps),
         pipeline_noop_traced_rounds: traced,
-        io_eps_256_5ms_traced: s.traces.then(|| median(io_on)),
-        io_eps_256_5ms_untraced: s.traces.then(|| median(io_off)),
+        io_eps_256_5ms_traced: s.traces.then(|| median(io_on.clone())),
+        io_eps_256_5ms_untraced: s.traces.then(|| median(io_off.clone())),
+        io_eps_256_5ms_traced_rounds: io_on,
+        io_eps_256_5ms_untraced_rounds: io_off,
+        flow_control,
     })
 }
