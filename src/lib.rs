@@ -69,3 +69,35 @@ pub mod source;
 pub mod trace;
 
 pub use error::{Error, ErrorChain, Result};
+
+/// Every page under `docs/`, compiled and run as doctests so each Rust snippet
+/// in them builds against this crate (`tests/docs.rs` fails on a page missing
+/// here). Pages whose snippets need a feature are included only with it.
+#[cfg(doctest)]
+mod doc_pages {
+    macro_rules! pages {
+        ($($(#[$cfg:meta])* $name:ident = $path:literal;)*) => {$(
+            $(#[$cfg])*
+            #[doc = include_str!(concat!("../docs/", $path))]
+            struct $name;
+        )*};
+    }
+    pages! {
+        ExplanationFlowControl = "explanation/flow-control.md";
+        #[cfg(feature = "postgres")]
+        ExplanationIdempotency = "explanation/idempotency.md";
+        ExplanationMembership = "explanation/membership.md";
+        HowToKubernetes = "how-to/kubernetes.md";
+        HowToLongDelayRetries = "how-to/long-delay-retries.md";
+        HowToRedriveAfterAFix = "how-to/redrive-after-a-fix.md";
+        HowToReplayAfterABadDeploy = "how-to/replay-after-a-bad-deploy.md";
+        #[cfg(feature = "otel")]
+        HowToTracing = "how-to/tracing.md";
+        Performance = "performance.md";
+        ReferenceCli = "reference/cli.md";
+        ReferenceEnvironment = "reference/environment.md";
+        ReferenceFailures = "reference/failures.md";
+        ReferenceLifecycleEvents = "reference/lifecycle-events.md";
+        ReferenceMetrics = "reference/metrics.md";
+    }
+}
