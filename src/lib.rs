@@ -99,5 +99,6 @@ mod doc_pages {
         ReferenceFailures = "reference/failures.md";
         ReferenceLifecycleEvents = "reference/lifecycle-events.md";
         ReferenceMetrics = "reference/metrics.md";
+        TutorialFirstConsumer = "tutorials/first-consumer.md";
     }
 }
