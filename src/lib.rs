@@ -99,6 +99,7 @@ mod doc_pages {
         ReferenceFailures = "reference/failures.md";
         ReferenceLifecycleEvents = "reference/lifecycle-events.md";
         ReferenceMetrics = "reference/metrics.md";
+        ReferenceSettings = "reference/settings.md";
         TutorialFirstConsumer = "tutorials/first-consumer.md";
     }
 }

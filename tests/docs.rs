@@ -2,6 +2,8 @@
 //!
 //! - every `XZEPR_*` variable named in the source is in
 //!   `docs/reference/environment.md`, and every one there is in the source;
+//! - every setting of `PipelineConfig` (and of its `retry` and `decoder`)
+//!   is in `docs/reference/settings.md`;
 //! - links between the pages (and the README) resolve, `#anchors` included,
 //!   and every `docs/….md` path the docs or the source mention exists;
 //! - every page is compiled by the doctests (listed in `src/lib.rs`), and every
@@ -14,6 +16,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use regex::Regex;
+use xzepr_consumer::pipeline::PipelineConfig;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -113,18 +116,8 @@ fn environment_reference_names_every_variable_the_code_reads() {
         "the scan found too little: {in_code:?}"
     );
 
-    // The names in the first cell of each table row of the reference.
     let page = root().join("docs/reference/environment.md");
-    let name = Regex::new(r"`(XZEPR_[A-Z0-9_]*[A-Z0-9])`").unwrap();
-    let mut in_docs = BTreeSet::new();
-    for line in prose(&read(&page)).lines() {
-        let Some(first) = line.strip_prefix('|').and_then(|l| l.split('|').next()) else {
-            continue;
-        };
-        for c in name.captures_iter(first) {
-            in_docs.insert(c[1].to_owned());
-        }
-    }
+    let in_docs = first_cells(&page, &Regex::new(r"`(XZEPR_[A-Z0-9_]*[A-Z0-9])`").unwrap());
 
     let undocumented: Vec<_> = in_code.difference(&in_docs).collect();
     let unknown: Vec<_> = in_docs.difference(&in_code).collect();
@@ -133,6 +126,38 @@ fn environment_reference_names_every_variable_the_code_reads() {
         "docs/reference/environment.md is out of step with the code:\n  \
          read or set by the code, not in the reference: {undocumented:?}\n  \
          in the reference, not in the code: {unknown:?}"
+    );
+}
+
+/// The backticked names in the first cell of each table row of `page`.
+fn first_cells(page: &Path, name: &Regex) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in prose(&read(page)).lines() {
+        let Some(first) = line.strip_prefix('|').and_then(|l| l.split('|').next()) else {
+            continue;
+        };
+        for c in name.captures_iter(first) {
+            names.insert(c[1].to_owned());
+        }
+    }
+    names
+}
+
+#[test]
+fn settings_reference_names_every_setting() {
+    let defaults = serde_json::to_value(PipelineConfig::default()).unwrap();
+    let mut settings: BTreeSet<String> = PipelineConfig::setting_names().into_iter().collect();
+    for nested in ["retry", "decoder"] {
+        let fields = defaults[nested].as_object().expect(nested);
+        settings.extend(fields.keys().map(|k| format!("{nested}.{k}")));
+    }
+    assert!(settings.len() > 30, "too few settings: {settings:?}");
+    let page = root().join("docs/reference/settings.md");
+    let documented = first_cells(&page, &Regex::new(r"`([a-z_]+(?:\.[a-z_]+)?)`").unwrap());
+    let missing: Vec<_> = settings.difference(&documented).collect();
+    assert!(
+        missing.is_empty(),
+        "docs/reference/settings.md lacks these PipelineConfig settings: {missing:?}"
     );
 }
 
