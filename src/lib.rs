@@ -96,6 +96,7 @@ mod doc_pages {
         Performance = "performance.md";
         ReferenceCli = "reference/cli.md";
         ReferenceEnvironment = "reference/environment.md";
+        ReferenceErrors = "reference/errors.md";
         ReferenceFailures = "reference/failures.md";
         ReferenceLifecycleEvents = "reference/lifecycle-events.md";
         ReferenceMetrics = "reference/metrics.md";

@@ -4,6 +4,7 @@
 //!   `docs/reference/environment.md`, and every one there is in the source;
 //! - every setting of `PipelineConfig` (and of its `retry` and `decoder`)
 //!   is in `docs/reference/settings.md`;
+//! - every variant of every public error enum is in `docs/reference/errors.md`;
 //! - links between the pages (and the README) resolve, `#anchors` included,
 //!   and every `docs/….md` path the docs or the source mention exists;
 //! - every page is compiled by the doctests (listed in `src/lib.rs`), and every
@@ -158,6 +159,47 @@ fn settings_reference_names_every_setting() {
     assert!(
         missing.is_empty(),
         "docs/reference/settings.md lacks these PipelineConfig settings: {missing:?}"
+    );
+}
+
+/// The variants of each `pub enum` deriving `thiserror::Error` in `text`:
+/// (enum, variant) pairs, read from the enum's body at one indentation.
+fn error_variants(text: &str) -> Vec<(String, String)> {
+    let head = Regex::new(
+        r"(?m)^#\[derive\([^)]*thiserror::Error[^)]*\)\]\n(?:#\[.*\]\n)*pub enum (\w+) \{\n",
+    )
+    .unwrap();
+    let variant = Regex::new(r"^    ([A-Z]\w*)\b").unwrap();
+    let mut out = Vec::new();
+    for c in head.captures_iter(text) {
+        let body = &text[c.get(0).unwrap().end()..];
+        for line in body.lines().take_while(|l| *l != "}") {
+            if let Some(v) = variant.captures(line) {
+                out.push((c[1].to_owned(), v[1].to_owned()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn errors_reference_names_every_variant() {
+    let page = read(&root().join("docs/reference/errors.md"));
+    let mut seen = 0;
+    let mut missing = Vec::new();
+    for path in files(&root().join("src"), &[".rs"]) {
+        for (en, v) in error_variants(without_unit_tests(&read(&path))) {
+            seen += 1;
+            if !page.contains(&format!("`{v}")) && !page.contains(&format!("{en}::{v}")) {
+                missing.push(format!("{en}::{v} ({})", rel(&path)));
+            }
+        }
+    }
+    assert!(seen > 50, "only {seen} error variants found");
+    assert!(
+        missing.is_empty(),
+        "docs/reference/errors.md lacks these error variants:\n{}",
+        missing.join("\n")
     );
 }
 
