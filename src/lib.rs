@@ -83,6 +83,11 @@ mod doc_pages {
         )*};
     }
     pages! {
+        ExplanationArchitecture = "explanation/architecture.md";
+        ExplanationBackpressure = "explanation/backpressure.md";
+        ExplanationCompletionMap = "explanation/completion-map.md";
+        ExplanationDecoding = "explanation/decoding.md";
+        ExplanationDeliverySemantics = "explanation/delivery-semantics.md";
         ExplanationFlowControl = "explanation/flow-control.md";
         #[cfg(feature = "postgres")]
         ExplanationIdempotency = "explanation/idempotency.md";
