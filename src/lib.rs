@@ -92,12 +92,21 @@ mod doc_pages {
         #[cfg(feature = "postgres")]
         ExplanationIdempotency = "explanation/idempotency.md";
         ExplanationMembership = "explanation/membership.md";
+        HowToFailures = "how-to/failures.md";
+        HowToIntegrateDownstreamService = "how-to/integrate_downstream_service.md";
+        HowToKafkaAuthentication = "how-to/kafka-authentication.md";
         HowToKubernetes = "how-to/kubernetes.md";
         HowToLongDelayRetries = "how-to/long-delay-retries.md";
+        HowToNonRustServices = "how-to/non-rust-services.md";
+        HowToOperating = "how-to/operating.md";
+        HowToPython = "how-to/python.md";
         HowToRedriveAfterAFix = "how-to/redrive-after-a-fix.md";
         HowToReplayAfterABadDeploy = "how-to/replay-after-a-bad-deploy.md";
+        HowToReplayAndRedrive = "how-to/replay-and-redrive.md";
         #[cfg(feature = "otel")]
         HowToTracing = "how-to/tracing.md";
+        HowToTroubleshooting = "how-to/troubleshooting.md";
+        HowToTuning = "how-to/tuning.md";
         Performance = "performance.md";
         ReferenceCli = "reference/cli.md";
         ReferenceEnvironment = "reference/environment.md";
@@ -106,6 +115,6 @@ mod doc_pages {
         ReferenceLifecycleEvents = "reference/lifecycle-events.md";
         ReferenceMetrics = "reference/metrics.md";
         ReferenceSettings = "reference/settings.md";
-        TutorialFirstConsumer = "tutorials/first-consumer.md";
+        TutorialsFirstConsumer = "tutorials/first-consumer.md";
     }
 }
