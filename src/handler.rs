@@ -1,13 +1,15 @@
 //! The handler stage: the user's work, run on each event that passes the filter.
 //!
-//! Three ways to plug work in, all on the same pipeline:
+//! The ways to plug work in, all on the same pipeline:
 //! - [`Handler`]: a trait with a blanket impl for sync closures
 //!   `|event: &CloudEvent<'_>, work: &mut Work| -> Result<(), E>`, run on worker
 //!   threads against the borrowed event (no owned decode);
 //! - [`AsyncHandler`]: async closures `|message, info| async { ... }` for I/O-bound
 //!   work, given the owned [`CloudEventMessage`];
 //! - [`MessageHandler`]: the downstream-consumer plan's `async_trait` trait, run by
-//!   [`XzeprConsumer`](crate::pipeline::XzeprConsumer).
+//!   [`XzeprConsumer`](crate::pipeline::XzeprConsumer);
+//! - [`BatchHandler`] and [`AsyncBatchHandler`]: a lane's run of events in
+//!   one call, with an outcome per event ([`BatchOutcome`]).
 
 use std::fmt;
 use std::future::Future;
@@ -18,6 +20,10 @@ use serde_json::{Map, Value};
 
 use crate::decode::{CloudEvent, CloudEventMessage};
 pub use crate::source::Timestamp;
+
+mod batch;
+pub(crate) use batch::results as batch_results;
+pub use batch::{AsyncBatchHandler, BatchEntry, BatchHandler, BatchOutcome, BATCH_MISMATCH_CODE};
 
 /// The Kafka record an event came in: key, headers and timestamp, borrowed
 /// from the message for as long as the handler runs.

@@ -19,7 +19,7 @@ use crate::config::KafkaConsumerConfig;
 use crate::decode::{Decoder, DecoderConfig};
 use crate::dispatch::{Ordering, TypeFilter};
 use crate::flow_control::{Concurrency, Limiter, RateLimit};
-use crate::handler::{AsyncHandler, Handler};
+use crate::handler::{AsyncBatchHandler, AsyncHandler, BatchHandler, Handler};
 use crate::idempotency::IdempotencyStore;
 use crate::metrics::Metrics;
 use crate::source::{Assignment, SourceError, SourceHandle, SourceOptions};
@@ -112,7 +112,8 @@ impl PipelineBuilder {
     }
 
     /// Most waiting events of one lane handed to a handler task or worker as
-    /// one job (default 64; see [`SourceOptions::batch`]).
+    /// one job (default 64; see [`SourceOptions::batch`]): also the most
+    /// events a batch handler gets in one call.
     pub fn batch(mut self, n: usize) -> Self {
         self.config.source.batch = n;
         self
@@ -434,6 +435,25 @@ impl PipelineBuilder {
     /// As both.
     pub fn start_async<H: AsyncHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
         self.build()?.start_async(handler)
+    }
+
+    /// [`PipelineBuilder::build`], then [`Pipeline::start_batch`].
+    ///
+    /// # Errors
+    /// As both.
+    pub fn start_batch<H: BatchHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
+        self.build()?.start_batch(handler)
+    }
+
+    /// [`PipelineBuilder::build`], then [`Pipeline::start_async_batch`].
+    ///
+    /// # Errors
+    /// As both.
+    pub fn start_async_batch<H: AsyncBatchHandler>(
+        self,
+        handler: H,
+    ) -> Result<RunningPipeline, crate::Error> {
+        self.build()?.start_async_batch(handler)
     }
 
     /// `report_to` is [`Pipeline::run`]'s: a start cannot wait on XZepr.

@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, TryRecvError};
 use serde_json::Value;
 
-use super::flow::{run_job, Attempts, Shared};
+use super::complete::Delivery;
+use super::flow::{one_by_one, run_job, Attempts, OneAttempt, Ready, Shared};
 use super::retry::{PANIC_CODE, TIMEOUT_CODE};
 use crate::decode::{CloudEvent, CloudEventMessage, Decoder};
 use crate::flow_control::{Limiter, Outcome};
-use crate::handler::{AsyncHandler, Handler, HandlerError, Work};
+use crate::handler::{AsyncHandler, BoxFuture, Handler, HandlerError, Work};
 use crate::metrics::Metrics;
 use crate::source::{Batch, Executor};
 
@@ -46,7 +47,7 @@ fn panicked() -> HandlerError {
 pub(crate) struct SyncAttempts<H: ?Sized> {
     pub(crate) handler: Arc<H>,
     /// This worker's jobs and dead letters not yet done (see [`run_sync_worker`]).
-    live: Arc<AtomicUsize>,
+    pub(crate) live: Arc<AtomicUsize>,
 }
 
 impl<H: Handler + ?Sized> Attempts for SyncAttempts<H> {
@@ -56,6 +57,21 @@ impl<H: Handler + ?Sized> Attempts for SyncAttempts<H> {
         Ok(())
     }
 
+    fn round<'a, D: Delivery>(
+        &'a self,
+        events: &'a mut [Ready<'_, D, ()>],
+        last: bool,
+        shared: &'a Shared,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        one_by_one(self, events, last, shared)
+    }
+
+    fn spawn_tail(&self, tail: impl Future<Output = ()> + Send + 'static) {
+        spawn_counted(&self.live, tail);
+    }
+}
+
+impl<H: Handler + ?Sized> OneAttempt for SyncAttempts<H> {
     fn attempt<'a>(
         &'a self,
         ev: &'a CloudEvent<'_>,
@@ -65,52 +81,53 @@ impl<H: Handler + ?Sized> Attempts for SyncAttempts<H> {
         shared: &'a Shared,
     ) -> impl Future<Output = Result<Value, HandlerError>> + Send + 'a {
         // Runs now, on this thread; the flow awaits only the answer.
-        let ran = call_sync(&*self.handler, ev, work, shared)
-            .map(|()| Value::Object(std::mem::take(&mut work.details)));
-        std::future::ready(ran)
-    }
-
-    fn spawn_tail(&self, tail: impl Future<Output = ()> + Send + 'static) {
-        // On this worker's own runtime, counted so the worker keeps driving it.
-        let live = Arc::clone(&self.live);
-        live.fetch_add(1, Ordering::AcqRel);
-        tokio::task::spawn_local(async move {
-            tail.await;
-            live.fetch_sub(1, Ordering::AcqRel);
-        });
+        let (ran, took) = call_sync(|| self.handler.handle(ev, work));
+        let at = (work.topic(), work.partition(), work.offset());
+        overran(shared, took, ran.is_ok(), at);
+        std::future::ready(ran.map(|()| Value::Object(std::mem::take(&mut work.details))))
     }
 }
 
-/// One call of a sync handler: panics caught, the timeout applied after the fact.
-fn call_sync<H: Handler + ?Sized>(
-    handler: &H,
-    ev: &CloudEvent<'_>,
-    work: &mut Work<'_>,
-    shared: &Shared,
-) -> Result<(), HandlerError> {
+/// Runs a tail on this worker's own runtime, counted in `live` so the worker
+/// keeps driving it.
+pub(crate) fn spawn_counted(live: &Arc<AtomicUsize>, tail: impl Future<Output = ()> + 'static) {
+    let live = Arc::clone(live);
+    live.fetch_add(1, Ordering::AcqRel);
+    tokio::task::spawn_local(async move {
+        tail.await;
+        live.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+/// One call of a sync handler (or batch handler), panics caught, and how long
+/// it took (for [`overran`]).
+pub(crate) fn call_sync<T>(
+    call: impl FnOnce() -> Result<T, HandlerError>,
+) -> (Result<T, HandlerError>, Duration) {
     let began = Instant::now();
     // The handler is user code: a panic fails this event, never the worker.
-    let result = catch_unwind(AssertUnwindSafe(|| handler.handle(ev, work)))
-        .unwrap_or_else(|_| Err(panicked()));
-    if let Some(limit) = shared.handler_timeout {
-        let took = began.elapsed();
-        if took > limit {
-            // It cannot be cancelled, so its outcome stands: a success did its
-            // work, and turning it into a (retryable) timeout would run that
-            // work again. The overrun is counted and logged.
-            Metrics::add(&shared.metrics.handler_timeouts, 1);
-            tracing::warn!(
-                topic = work.topic(),
-                partition = work.partition(),
-                offset = work.offset(),
-                took_ms = took.as_millis() as u64,
-                limit_ms = limit.as_millis() as u64,
-                succeeded = result.is_ok(),
-                "Sync handler ran past its timeout; its outcome stands."
-            );
-        }
-    }
-    result
+    let result = catch_unwind(AssertUnwindSafe(call)).unwrap_or_else(|_| Err(panicked()));
+    (result, began.elapsed())
+}
+
+/// Applies the timeout to a sync call after the fact: it cannot be
+/// cancelled, so its outcome stands (a success did its work, and turning it
+/// into a retryable timeout would run that work again); an overrun is
+/// counted and logged at `at`, the (first) event's place.
+pub(crate) fn overran(shared: &Shared, took: Duration, succeeded: bool, at: (&str, i32, i64)) {
+    let Some(limit) = shared.handler_timeout.filter(|limit| took > *limit) else {
+        return;
+    };
+    Metrics::add(&shared.metrics.handler_timeouts, 1);
+    tracing::warn!(
+        topic = at.0,
+        partition = at.1,
+        offset = at.2,
+        took_ms = took.as_millis() as u64,
+        limit_ms = limit.as_millis() as u64,
+        succeeded,
+        "Sync handler ran past its timeout; its outcome stands."
+    );
 }
 
 /// An async handler's attempts: awaited, cancelled at the timeout; under an
@@ -127,6 +144,21 @@ impl<H: AsyncHandler + ?Sized> Attempts for AsyncAttempts<H> {
         ev.to_owned_message()
     }
 
+    fn round<'a, D: Delivery>(
+        &'a self,
+        events: &'a mut [Ready<'_, D, CloudEventMessage>],
+        last: bool,
+        shared: &'a Shared,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        one_by_one(self, events, last, shared)
+    }
+
+    fn spawn_tail(&self, tail: impl Future<Output = ()> + Send + 'static) {
+        tokio::spawn(tail);
+    }
+}
+
+impl<H: AsyncHandler + ?Sized> OneAttempt for AsyncAttempts<H> {
     fn attempt<'a>(
         &'a self,
         _: &'a CloudEvent<'_>,
@@ -141,24 +173,36 @@ impl<H: AsyncHandler + ?Sized> Attempts for AsyncAttempts<H> {
             let Some(message) = message else {
                 return Err(panicked());
             };
-            let Some(limit) = &self.limit else {
-                return run_handler(&*self.handler, message, work, shared).await;
-            };
-            let permit = limit.acquire().await;
-            let ran = run_handler(&*self.handler, message, work, shared).await;
-            permit.release(limit_outcome(&ran));
-            ran
+            let call = || self.handler.handle(message, work.info());
+            limited(
+                self.limit.as_ref(),
+                run_handler(call, shared),
+                limit_outcome,
+            )
+            .await
         }
     }
+}
 
-    fn spawn_tail(&self, tail: impl Future<Output = ()> + Send + 'static) {
-        tokio::spawn(tail);
-    }
+/// `call` under `limit` (when adaptive): a permit first, given back with the
+/// call's latency and what `outcome` makes of its answer.
+pub(crate) async fn limited<T>(
+    limit: Option<&Limiter>,
+    call: impl Future<Output = T>,
+    outcome: impl FnOnce(&T) -> Outcome,
+) -> T {
+    let Some(limit) = limit else {
+        return call.await;
+    };
+    let permit = limit.acquire().await;
+    let ran = call.await;
+    permit.release(outcome(&ran));
+    ran
 }
 
 /// What a handler call says about the service behind it: its timeouts and
 /// its `overloaded` errors are congestion; any other answer's latency counts.
-fn limit_outcome(ran: &Result<Value, HandlerError>) -> Outcome {
+pub(crate) fn limit_outcome<T>(ran: &Result<T, HandlerError>) -> Outcome {
     match ran {
         Err(e) if e.code() == Some(TIMEOUT_CODE) => Outcome::Timeout,
         Err(e) if e.is_overloaded() => Outcome::Overloaded {
@@ -168,15 +212,14 @@ fn limit_outcome(ran: &Result<Value, HandlerError>) -> Outcome {
     }
 }
 
-/// The handler's future, with panics caught and the timeout applied.
-async fn run_handler<H: AsyncHandler + ?Sized>(
-    handler: &H,
-    message: CloudEventMessage,
-    work: &Work<'_>,
+/// A handler's (or batch handler's) future, with panics caught and the
+/// timeout applied.
+pub(crate) async fn run_handler<T>(
+    call: impl FnOnce() -> BoxFuture<Result<T, HandlerError>>,
     shared: &Shared,
-) -> Result<Value, HandlerError> {
+) -> Result<T, HandlerError> {
     // A panic while building the future fails the event too.
-    let Ok(fut) = catch_unwind(AssertUnwindSafe(|| handler.handle(message, work.info()))) else {
+    let Ok(fut) = catch_unwind(AssertUnwindSafe(call)) else {
         return Err(panicked());
     };
     let fut = CatchUnwind(fut);
@@ -207,15 +250,15 @@ impl<F: Future + Unpin> Future for CatchUnwind<F> {
     }
 }
 
-/// Async handlers: a tokio task per job.
-pub(crate) struct AsyncExecutor<H: ?Sized> {
+/// Async handlers (one event or a batch): a tokio task per job.
+pub(crate) struct AsyncExecutor<A> {
     pub(crate) runtime: tokio::runtime::Handle,
-    pub(crate) attempts: Arc<AsyncAttempts<H>>,
+    pub(crate) attempts: Arc<A>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) decoder: Arc<Decoder>,
 }
 
-impl<H: AsyncHandler + ?Sized> Executor for AsyncExecutor<H> {
+impl<A: Attempts + Send + Sync + 'static> Executor for AsyncExecutor<A> {
     fn execute(&self, batch: Batch) -> Result<(), Batch> {
         let (attempts, shared, decoder) = (
             Arc::clone(&self.attempts),
@@ -242,18 +285,18 @@ const INTAKE_TICK: Duration = Duration::from_millis(2);
 /// A worker thread: drives its jobs' flows on `runtime` (its own, one
 /// thread) until the job channel closes and every job and dead letter of its
 /// own is done.
-pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
+///
+/// `live` counts the worker's jobs and tails still waiting; `attempts`
+/// counts its tails there too ([`spawn_counted`]).
+pub(crate) fn run_sync_worker<A: Attempts + 'static>(
     jobs: Receiver<Batch>,
     runtime: tokio::runtime::Runtime,
-    handler: Arc<H>,
+    live: Arc<AtomicUsize>,
+    attempts: A,
     shared: Arc<Shared>,
     decoder: Arc<Decoder>,
 ) {
-    let live = Arc::new(AtomicUsize::new(0));
-    let attempts = Arc::new(SyncAttempts {
-        handler,
-        live: Arc::clone(&live),
-    });
+    let attempts = Arc::new(attempts);
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async {
         loop {
@@ -282,12 +325,7 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
             );
             let mut job = Box::pin(async move { run_job(batch, &*a, &sh, &dec).await });
             if std::future::poll_fn(|cx| Poll::Ready(job.as_mut().poll(cx).is_pending())).await {
-                live.fetch_add(1, Ordering::AcqRel);
-                let live = Arc::clone(&live);
-                tokio::task::spawn_local(async move {
-                    job.await;
-                    live.fetch_sub(1, Ordering::AcqRel);
-                });
+                spawn_counted(&live, job);
             }
             if live.load(Ordering::Acquire) > 0 {
                 // Let the waiting jobs that woke run before the next job.
@@ -296,6 +334,9 @@ pub(crate) fn run_sync_worker<H: Handler + ?Sized>(
         }
     });
 }
+
+mod batch;
+pub(crate) use batch::{AsyncBatchAttempts, SyncBatchAttempts};
 
 #[cfg(test)]
 mod tests;

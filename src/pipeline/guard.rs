@@ -52,6 +52,9 @@ pub(crate) enum Skip {
     /// The partition was revoked while the event waited: drop it unhandled (the
     /// new owner has it).
     Stale,
+    /// The key is busy and the caller may not wait (a batch run holding
+    /// claims of its own: see the flow's `run_batch`).
+    Busy,
 }
 
 impl Skip {
@@ -64,6 +67,8 @@ impl Skip {
                 Metrics::add(&metrics.stale_dropped, 1);
                 drop(d);
             }
+            // Dropped unfinished, it is held; the flow takes it up instead.
+            Skip::Busy => drop(d),
         }
     }
 }
@@ -98,11 +103,14 @@ impl Guard {
     /// slow XZepr takes, and a duplicate of the key must find it busy meanwhile, not
     /// expired. Marking the key done when the handler returns instead would let a
     /// crash before the posts land skip the replayed event's posts for good.
+    ///
+    /// Without `wait`, a busy key is [`Skip::Busy`] at once.
     pub(crate) async fn admit<D: Delivery>(
         &self,
         key: &str,
         d: &D,
         metrics: &Metrics,
+        wait: bool,
     ) -> Result<Mark, Skip> {
         let mut pause = FIRST_PAUSE;
         let mut logged = false;
@@ -119,6 +127,7 @@ impl Guard {
                     Metrics::add(&metrics.duplicates, 1);
                     return Err(Skip::Duplicate);
                 }
+                Ok(Begin::Busy) if !wait => return Err(Skip::Busy),
                 Ok(Begin::Busy) => {}
                 Err(e) if e.is_retryable() => {
                     Metrics::add(&metrics.idempotency_errors, 1);
@@ -256,7 +265,7 @@ mod tests {
                 .enable_time()
                 .build()
                 .unwrap();
-            let admitted = own.block_on(g.admit("k", &d, &m));
+            let admitted = own.block_on(g.admit("k", &d, &m, true));
             let stale = matches!(admitted, Err(Skip::Stale));
             if let Err(skip) = admitted {
                 skip.apply(d, &m);

@@ -41,7 +41,7 @@ mod sink;
 use std::sync::Arc;
 
 use crate::config::KafkaConsumerConfig;
-use crate::handler::AsyncHandler;
+use crate::handler::{AsyncBatchHandler, AsyncHandler};
 use crate::metrics::MetricsSnapshot;
 use crate::source::SourceError;
 
@@ -148,6 +148,49 @@ impl Pipeline {
         W: FnOnce(Arc<RunningPipeline>) -> F,
         F: std::future::Future<Output = ()>,
     {
+        self.run_with(|p| p.start_async(handler), watch).await
+    }
+
+    /// [`Pipeline::run`] with an async batch handler (see
+    /// [`Pipeline::start_async_batch`]).
+    ///
+    /// # Errors
+    /// As [`Pipeline::run`].
+    pub async fn run_batch<H, F>(self, handler: H, shutdown: F) -> Result<Summary, crate::Error>
+    where
+        H: AsyncBatchHandler,
+        F: std::future::Future<Output = ()>,
+    {
+        self.run_batch_watching(handler, |_| shutdown).await
+    }
+
+    /// [`Pipeline::run_watching`] with an async batch handler.
+    ///
+    /// # Errors
+    /// As [`Pipeline::run`].
+    pub async fn run_batch_watching<H, W, F>(
+        self,
+        handler: H,
+        watch: W,
+    ) -> Result<Summary, crate::Error>
+    where
+        H: AsyncBatchHandler,
+        W: FnOnce(Arc<RunningPipeline>) -> F,
+        F: std::future::Future<Output = ()>,
+    {
+        self.run_with(|p| p.start_async_batch(handler), watch).await
+    }
+
+    /// The run cycle, with the pipeline started by `start`.
+    async fn run_with<W, F>(
+        self,
+        start: impl FnOnce(Pipeline) -> Result<RunningPipeline, crate::Error>,
+        watch: W,
+    ) -> Result<Summary, crate::Error>
+    where
+        W: FnOnce(Arc<RunningPipeline>) -> F,
+        F: std::future::Future<Output = ()>,
+    {
         let mut b = self.b;
         let reporting = match b.reporting.take() {
             Some(r) => {
@@ -157,7 +200,7 @@ impl Pipeline {
             }
             None => None,
         };
-        let running = Arc::new(Pipeline { b }.start_async(handler)?);
+        let running = Arc::new(start(Pipeline { b })?);
         tokio::select! {
             () = watch(Arc::clone(&running)) => {}
             () = running.stopped() => {}

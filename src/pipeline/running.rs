@@ -4,11 +4,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::execute::{self, AsyncAttempts, AsyncExecutor};
+use std::sync::atomic::AtomicUsize;
+
+use super::execute::{
+    self, AsyncAttempts, AsyncBatchAttempts, AsyncExecutor, SyncAttempts, SyncBatchAttempts,
+};
+use super::flow::Attempts;
 use super::{Pipeline, PipelineError};
 use crate::decode::Decoder;
 use crate::flow_control::{Concurrency, Limiter};
-use crate::handler::{AsyncHandler, Handler};
+use crate::handler::{AsyncBatchHandler, AsyncHandler, BatchHandler, Handler};
 use crate::metrics::{Metrics, MetricsSnapshot};
 use crate::source::{Executor, Source, SourceError, SourceHandle, SourceOptions};
 
@@ -20,6 +25,36 @@ impl Pipeline {
     /// [`crate::Error::Config`] / [`crate::Error::Source`] for bad settings or a
     /// consumer librdkafka refuses; [`crate::Error::Decode`] for bad decoder limits.
     pub fn start<H: Handler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
+        let handler = Arc::new(handler);
+        let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
+        self.start_sync(Some(hooks), move |live| SyncAttempts {
+            handler: Arc::clone(&handler),
+            live,
+        })
+    }
+
+    /// Starts the pipeline with a sync batch handler: each job (a lane's run
+    /// of up to [`PipelineBuilder::batch`](super::PipelineBuilder::batch)
+    /// events, in the ordering mode's order) is one call on a worker thread,
+    /// with an outcome per event; everything else stays per event (see
+    /// [`BatchHandler`]).
+    ///
+    /// # Errors
+    /// As [`Pipeline::start`].
+    pub fn start_batch<H: BatchHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
+        let handler = Arc::new(handler);
+        self.start_sync(None, move |live| SyncBatchAttempts {
+            handler: Arc::clone(&handler),
+            live,
+        })
+    }
+
+    /// Starts the sync workers, each with the attempts `attempts` makes.
+    fn start_sync<A: Attempts + Send + Sync + 'static>(
+        self,
+        hooks: Option<Arc<dyn crate::source::RebalanceHooks>>,
+        attempts: impl Fn(Arc<AtomicUsize>) -> A,
+    ) -> Result<RunningPipeline, crate::Error> {
         let mut b = self.b;
         b.no_reporting()?;
         if b.config.source.max_in_flight.is_adaptive() {
@@ -42,9 +77,7 @@ impl Pipeline {
         let listener = b.bind_metrics()?;
         let producers = b.producers()?;
         let decoder = Arc::new(Decoder::new(b.config.decoder.clone())?);
-        let handler = Arc::new(handler);
         let (tx, rx) = crossbeam_channel::bounded(b.config.source.max_in_flight.max().max(1));
-        let hooks = Arc::new(HandlerHooks(Arc::clone(&handler)));
         // Each worker drives its jobs' flows on a runtime of its own, made
         // before anything starts so a failure to make one fails here.
         let mut runtimes = Vec::with_capacity(b.config.workers);
@@ -59,7 +92,7 @@ impl Pipeline {
         let source = Source::start_with(
             &kafka,
             options,
-            Some(hooks),
+            hooks,
             // Sync handlers: one job channel read by every worker thread.
             Box::new(crate::source::ChannelExecutor(tx)),
         )?;
@@ -71,10 +104,14 @@ impl Pipeline {
             let guard = guard_runtime.as_ref();
             let shared = b.shared(&m, guard, &producers, true, &room);
             metrics.push(m);
-            let (rx, handler, decoder) = (rx.clone(), Arc::clone(&handler), Arc::clone(&decoder));
+            let (rx, decoder) = (rx.clone(), Arc::clone(&decoder));
+            let live = Arc::new(AtomicUsize::new(0));
+            let attempts = attempts(Arc::clone(&live));
             let spawned = std::thread::Builder::new()
                 .name(format!("xzepr-worker-{i}"))
-                .spawn(move || execute::run_sync_worker(rx, runtime, handler, shared, decoder));
+                .spawn(move || {
+                    execute::run_sync_worker(rx, runtime, live, attempts, shared, decoder)
+                });
             match spawned {
                 Ok(w) => workers.push(w),
                 Err(e) => {
@@ -94,6 +131,31 @@ impl Pipeline {
     /// As [`Pipeline::start`]; also [`SourceError::InvalidOption`] when there
     /// is no tokio runtime to drive the handler.
     pub fn start_async<H: AsyncHandler>(self, handler: H) -> Result<RunningPipeline, crate::Error> {
+        let handler = Arc::new(handler);
+        self.start_tasks(|limit| AsyncAttempts { handler, limit })
+    }
+
+    /// Starts the pipeline with an async batch handler: each job (a lane's
+    /// run of up to [`PipelineBuilder::batch`](super::PipelineBuilder::batch)
+    /// events) is one awaited call, with an outcome per event; everything
+    /// else stays per event (see [`AsyncBatchHandler`]).
+    ///
+    /// # Errors
+    /// As [`Pipeline::start_async`].
+    pub fn start_async_batch<H: AsyncBatchHandler>(
+        self,
+        handler: H,
+    ) -> Result<RunningPipeline, crate::Error> {
+        let handler = Arc::new(handler);
+        self.start_tasks(|limit| AsyncBatchAttempts { handler, limit })
+    }
+
+    /// Starts the pipeline with its jobs as tokio tasks, with the attempts
+    /// `attempts` makes (given the handler's limit when it is adaptive).
+    fn start_tasks<A: Attempts + Send + Sync + 'static>(
+        self,
+        attempts: impl FnOnce(Option<Limiter>) -> A,
+    ) -> Result<RunningPipeline, crate::Error> {
         let mut b = self.b;
         b.no_reporting()?;
         let limit = Limiter::new("handler", b.config.source.max_in_flight);
@@ -109,10 +171,7 @@ impl Pipeline {
         let executor: Box<dyn Executor> = Box::new(AsyncExecutor {
             shared: b.shared(&metrics, Some(&runtime), &producers, false, &b.tail_room()),
             runtime,
-            attempts: Arc::new(AsyncAttempts {
-                handler: Arc::new(handler),
-                limit,
-            }),
+            attempts: Arc::new(attempts(limit)),
             decoder: Arc::new(Decoder::new(b.config.decoder.clone())?),
         });
         let (kafka, options) = b.source_settings();
