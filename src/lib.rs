@@ -22,7 +22,7 @@
 //! | decode | [`decode`] | borrowed [`decode::CloudEvent`] views into that one copy; `data` decoded only on demand |
 //! | dispatch | [`dispatch`] | type filter, the service's own receivers, and the lane scheduler: what may run next under the ordering mode, up to `max_in_flight` |
 //! | flow | [`pipeline`] (`flow`, `execute`) | one per-event flow for every handler; the sync/async difference is how an attempt runs (worker thread or tokio task), with panics caught and timeouts applied |
-//! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`] |
+//! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`]; a lane's run in one call: [`handler::BatchHandler`], [`handler::AsyncBatchHandler`] |
 //! | lifecycle | [`pipeline`] (`delivery`, `complete`, `deadletter`, `guard`, `sink`) | a message with its offset's fate; acknowledgements gate each offset; malformed-message policy; dead letters; idempotency claims |
 //! | report | [`client`], [`report`] | pooled XZepr REST client ([`client::HttpTransport`]) and receiver discovery; the lifecycle vocabulary ([`client::Status`], [`report::OwnedWork`]); bounded, coalescing, retrying lifecycle reporter with a breaker |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
@@ -92,6 +92,7 @@ mod doc_pages {
         #[cfg(feature = "postgres")]
         ExplanationIdempotency = "explanation/idempotency.md";
         ExplanationMembership = "explanation/membership.md";
+        HowToBatchHandlers = "how-to/batch-handlers.md";
         HowToFailures = "how-to/failures.md";
         HowToIntegrateDownstreamService = "how-to/integrate_downstream_service.md";
         HowToKafkaAuthentication = "how-to/kafka-authentication.md";

@@ -5,6 +5,7 @@
 //! - every setting of `PipelineConfig` (and of its `retry` and `decoder`)
 //!   is in `docs/reference/settings.md`;
 //! - every variant of every public error enum is in `docs/reference/errors.md`;
+//! - the architecture page's diagram and stage table are the crate docs';
 //! - links between the pages (and the README) resolve, `#anchors` included,
 //!   and every `docs/….md` path the docs or the source mention exists;
 //! - every page is compiled by the doctests (listed in `src/lib.rs`), and every
@@ -200,6 +201,34 @@ fn errors_reference_names_every_variant() {
         missing.is_empty(),
         "docs/reference/errors.md lacks these error variants:\n{}",
         missing.join("\n")
+    );
+}
+
+#[test]
+fn architecture_page_is_the_crate_docs_map() {
+    // The crate docs' lines from the diagram to the end of the stage table,
+    // intra-doc links as plain code, as the page shows them.
+    let intra = Regex::new(r"\[(`[^`]+`)\]").unwrap();
+    let lib = read(&root().join("src/lib.rs"));
+    let docs: Vec<String> = lib
+        .lines()
+        .filter_map(|l| l.strip_prefix("//!"))
+        .map(|l| {
+            intra
+                .replace_all(l.strip_prefix(' ').unwrap_or(l), "$1")
+                .into_owned()
+        })
+        .skip_while(|l| !l.starts_with("```text"))
+        .collect();
+    let map_end = docs
+        .iter()
+        .rposition(|l| l.starts_with('|'))
+        .expect("the crate docs have a stage table");
+    let map = docs[..=map_end].join("\n");
+    let page = read(&root().join("docs/explanation/architecture.md"));
+    assert!(
+        page.contains(&map),
+        "docs/explanation/architecture.md should hold the crate docs' map (src/lib.rs, from the diagram to the stage table) verbatim:\n\n{map}"
     );
 }
 
