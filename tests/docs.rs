@@ -7,7 +7,8 @@
 //! - every variant of every public error enum is in `docs/reference/errors.md`;
 //! - the architecture page's diagram and stage table are the crate docs';
 //! - links between the pages (and the README) resolve, `#anchors` included,
-//!   and every `docs/….md` path the docs or the source mention exists;
+//!   every `docs/….md` path the docs or the source mention exists, and the
+//!   README links every page;
 //! - every page is compiled by the doctests (listed in `src/lib.rs`), and every
 //!   fenced block says what language it is (a bare fence would be compiled as
 //!   Rust, or a Rust one silently skipped);
@@ -292,6 +293,20 @@ fn links_between_pages_resolve() {
         }
     }
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
+}
+
+#[test]
+fn the_readme_links_every_page() {
+    let readme = read(&root().join("README.md"));
+    let unlinked: Vec<String> = files(&root().join("docs"), &[".md"])
+        .into_iter()
+        .map(|p| rel(&p))
+        .filter(|page| !readme.contains(&format!("]({page})")))
+        .collect();
+    assert!(
+        unlinked.is_empty(),
+        "pages the README's documentation map does not link: {unlinked:?}"
+    );
 }
 
 #[test]
