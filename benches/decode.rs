@@ -1,5 +1,7 @@
 //! Decode-stage benchmark: our borrowed decoder against the alternatives, on the
-//! three good vectors (small system event, ~1 KB deployment event, ~8 KB event).
+//! good vectors: a small system event, a ~1 KB deployment event, an ~8 KB
+//! event, and 17 KB and 67 KB events whose `data` is mostly long log strings
+//! (non-ASCII, an escape every ~120 bytes).
 //!
 //! `cargo bench --bench decode`
 
@@ -12,7 +14,13 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use xzepr_consumer::decode::{CloudEventData, CloudEventMessage, Decoder, DecoderConfig};
 
-const VECTORS: [&str; 3] = ["system-small.json", "deployment-1k.json", "large-8k.json"];
+const VECTORS: [&str; 5] = [
+    "system-small.json",
+    "deployment-1k.json",
+    "large-8k.json",
+    "large-16k-strings.json",
+    "large-64k-strings.json",
+];
 
 fn vector(name: &str) -> Vec<u8> {
     let path = format!("{}/tests/data/{name}", env!("CARGO_MANIFEST_DIR"));

@@ -4,6 +4,7 @@
 //! a local HTTP server.
 #![cfg(feature = "cli")]
 
+mod cli_support;
 mod kafka_support;
 
 use std::collections::{HashMap, HashSet};
@@ -25,6 +26,7 @@ use serde_json::Value;
 use xzepr_consumer::devstack::{KafkaSink, StandIn};
 use xzepr_consumer::generate::xzepr_event;
 
+use cli_support::{http_get, metrics_addr};
 use kafka_support::{committed, end_offsets, produce_keyed};
 
 const BIN: &str = env!("CARGO_BIN_EXE_xzepr-consumer");
@@ -557,34 +559,6 @@ fn run_forward_structured_sends_the_whole_event() {
         got.insert(event["id"].as_str().unwrap().to_owned());
     }
     assert_eq!(got, wanted.into_iter().collect(), "only the wanted types");
-}
-
-/// The address `run` logged for its metrics endpoint.
-fn metrics_addr(stderr: &str) -> String {
-    let line = stderr
-        .lines()
-        .find(|l| l.contains("Serving /metrics"))
-        .unwrap_or_else(|| panic!("no metrics address logged:\n{stderr}"));
-    let at = line.find("127.0.0.1:").expect("an address");
-    let port: String = line[at + "127.0.0.1:".len()..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    format!("127.0.0.1:{port}")
-}
-
-/// A plain HTTP/1.1 GET; the whole response as text.
-fn http_get(addr: &str, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 #[test]

@@ -90,7 +90,10 @@ impl Consumer {
     /// Start-up failures (XZepr unreachable, the metrics address taken, a
     /// consumer librdkafka refuses) come from `join`.
     #[new]
-    #[pyo3(signature = (config, settings, *, client = None, reporting = None, idempotency = None))]
+    ///
+    /// With `batch`, the handler takes a lane's run at once: its events are
+    /// parked together, under one group key (see `take`).
+    #[pyo3(signature = (config, settings, *, client = None, reporting = None, idempotency = None, batch = false))]
     fn new(
         py: Python<'_>,
         config: KafkaArgs,
@@ -98,6 +101,7 @@ impl Consumer {
         client: Option<PyRef<'_, Client>>,
         reporting: Option<ReportingArgs>,
         idempotency: Option<Store>,
+        batch: bool,
     ) -> PyResult<Self> {
         let kafka = config.to_config(py)?;
         let service = kafka.service_name.clone();
@@ -130,17 +134,19 @@ impl Consumer {
         let shared = Arc::clone(&state);
         let watched = Arc::clone(&state);
         let run = rt.spawn(async move {
-            let ended = pipeline
-                .run_watching(bridge, move |running| async move {
-                    if let Ok(mut s) = watched.lock() {
-                        s.running = Arc::downgrade(&running);
-                    }
-                    // A stop asked for before the pipeline ran stops it now.
-                    if !*stopped.borrow_and_update() {
-                        let _ = stopped.changed().await;
-                    }
-                })
-                .await;
+            let watch = move |running: Arc<RunningPipeline>| async move {
+                if let Ok(mut s) = watched.lock() {
+                    s.running = Arc::downgrade(&running);
+                }
+                // A stop asked for before the pipeline ran stops it now.
+                if !*stopped.borrow_and_update() {
+                    let _ = stopped.changed().await;
+                }
+            };
+            let ended = match batch {
+                true => pipeline.run_batch_watching(bridge, watch).await,
+                false => pipeline.run_watching(bridge, watch).await,
+            };
             if let (Ok(summary), Ok(mut s)) = (&ended, shared.lock()) {
                 s.last = Some(summary.metrics);
             }
@@ -154,8 +160,8 @@ impl Consumer {
         })
     }
 
-    /// Up to `max` parked events as `(key, CloudEventMessage, Token)`, without
-    /// waiting.
+    /// Up to `max` parked events as `(key, CloudEventMessage, Token, group)`,
+    /// without waiting; `group` is the batch's key (never split), or None.
     fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
         self.inbox.take(py, max)
     }

@@ -27,7 +27,9 @@ use pyo3::types::{PyList, PyTuple};
 use serde_json::Value;
 use tokio::sync::oneshot;
 use xzepr_consumer::decode::CloudEventMessage;
-use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
+use xzepr_consumer::handler::{
+    AsyncBatchHandler, AsyncHandler, BatchOutcome, BoxFuture, HandlerError, WorkInfo,
+};
 
 use crate::bridge::Wake;
 use crate::convert::{message_to_py, py_to_value, record_to_py};
@@ -39,6 +41,8 @@ type Reply = oneshot::Sender<Result<Value, HandlerError>>;
 struct Parked {
     /// Names the event's asyncio task on the loop side.
     key: u64,
+    /// The batch it came in (its events are parked and taken together).
+    group: Option<u64>,
     message: CloudEventMessage,
     info: WorkInfo,
     reply: Reply,
@@ -78,13 +82,17 @@ impl Inbox {
         self.wake.signal();
     }
 
-    /// Up to `max` parked events as `(key, CloudEventMessage, Token)`, without
-    /// waiting. Events the pipeline gave up on while they were parked are
-    /// dropped here, unrun.
+    /// Up to `max` parked events as `(key, CloudEventMessage, Token, group)`,
+    /// without waiting; a batch is never split (it may take `max` past).
+    /// Events the pipeline gave up on while they were parked are dropped
+    /// here, unrun.
     pub(crate) fn take<'py>(&self, py: Python<'py>, max: usize) -> PyResult<Bound<'py, PyList>> {
         let parked: Vec<Parked> = {
             let mut q = self.queue.lock().map_err(|_| poisoned())?;
-            let n = q.len().min(max);
+            let mut n = q.len().min(max);
+            while n > 0 && n < q.len() && q[n].group.is_some() && q[n].group == q[n - 1].group {
+                n += 1;
+            }
             q.drain(..n).collect()
         };
         let out = PyList::empty(py);
@@ -102,7 +110,8 @@ impl Inbox {
                     info: p.info,
                 },
             )?;
-            out.append(PyTuple::new(py, [key, message, token.into_any()])?)?;
+            let group = p.group.into_pyobject(py)?.into_any();
+            out.append(PyTuple::new(py, [key, message, token.into_any(), group])?)?;
         }
         Ok(out)
     }
@@ -137,44 +146,106 @@ impl AsyncHandler for Bridge {
         message: CloudEventMessage,
         info: WorkInfo,
     ) -> BoxFuture<Result<Value, HandlerError>> {
-        let (reply, answer) = oneshot::channel();
         let inbox = Arc::clone(&self.0);
-        let key = inbox.next_key.fetch_add(1, SeqCst);
+        Box::pin(async move {
+            let (parked, answer) = inbox.parked(None, message, info);
+            inbox.park(vec![parked])?;
+            inbox.answer(answer).await
+        })
+    }
+}
+
+impl AsyncBatchHandler for Bridge {
+    /// Parks the batch's events together (one group) and waits for each
+    /// one's answer: a Python exception fails its own event only.
+    fn handle_batch(
+        &self,
+        batch: Vec<(CloudEventMessage, WorkInfo)>,
+    ) -> BoxFuture<Result<Vec<BatchOutcome>, HandlerError>> {
+        let inbox = Arc::clone(&self.0);
+        Box::pin(async move {
+            let group = Some(inbox.next_key.fetch_add(1, SeqCst));
+            let (parked, answers): (Vec<_>, Vec<_>) = batch
+                .into_iter()
+                .map(|(message, info)| inbox.parked(group, message, info))
+                .unzip();
+            inbox.park(parked)?;
+            // In turn: the call ends with its last answer anyway, and every
+            // guard is already made, so a drop (a timeout) tells of them all.
+            let mut outcomes = Vec::with_capacity(answers.len());
+            for a in answers {
+                outcomes.push(match inbox.answer(a).await {
+                    Ok(details) => BatchOutcome::Done(details),
+                    Err(e) if e.is_permanent() => BatchOutcome::Failed(e),
+                    Err(e) => BatchOutcome::Retry(e),
+                });
+            }
+            Ok(outcomes)
+        })
+    }
+}
+
+/// Where an event's answer comes, with the guard that tells the loop when
+/// it is given up.
+struct Answer {
+    guard: Unanswered,
+    answer: oneshot::Receiver<Result<Value, HandlerError>>,
+}
+
+impl Inbox {
+    fn parked(
+        self: &Arc<Self>,
+        group: Option<u64>,
+        message: CloudEventMessage,
+        info: WorkInfo,
+    ) -> (Parked, Answer) {
+        let (reply, answer) = oneshot::channel();
+        let key = self.next_key.fetch_add(1, SeqCst);
         let parked = Parked {
             key,
+            group,
             message,
             info,
             reply,
         };
-        Box::pin(async move {
-            match inbox.queue.lock() {
-                Ok(mut q) => q.push_back(parked),
-                Err(_) => return Err(HandlerError::with_code("inbox lock poisoned", "internal")),
-            }
-            inbox.wake.signal();
-            let mut guard = Unanswered {
-                inbox,
-                key,
-                answered: false,
-            };
-            let answer = answer.await;
-            guard.answered = true;
-            match answer {
-                Ok(result) => result,
-                // The loop dropped the token unanswered while stopping (a
-                // KeyboardInterrupt, a broken executor, a task cancelled at the
-                // stop): never report or finish it. Waiting lets the drain
-                // cancel this future, which leaves the offset held, so a
-                // restart replays the event.
-                Err(_) if guard.inbox.stopping.load(SeqCst) => std::future::pending().await,
-                // Otherwise a bug on the loop side: failing the event keeps its
-                // lane moving.
-                Err(_) => Err(HandlerError::with_code(
-                    "the handler's task ended without an answer",
-                    "unanswered",
-                )),
-            }
-        })
+        let guard = Unanswered {
+            inbox: Arc::clone(self),
+            key,
+            answered: false,
+        };
+        (parked, Answer { guard, answer })
+    }
+
+    /// Parks events for the loop, together.
+    fn park(&self, parked: Vec<Parked>) -> Result<(), HandlerError> {
+        match self.queue.lock() {
+            Ok(mut q) => q.extend(parked),
+            Err(_) => return Err(HandlerError::with_code("inbox lock poisoned", "internal")),
+        }
+        self.wake.signal();
+        Ok(())
+    }
+
+    /// Waits for the loop's answer to one parked event.
+    async fn answer(&self, a: Answer) -> Result<Value, HandlerError> {
+        let Answer { mut guard, answer } = a;
+        let answer = answer.await;
+        guard.answered = true;
+        match answer {
+            Ok(result) => result,
+            // The loop dropped the token unanswered while stopping (a
+            // KeyboardInterrupt, a broken executor, a task cancelled at the
+            // stop): never report or finish it. Waiting lets the drain
+            // cancel this future, which leaves the offset held, so a
+            // restart replays the event.
+            Err(_) if self.stopping.load(SeqCst) => std::future::pending().await,
+            // Otherwise a bug on the loop side: failing the event keeps its
+            // lane moving.
+            Err(_) => Err(HandlerError::with_code(
+                "the handler's task ended without an answer",
+                "unanswered",
+            )),
+        }
     }
 }
 
@@ -209,14 +280,17 @@ impl Token {
     }
 
     /// The handler raised: posted as `failed` with `error` "{error_type}: {message}"
-    /// and `error_code` the exception's type name.
-    fn fail(&self, error_type: &str, message: &str) -> PyResult<bool> {
+    /// and `error_code` the exception's type name. A `permanent` failure is
+    /// never retried.
+    #[pyo3(signature = (error_type, message, permanent = false))]
+    fn fail(&self, error_type: &str, message: &str, permanent: bool) -> PyResult<bool> {
         let text = if message.is_empty() {
             error_type.to_owned()
         } else {
             format!("{error_type}: {message}")
         };
-        self.answer(Err(HandlerError::with_code(text, error_type)))
+        let e = HandlerError::with_code(text, error_type);
+        self.answer(Err(if permanent { e.permanent() } else { e }))
     }
 
     /// Whether the answer can no longer matter: already given, or the pipeline

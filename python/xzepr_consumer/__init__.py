@@ -17,10 +17,11 @@ from .config import (
     SecurityProtocol,
     SslConfig,
 )
-from .consumer import MessageHandler, XzeprConsumer
+from .consumer import BatchCallback, BatchResult, MessageHandler, XzeprConsumer
 from .errors import (
     ConfigError,
     DecodeError,
+    PermanentError,
     XzeprApiError,
     XzeprAuthError,
     XzeprClientError,
@@ -54,6 +55,8 @@ from .settings import (
 __all__ = [
     "Adaptive",
     "Assignment",
+    "BatchCallback",
+    "BatchResult",
     "CloudEventData",
     "CloudEventMessage",
     "ConfigError",
@@ -76,6 +79,7 @@ __all__ = [
     "Metrics",
     "Ordering",
     "PartitionState",
+    "PermanentError",
     "PostgresStore",
     "RateLimit",
     "RetryPolicy",

@@ -28,7 +28,7 @@ from typing import Any
 from . import _native
 from .client import XzeprClient
 from .config import KafkaConsumerConfig
-from .errors import XzeprConsumerError
+from .errors import PermanentError, XzeprConsumerError
 from .idempotency import MemoryStore, PostgresStore
 from .message import CloudEventMessage
 from .observe import Health, Metrics
@@ -46,18 +46,41 @@ from .settings import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Callback", "HandlerResult", "MessageHandler", "Ordering", "XzeprConsumer"]
+__all__ = [
+    "BatchCallback",
+    "BatchResult",
+    "Callback",
+    "HandlerResult",
+    "MessageHandler",
+    "Ordering",
+    "XzeprConsumer",
+]
 
 #: What a handler may return: None, or a dict of details for the ``completed`` post.
 HandlerResult = dict[str, Any] | None
 #: A handler callable: ``async def f(message)`` or a plain ``def f(message)``.
 Callback = Callable[[CloudEventMessage], Awaitable[HandlerResult] | HandlerResult]
 
+#: One message's outcome in a batch: None or a dict of details (done), or an
+#: exception instance (failed: retried per the policy, never if it is a
+#: ``PermanentError``).
+BatchResult = dict[str, Any] | BaseException | None
+#: A batch handler: ``async def f(messages)`` or a plain ``def f(messages)``,
+#: returning one ``BatchResult`` per message, in order.
+BatchCallback = Callable[
+    [list[CloudEventMessage]],
+    Awaitable[Sequence[BatchResult]] | Sequence[BatchResult],
+]
+
 # Events taken from Rust per call: one GIL crossing converts this many.
 _TAKE_MAX = 512
 
 #: The running handler tasks, by the key the native module gave their event.
 _Tasks = dict[int, asyncio.Task[None]]
+
+
+class _BatchMiscount(Exception):
+    """A batch handler returned a different number of results than messages."""
 
 
 class _ExecutorBroken(Exception):
@@ -230,6 +253,19 @@ class XzeprConsumer:
         """
         await self._consume(callback)
 
+    async def run_batch(self, callback: BatchCallback) -> None:
+        """As ``run_with_callback``, with a batch handler: each call gets one
+        lane's run of messages (up to the ``batch`` setting, in offset order
+        within its partition or key) and returns one result per message, in
+        order: ``None`` or a dict of details when it was handled, an exception
+        instance when it failed (retried per the retry policy, together with
+        the batch's other retries; never when it is a ``PermanentError``).
+        Raising, or returning a different number of results, fails every
+        message of the call. Started, retries, dead letters, the terminal posts,
+        idempotency and offsets stay per message.
+        """
+        await self._consume(callback, batch=True)
+
     def stop(self) -> None:
         """Ask the consumer to stop: no more fetching, then the drain. Thread-safe."""
         self._stop_requested = True
@@ -270,7 +306,7 @@ class XzeprConsumer:
         the CLI's ``--print-config`` shows them."""
         return copy.deepcopy(self._resolved)
 
-    async def _consume(self, call: Callback) -> None:
+    async def _consume(self, call: Callable[..., Any], batch: bool = False) -> None:
         if self._closed:
             raise RuntimeError("the consumer is closed")
         if self._native is not None:
@@ -284,6 +320,7 @@ class XzeprConsumer:
             client=None if self._reporting is None else self._reporting.client._client(),
             reporting=reporting,
             idempotency=None if store is None else store._native,
+            batch=batch,
         )
         self._native = native
         if self._stop_requested:
@@ -303,14 +340,14 @@ class XzeprConsumer:
         # serves what it hands over.
         joined = native.join()
         try:
-            await self._serve(native, call, inline, tasks)
+            await self._serve(native, call, inline and not batch, tasks)
         finally:
             native.shutdown()
             try:
                 if not native.finished:
                     # Interrupted (cancelled): keep serving the drain, so what
                     # the pipeline hands over still runs and is committed.
-                    await self._serve(native, call, inline, tasks)
+                    await self._serve(native, call, inline and not batch, tasks)
                 if not await joined:
                     logger.warning(
                         "Lifecycle posts still unsent at the deadline; their offsets "
@@ -355,7 +392,7 @@ class XzeprConsumer:
     async def _serve(
         self,
         native: _native.Consumer,
-        call: Callback,
+        call: Callable[..., Any],
         inline: bool,
         tasks: _Tasks,
     ) -> None:
@@ -387,14 +424,24 @@ class XzeprConsumer:
                     woken.clear()
                     await woken.wait()
                     continue
-                for key, message, token in batch:
-                    if inline:
+                groups: dict[int, list[tuple[int, CloudEventMessage, _native.Token]]] = {}
+                for key, message, token, group in batch:
+                    if group is not None:
+                        # A batch's events come together, in order.
+                        groups.setdefault(group, []).append((key, message, token))
+                    elif inline:
                         # An earlier handler of the batch may have blocked the
                         # loop past this event's timeout.
                         if not token.abandoned:
                             self._call_inline(call, key, message, token, tasks)
                     else:
                         self._spawn(key, self._run_one(call, message, token), tasks)
+                for entries in groups.values():
+                    keys = [key for key, _, _ in entries]
+                    work = self._run_batch(
+                        call, [m for _, m, _ in entries], [t for _, _, t in entries]
+                    )
+                    self._spawn_group(keys, work, tasks)
                 # Let the handlers run before taking more.
                 await asyncio.sleep(0)
         finally:
@@ -429,6 +476,63 @@ class XzeprConsumer:
         tasks[key] = task
         task.add_done_callback(lambda _task: tasks.pop(key, None))
 
+    @staticmethod
+    def _spawn_group(keys: list[int], work: Coroutine[Any, Any, None], tasks: _Tasks) -> None:
+        # One task for the batch, found by any of its events' keys (a dropped
+        # event cancels the call, whose outcome the pipeline decided).
+        task = asyncio.ensure_future(work)
+        for key in keys:
+            tasks[key] = task
+
+        def forget(_task: asyncio.Task[None]) -> None:
+            for key in keys:
+                tasks.pop(key, None)
+
+        task.add_done_callback(forget)
+
+    async def _run_batch(
+        self,
+        call: BatchCallback,
+        messages: list[CloudEventMessage],
+        tokens: list[_native.Token],
+    ) -> None:
+        try:
+            if self._executor is not None and not _is_async(call):
+                results: Any = await self._in_executor(call, messages)
+            else:
+                results = call(messages)
+            if inspect.isawaitable(results):
+                results = await results
+            results = list(results)
+        except asyncio.CancelledError as exc:
+            if any(t.abandoned for t in tokens) or self._stopping():
+                raise
+            for token in tokens:
+                self._failed(token, exc)
+            return
+        except _ExecutorBroken as exc:
+            self._executor_broken(exc)
+            return
+        except Exception as exc:
+            for token in tokens:
+                self._failed(token, exc)
+            return
+        except BaseException as exc:
+            self._interrupted(exc)
+            return
+        if len(results) != len(tokens):
+            miscount = _BatchMiscount(
+                f"batch handler returned {len(results)} results for {len(tokens)} messages"
+            )
+            for token in tokens:
+                self._failed(token, miscount)
+            return
+        for token, result in zip(tokens, results, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(token, result)
+            else:
+                self._done(token, result)
+
     async def _run_one(
         self, call: Callback, message: CloudEventMessage, token: _native.Token
     ) -> None:
@@ -462,7 +566,7 @@ class XzeprConsumer:
             return
         self._done(token, result)
 
-    async def _in_executor(self, call: Callback, message: CloudEventMessage) -> Any:
+    async def _in_executor(self, call: Callable[[Any], Any], message: Any) -> Any:
         """The sync ``call`` in the executor; ``_ExecutorBroken`` when the
         executor cannot run it (what ``call`` raises passes through)."""
         loop = asyncio.get_running_loop()
@@ -501,7 +605,7 @@ class XzeprConsumer:
             token.offset,
             text,
         )
-        token.fail(name, text)
+        token.fail(name, text, isinstance(exc, PermanentError))
 
     def _interrupted(self, exc: BaseException) -> None:
         # The event stays unanswered (replayed); the consumer drains and run()

@@ -60,3 +60,10 @@ class DecodeError(ValueError):
 
 class XzeprConsumerError(RuntimeError):
     """The consumer stopped on an error (e.g. the broker refused the credentials)."""
+
+
+class PermanentError(Exception):
+    """A handler failure never to retry (bad input, a rule it broke): raised by
+    a handler, or returned for one message by a batch handler, it goes straight
+    to the dead letter (if one is set) and ``failed``, whatever the retry
+    policy."""

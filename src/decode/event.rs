@@ -197,10 +197,10 @@ impl<'a> Data<'a> {
             }),
             Data::Json(s) => Ok(s),
             Data::Body(b) => {
-                let text = std::str::from_utf8(b).map_err(|e| {
-                    let (line, column) = super::error::line_column(b, e.valid_up_to());
+                let text = super::utf8(b).map_err(|offset| {
+                    let (line, column) = super::error::line_column(b, offset);
                     Error::InvalidJson {
-                        offset: e.valid_up_to(),
+                        offset,
                         line,
                         column,
                         reason: "the body is not valid UTF-8".into(),

@@ -158,8 +158,7 @@ impl Decoder {
     /// [`Error::UnsupportedSpecVersion`], [`Error::TooDeep`].
     pub fn decode<'a>(&self, payload: &'a [u8]) -> Result<CloudEvent<'a>, Error> {
         self.check_size(payload.len())?;
-        let text = std::str::from_utf8(payload).map_err(|e| {
-            let offset = e.valid_up_to();
+        let text = utf8(payload).map_err(|offset| {
             let (line, column) = error::line_column(payload, offset);
             Error::InvalidJson {
                 offset,
@@ -237,4 +236,11 @@ impl Decoder {
         simd_json::serde::from_slice_with_buffers(&mut self.scratch, &mut self.simd)
             .map_err(|e| shape(&e))
     }
+}
+
+/// `bytes` as text: SIMD validation (several times std's on non-ASCII
+/// text), then std's for the offset of the first bad byte when it fails.
+pub(crate) fn utf8(bytes: &[u8]) -> Result<&str, usize> {
+    simdutf8::basic::from_utf8(bytes)
+        .map_err(|_| std::str::from_utf8(bytes).map_or_else(|e| e.valid_up_to(), |_| 0))
 }

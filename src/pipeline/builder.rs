@@ -48,6 +48,8 @@ pub struct PipelineBuilder {
     pub(super) reporting: Option<Reporting>,
     /// Concurrency limits whose gauges the pipeline's metrics show.
     pub(super) limits: Vec<Limiter>,
+    /// The handler's limit's name in its gauge.
+    pub(super) limit_label: &'static str,
 }
 
 impl PipelineBuilder {
@@ -63,6 +65,7 @@ impl PipelineBuilder {
             reporter_stats: None,
             reporting: None,
             limits: Vec::new(),
+            limit_label: "handler",
         }
     }
 
@@ -108,6 +111,15 @@ impl PipelineBuilder {
     /// reporter's own are shown without it.
     pub fn observe_limit(mut self, limiter: Limiter) -> Self {
         self.limits.push(limiter);
+        self
+    }
+
+    /// The handler's concurrency limit's name in
+    /// `xzepr_consumer_concurrency_limit{limit="NAME"}` and
+    /// [`RunningPipeline::concurrency_limit`] (default `handler`; `run
+    /// --forward` shows its endpoint's as `forward`).
+    pub fn limit_label(mut self, label: &'static str) -> Self {
+        self.limit_label = label;
         self
     }
 

@@ -67,7 +67,7 @@ impl Pipeline {
             .into());
         }
         b.limits
-            .push(Limiter::new("handler", b.config.source.max_in_flight));
+            .push(Limiter::new(b.limit_label, b.config.source.max_in_flight));
         let guard_runtime = match b.idempotency {
             Some(_) => Some(b.runtime_for(
                 "the idempotency store needs a tokio runtime (start from one, or set `runtime`)",
@@ -158,7 +158,7 @@ impl Pipeline {
     ) -> Result<RunningPipeline, crate::Error> {
         let mut b = self.b;
         b.no_reporting()?;
-        let limit = Limiter::new("handler", b.config.source.max_in_flight);
+        let limit = Limiter::new(b.limit_label, b.config.source.max_in_flight);
         b.limits.push(limit.clone());
         // A fixed limit is the lanes' own bound: no permit per call.
         let limit =

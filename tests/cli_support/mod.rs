@@ -199,3 +199,31 @@ impl Drop for Running {
         let _ = self.child.wait();
     }
 }
+
+/// The address `run` logged for its metrics endpoint.
+pub fn metrics_addr(stderr: &str) -> String {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("Serving /metrics"))
+        .unwrap_or_else(|| panic!("no metrics address logged:\n{stderr}"));
+    let at = line.find("127.0.0.1:").expect("an address");
+    let port: String = line[at + "127.0.0.1:".len()..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    format!("127.0.0.1:{port}")
+}
+
+/// A plain HTTP/1.1 GET; the whole response as text.
+pub fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}

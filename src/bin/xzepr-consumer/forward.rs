@@ -172,22 +172,17 @@ impl Forward {
     }
 
     fn body(&self, message: &CloudEventMessage) -> Result<Bytes, HandlerError> {
-        let encode =
-            |e: serde_json::Error| HandlerError::with_code(e.to_string(), "encode").permanent();
         let bytes = if self.inner.structured {
-            let mut event: Map<String, Value> = attributes(message)
-                .into_iter()
-                .map(|(a, v)| (a.name.to_owned(), Value::String(v)))
-                .collect();
-            event.insert("success".into(), Value::Bool(message.success));
-            event.insert("datacontenttype".into(), "application/json".into());
-            let data = serde_json::to_value(&message.data).map_err(encode)?;
-            event.insert("data".into(), data);
-            serde_json::to_vec(&event).map_err(encode)?
+            serde_json::to_vec(&structured(message)?).map_err(encode_error)?
         } else {
-            serde_json::to_vec(&message.data).map_err(encode)?
+            serde_json::to_vec(&message.data).map_err(encode_error)?
         };
         Ok(Bytes::from(bytes))
+    }
+
+    /// The endpoint's URL.
+    pub(crate) fn uri(&self) -> &http::Uri {
+        &self.inner.uri
     }
 
     async fn post(
@@ -198,7 +193,18 @@ impl Forward {
         let req = self
             .request(&message, &info)?
             .body(self.body(&message)?)
-            .map_err(|e| HandlerError::with_code(e.to_string(), "encode").permanent())?;
+            .map_err(encode_error)?;
+        let (status, _) = self.exchange(req, ERROR_BODY_MAX).await?;
+        Ok(serde_json::json!({ "http_status": status.as_u16() }))
+    }
+
+    /// Sends `req`: a 2xx answer's status and the first `keep` bytes of its
+    /// body, or the attempt's error.
+    pub(crate) async fn exchange(
+        &self,
+        req: http::Request<Bytes>,
+        keep: usize,
+    ) -> Result<(http::StatusCode, Vec<u8>), HandlerError> {
         let resp = self.inner.http.send(req).await.map_err(|e| {
             HandlerError::with_code(format!("request failed: {}", ErrorChain(&e)), "transport")
         })?;
@@ -208,9 +214,14 @@ impl Forward {
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok()?.trim().parse().ok())
             .map(Duration::from_secs);
-        let start = body_start(resp.into_body()).await;
+        let keep = if status.is_success() {
+            keep
+        } else {
+            ERROR_BODY_MAX
+        };
+        let start = body_start(resp.into_body(), keep).await;
         if status.is_success() {
-            return Ok(serde_json::json!({ "http_status": status.as_u16() }));
+            return Ok((status, start));
         }
         let text = text_start(&start);
         let message = if text.is_empty() {
@@ -235,6 +246,11 @@ impl Forward {
     }
 }
 
+/// A request that cannot be encoded: sending it again cannot help.
+pub(crate) fn encode_error(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::with_code(e.to_string(), "encode").permanent()
+}
+
 impl AsyncHandler for Forward {
     fn handle(
         &self,
@@ -244,6 +260,20 @@ impl AsyncHandler for Forward {
         let this = self.clone();
         Box::pin(async move { this.post(message, info).await })
     }
+}
+
+/// The event in the structured content mode: its attributes, `success`,
+/// `datacontenttype` and `data`.
+pub(crate) fn structured(message: &CloudEventMessage) -> Result<Map<String, Value>, HandlerError> {
+    let mut event: Map<String, Value> = attributes(message)
+        .into_iter()
+        .map(|(a, v)| (a.name.to_owned(), Value::String(v)))
+        .collect();
+    event.insert("success".into(), Value::Bool(message.success));
+    event.insert("datacontenttype".into(), "application/json".into());
+    let data = serde_json::to_value(&message.data).map_err(encode_error)?;
+    event.insert("data".into(), data);
+    Ok(event)
 }
 
 /// A CloudEvents attribute: its name, and its binary-mode header.
@@ -307,7 +337,7 @@ fn kafka_header_name(name: &str) -> HeaderName {
 }
 
 /// Bytes as a header value, percent-encoded as [`encode_header`] says.
-fn encode_bytes(value: &[u8]) -> HeaderValue {
+pub(crate) fn encode_bytes(value: &[u8]) -> HeaderValue {
     let mut out = String::with_capacity(value.len());
     for &b in value {
         if (0x21..=0x7e).contains(&b) && b != b'"' && b != b'%' {
@@ -320,19 +350,20 @@ fn encode_bytes(value: &[u8]) -> HeaderValue {
     HeaderValue::from_str(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
-/// The first [`ERROR_BODY_MAX`] bytes of a response body, reading at most
-/// [`BODY_READ_MAX`] bytes of it for at most [`BODY_READ_FOR`].
-async fn body_start(mut body: hyper::body::Incoming) -> Vec<u8> {
+/// The first `keep` bytes of a response body, reading at most
+/// [`BODY_READ_MAX`] bytes of it (or `keep`, if more) for at most
+/// [`BODY_READ_FOR`].
+async fn body_start(mut body: hyper::body::Incoming, keep: usize) -> Vec<u8> {
     let mut start = Vec::new();
     let read = async {
         let mut read = 0;
-        while read < BODY_READ_MAX {
+        while read < BODY_READ_MAX.max(keep) {
             let Some(Ok(frame)) = body.frame().await else {
                 break;
             };
             if let Ok(data) = frame.into_data() {
                 read += data.len();
-                let room = ERROR_BODY_MAX.saturating_sub(start.len());
+                let room = keep.saturating_sub(start.len());
                 start.extend_from_slice(&data[..room.min(data.len())]);
             }
         }

@@ -9,10 +9,12 @@ mod bench;
 mod demo;
 mod exec;
 mod forward;
+mod forward_batch;
 mod offsets;
 mod produce;
 mod redrive;
 mod run;
+mod run_status;
 mod tail;
 
 /// The events endpoint `bench` reports to: the dev stack's XZepr stand-in (the
