@@ -22,7 +22,7 @@
 //! | decode | [`decode`] | borrowed [`decode::CloudEvent`] views into that one copy; `data` decoded only on demand |
 //! | dispatch | [`dispatch`] | type filter, the service's own receivers, and the lane scheduler: what may run next under the ordering mode, up to `max_in_flight` |
 //! | flow | [`pipeline`] (`flow`, `execute`) | one per-event flow for every handler; the sync/async difference is how an attempt runs (worker thread or tokio task), with panics caught and timeouts applied |
-//! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`] |
+//! | handler | [`handler`] | the user's work: [`handler::Handler`], [`handler::AsyncHandler`], [`handler::MessageHandler`]; a lane's run in one call: [`handler::BatchHandler`], [`handler::AsyncBatchHandler`] |
 //! | lifecycle | [`pipeline`] (`delivery`, `complete`, `deadletter`, `guard`, `sink`) | a message with its offset's fate; acknowledgements gate each offset; malformed-message policy; dead letters; idempotency claims |
 //! | report | [`client`], [`report`] | pooled XZepr REST client ([`client::HttpTransport`]) and receiver discovery; the lifecycle vocabulary ([`client::Status`], [`report::OwnedWork`]); bounded, coalescing, retrying lifecycle reporter with a breaker |
 //! | idempotency | [`idempotency`] | which event keys were processed (PostgreSQL `processed_events` behind feature `postgres`, or in memory); claims with a lease, batched statements, retention cleanup |
@@ -69,3 +69,53 @@ pub mod source;
 pub mod trace;
 
 pub use error::{Error, ErrorChain, Result};
+
+/// Every page under `docs/`, compiled and run as doctests so each Rust snippet
+/// in them builds against this crate (`tests/docs.rs` fails on a page missing
+/// here). Pages whose snippets need a feature are included only with it.
+#[cfg(doctest)]
+mod doc_pages {
+    macro_rules! pages {
+        ($($(#[$cfg:meta])* $name:ident = $path:literal;)*) => {$(
+            $(#[$cfg])*
+            #[doc = include_str!(concat!("../docs/", $path))]
+            struct $name;
+        )*};
+    }
+    pages! {
+        ExplanationArchitecture = "explanation/architecture.md";
+        ExplanationBackpressure = "explanation/backpressure.md";
+        ExplanationCompletionMap = "explanation/completion-map.md";
+        ExplanationDecoding = "explanation/decoding.md";
+        ExplanationDeliverySemantics = "explanation/delivery-semantics.md";
+        ExplanationFlowControl = "explanation/flow-control.md";
+        #[cfg(feature = "postgres")]
+        ExplanationIdempotency = "explanation/idempotency.md";
+        ExplanationMembership = "explanation/membership.md";
+        HowToBatchHandlers = "how-to/batch-handlers.md";
+        HowToFailures = "how-to/failures.md";
+        HowToIntegrateDownstreamService = "how-to/integrate_downstream_service.md";
+        HowToKafkaAuthentication = "how-to/kafka-authentication.md";
+        HowToKubernetes = "how-to/kubernetes.md";
+        HowToLongDelayRetries = "how-to/long-delay-retries.md";
+        HowToNonRustServices = "how-to/non-rust-services.md";
+        HowToOperating = "how-to/operating.md";
+        HowToPython = "how-to/python.md";
+        HowToRedriveAfterAFix = "how-to/redrive-after-a-fix.md";
+        HowToReplayAfterABadDeploy = "how-to/replay-after-a-bad-deploy.md";
+        HowToReplayAndRedrive = "how-to/replay-and-redrive.md";
+        #[cfg(feature = "otel")]
+        HowToTracing = "how-to/tracing.md";
+        HowToTroubleshooting = "how-to/troubleshooting.md";
+        HowToTuning = "how-to/tuning.md";
+        Performance = "performance.md";
+        ReferenceCli = "reference/cli.md";
+        ReferenceEnvironment = "reference/environment.md";
+        ReferenceErrors = "reference/errors.md";
+        ReferenceFailures = "reference/failures.md";
+        ReferenceLifecycleEvents = "reference/lifecycle-events.md";
+        ReferenceMetrics = "reference/metrics.md";
+        ReferenceSettings = "reference/settings.md";
+        TutorialsFirstConsumer = "tutorials/first-consumer.md";
+    }
+}

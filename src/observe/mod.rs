@@ -34,7 +34,7 @@
 //! ```
 //!
 //! Every metric is listed, with its type, labels and meaning, in
-//! `docs/metrics.md`.
+//! `docs/reference/metrics.md`.
 
 mod prometheus;
 mod server;

@@ -44,7 +44,7 @@ impl MetricsFormat {
 /// [`Registry`](prometheus_client::registry::Registry) the service owns
 /// (`registry.register_collector(Box::new(collector))`). Reads the pipeline's
 /// counters on each scrape; cheap to clone. The names, all prefixed
-/// `xzepr_consumer_`, are listed in `docs/metrics.md`.
+/// `xzepr_consumer_`, are listed in `docs/reference/metrics.md`.
 #[derive(Debug, Clone)]
 pub struct PipelineCollector {
     pub(crate) observed: Observed,

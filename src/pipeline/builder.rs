@@ -366,7 +366,7 @@ impl PipelineBuilder {
 
     /// Serves `GET /metrics` (Prometheus or OpenMetrics text), `GET /health`
     /// and `GET /ready` on `addr` (default: not served; see
-    /// [`crate::observe`] and `docs/metrics.md`). The address is bound when the
+    /// [`crate::observe`] and `docs/reference/metrics.md`). The address is bound when the
     /// pipeline starts (port 0 picks a free one: read it from
     /// [`RunningPipeline::metrics_addr`]); the endpoint runs on a thread of its
     /// own until [`RunningPipeline::join`] returns or the pipeline is dropped.

@@ -19,7 +19,7 @@ pub enum Assignment {
     /// them all, then assigns anew (librdkafka's `range,roundrobin`): while a
     /// member joins or leaves, the whole group stops. The default, since a
     /// group must not mix protocols: moving a running group to cooperative
-    /// takes a rolling restart (see `docs/membership.md`).
+    /// takes a rolling restart (see `docs/explanation/membership.md`).
     #[default]
     Eager,
     /// Incremental, cooperative-sticky assignment (KIP-429): a rebalance
