@@ -4,7 +4,9 @@
 //!   `docs/reference/environment.md`, and every one there is in the source;
 //! - every setting of `PipelineConfig` (and of its `retry` and `decoder`)
 //!   is in `docs/reference/settings.md`;
-//! - every variant of every public error enum is in `docs/reference/errors.md`;
+//! - every variant of every public error enum is in `docs/reference/errors.md`,
+//!   and every variant there is in the code (the same both ways for the
+//!   settings);
 //! - the architecture page's diagram and stage table are the crate docs';
 //! - links between the pages (and the README) resolve, `#anchors` included,
 //!   every `docs/….md` path the docs or the source mention exists, and the
@@ -162,6 +164,30 @@ fn settings_reference_names_every_setting() {
         missing.is_empty(),
         "docs/reference/settings.md lacks these PipelineConfig settings: {missing:?}"
     );
+    // And the other way: the sections of `PipelineConfig`'s settings name no
+    // setting it does not have (one renamed or removed in the code).
+    let text = read(&page);
+    let name = Regex::new(r"`([a-z_]+(?:\.[a-z_]+)?)`").unwrap();
+    let mut unknown = Vec::new();
+    let mut in_config = false;
+    for line in prose(&text).lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            in_config = ["Pipeline", "Retry", "Decoder"].contains(&heading);
+            continue;
+        }
+        let first = line.strip_prefix("| ").and_then(|l| l.split('|').next());
+        if let (true, Some(first)) = (in_config, first) {
+            unknown.extend(
+                name.captures_iter(first)
+                    .map(|c| c[1].to_owned())
+                    .filter(|n| !settings.contains(n)),
+            );
+        }
+    }
+    assert!(
+        unknown.is_empty(),
+        "docs/reference/settings.md documents settings PipelineConfig does not have: {unknown:?}"
+    );
 }
 
 /// The variants of each `pub enum` deriving `thiserror::Error` in `text`:
@@ -202,6 +228,41 @@ fn errors_reference_names_every_variant() {
         missing.is_empty(),
         "docs/reference/errors.md lacks these error variants:\n{}",
         missing.join("\n")
+    );
+}
+
+#[test]
+fn errors_reference_names_no_variant_the_code_lacks() {
+    // Every enum's variants, by the enum's own name (`decode::Error` and the
+    // crate's `Error` are both `Error`: a variant must be in one of them).
+    let mut variants: BTreeSet<(String, String)> = BTreeSet::new();
+    for path in files(&root().join("src"), &[".rs"]) {
+        variants.extend(error_variants(without_unit_tests(&read(&path))));
+    }
+    let page = read(&root().join("docs/reference/errors.md"));
+    let heading = Regex::new(r"^## `(?:\w+::)*(\w+)`").unwrap();
+    // A table row's first cell: `Variant`, `Variant { .. }`, `Variant(..)` or
+    // `Enum::Variant`.
+    let cell = Regex::new(r"^\| `(?:(\w+)::)?([A-Z]\w*)").unwrap();
+    let (mut current, mut checked, mut unknown) = (None::<String>, 0, Vec::new());
+    for line in prose(&page).lines() {
+        if line.starts_with("## ") {
+            current = heading.captures(line).map(|c| c[1].to_owned());
+            continue;
+        }
+        let (Some(en), Some(c)) = (&current, cell.captures(line)) else {
+            continue;
+        };
+        let en = c.get(1).map_or(en.as_str(), |e| e.as_str());
+        checked += 1;
+        if !variants.contains(&(en.to_owned(), c[2].to_owned())) {
+            unknown.push(format!("{en}::{}", &c[2]));
+        }
+    }
+    assert!(checked > 40, "only {checked} documented variants read");
+    assert!(
+        unknown.is_empty(),
+        "docs/reference/errors.md documents variants the code does not have: {unknown:?}"
     );
 }
 

@@ -128,6 +128,10 @@ enum Command {
         /// Events for `run --forward` to a local endpoint answering at once.
         #[arg(long, default_value_t = 32_000)]
         forward_events: u64,
+        /// Events for `run --exec` against a bare loop spawning the same
+        /// program (`/bin/true`, and `sh` reading its stdin).
+        #[arg(long, default_value_t = 2_000)]
+        exec_events: u64,
         /// Also run the no-op and I/O cases with a span per event and step
         /// (built with feature `otel`), exported over OTLP/HTTP to a local
         /// endpoint answering at once, interleaved with the untraced rounds.
@@ -248,6 +252,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             report_events,
             seed_events,
             forward_events,
+            exec_events,
             traces,
             flow_control,
             json,
@@ -265,6 +270,7 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                 report_events,
                 seed_events,
                 forward_events,
+                exec_events,
                 traces,
                 flow_control,
             })?;

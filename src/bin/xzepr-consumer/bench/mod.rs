@@ -12,10 +12,12 @@
 //! With `--flow-control`, also the reporter against a service with a knee at
 //! fixed and adaptive concurrency, and `run --rate` over a backlog.
 //!
-//! One file per family of cases: `pipeline.rs` (poll loop, no-op, I/O,
-//! threads, reporting), `forward.rs` (`run --forward`), `flow.rs` (flow
-//! control), `traces.rs` (the OTLP sink of `bench --traces`); this file holds the settings, the figures and
-//! the order the cases run in.
+//! One file per family of cases: `pipeline.rs` (poll loop, no-op, batch
+//! no-op, I/O, threads, reporting), `forward.rs` (`run --forward`), `wraps.rs`
+//! (the reporter, `run --forward`, `run --exec` and large-event decoding
+//! beside the bare thing each wraps), `flow.rs` (flow control), `traces.rs`
+//! (the OTLP sink of `bench --traces`); this file holds the settings, the
+//! figures and the order the cases run in.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -36,9 +38,13 @@ mod forward;
 mod pipeline;
 #[cfg(feature = "otel")]
 mod traces;
+mod wraps;
 
 use forward::{run_forward, zero_ms_endpoint};
-use pipeline::{io_pass, pipeline_noop, pipeline_report, raw_pass, rss_mb, threads_pass, Waits};
+use pipeline::{
+    io_pass, pipeline_batch_noop, pipeline_noop, pipeline_report, raw_pass, rss_mb, threads_pass,
+    Waits,
+};
 #[cfg(feature = "otel")]
 pub use traces::traces;
 
@@ -66,6 +72,8 @@ pub struct Settings {
     pub seed_events: u64,
     /// Events for `run --forward`.
     pub forward_events: u64,
+    /// Events for `run --exec`.
+    pub exec_events: u64,
     /// Also the no-op and I/O cases with traces on.
     pub traces: bool,
     /// Also the flow-control cases (`flow.rs`).
@@ -83,6 +91,11 @@ pub struct Figures {
     pub noop_over_raw: f64,
     pub raw_poll_rounds: Vec<f64>,
     pub pipeline_noop_rounds: Vec<f64>,
+    /// The no-op as a batch handler (a call per lane's run of up to 64), in
+    /// the same rounds.
+    pub pipeline_batch_noop_eps: f64,
+    pub batch_over_single: f64,
+    pub pipeline_batch_noop_rounds: Vec<f64>,
     pub io_events: u64,
     pub io_eps_256_5ms: f64,
     pub io_eps_1024_20ms: f64,
@@ -131,6 +144,9 @@ pub struct Figures {
     /// With `--flow-control`: the knee sweep and the rate limit.
     #[serde(flatten)]
     pub flow_control: Option<flow::FlowFigures>,
+    /// Each path beside the bare thing it wraps.
+    #[serde(flatten)]
+    pub wraps: wraps::WrapFigures,
 }
 
 impl std::fmt::Display for Figures {
@@ -145,6 +161,11 @@ impl std::fmt::Display for Figures {
             f,
             "pipeline_noop_eps:     {:>10.0}  ({:.2} of raw)",
             self.pipeline_noop_eps, self.noop_over_raw
+        )?;
+        writeln!(
+            f,
+            "pipeline_batch_noop:   {:>10.0}  ({:.2} of the single-event no-op)",
+            self.pipeline_batch_noop_eps, self.batch_over_single
         )?;
         writeln!(
             f,
@@ -220,6 +241,7 @@ impl std::fmt::Display for Figures {
             "run_forward_report_key_eps:{:>6.0}  (the same with --ordering key)",
             self.run_forward_report_key_eps
         )?;
+        write!(f, "\n{}", self.wraps)?;
         if let Some(flow) = &self.flow_control {
             write!(f, "\n{flow}")?;
         }
@@ -366,8 +388,9 @@ pub fn run(s: &Settings) -> Result<Figures> {
 
     // The bare poll loop against the no-op pipeline, on the same messages.
     // With traces, the traced no-op pipeline is a third path of each round.
-    let (mut raw, mut noop, mut traced) = (Vec::new(), Vec::new(), Vec::new());
-    let paths = if s.traces { 3 } else { 2 };
+    let (mut raw, mut noop, mut batch, mut traced) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let paths = if s.traces { 4 } else { 3 };
     for round in 0..s.rounds {
         let topic = format!("bench-{round}");
         cluster.create_topic(&topic, s.partitions, 1)?;
@@ -379,6 +402,9 @@ pub fn run(s: &Settings) -> Result<Figures> {
             let rate = match path {
                 0 => windowed(|_| raw_pass(&brokers, &topic, &group("raw"), s.events))?,
                 1 => noop_pass(false)?,
+                2 => {
+                    windowed(|_| pipeline_batch_noop(&brokers, &topic, &group("batch"), s.events))?
+                }
                 _ => noop_pass(true)?,
             };
             if debug() {
@@ -387,6 +413,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
             match path {
                 0 => raw.push(rate),
                 1 => noop.push(rate),
+                2 => batch.push(rate),
                 _ => traced.push(rate),
             }
         }
@@ -533,6 +560,23 @@ pub fn run(s: &Settings) -> Result<Figures> {
         )?;
         reported.push(n as f64 / secs);
     }
+    cluster.create_topic("bench-exec", s.partitions, 1)?;
+    produce(
+        &brokers,
+        "bench-exec",
+        0,
+        s.exec_events,
+        None,
+        SOURCE_RECEIVER,
+    )?;
+    let wraps = wraps::run(
+        &rt,
+        &brokers,
+        ("bench-forward", s.forward_events),
+        ("bench-exec", s.exec_events),
+        &endpoint,
+        &group,
+    )?;
     let flow_control = if s.flow_control {
         Some(flow::run(&rt, &cluster, &brokers, &endpoint)?)
     } else {
@@ -547,6 +591,9 @@ pub fn run(s: &Settings) -> Result<Figures> {
         noop_over_raw: pipeline_noop_eps / raw_poll_eps,
         raw_poll_rounds: raw,
         pipeline_noop_rounds: noop,
+        pipeline_batch_noop_eps: median(batch.clone()),
+        batch_over_single: median(batch.clone()) / pipeline_noop_eps,
+        pipeline_batch_noop_rounds: batch,
         io_events: s.io_events,
         io_eps_256_5ms: io[0].0,
         io_eps_1024_20ms: io[1].0,
@@ -578,5 +625,6 @@ pub fn run(s: &Settings) -> Result<Figures> {
         io_eps_256_5ms_traced_rounds: io_on,
         io_eps_256_5ms_untraced_rounds: io_off,
         flow_control,
+        wraps,
     })
 }

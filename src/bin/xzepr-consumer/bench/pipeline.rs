@@ -8,21 +8,16 @@ use std::time::{Duration, Instant};
 
 use xzepr_consumer::decode::{CloudEvent, CloudEventMessage};
 use xzepr_consumer::dispatch::Ordering;
-use xzepr_consumer::handler::{Work, WorkInfo};
-use xzepr_consumer::pipeline::{Pipeline, WorkTemplate};
+use xzepr_consumer::handler::{BatchEntry, BatchOutcome, Work, WorkInfo};
+use xzepr_consumer::pipeline::{Pipeline, PipelineBuilder, RunningPipeline, WorkTemplate};
 use xzepr_consumer::report::ReporterConfig;
 
 use super::{config, debug, start_reporter, stop, time_until_finished, BENCH_RECEIVER};
 use crate::baseline::{self, anyhow_like::Result};
 
-/// One pass of the pipeline with a no-op sync handler over `events`.
-pub(super) fn pipeline_noop(
-    brokers: &str,
-    topic: &str,
-    group: &str,
-    events: u64,
-    traces: bool,
-) -> Result<(u64, f64)> {
+/// The no-op pipelines' builder: two workers, traces per `traces`, and
+/// `XZEPR_BUDGET` (bytes) as the buffer budget when set.
+fn noop_builder(brokers: &str, topic: &str, group: &str, traces: bool) -> PipelineBuilder {
     let mut b = Pipeline::builder(config(brokers, topic, group))
         .workers(2)
         .traces(traces);
@@ -32,22 +27,60 @@ pub(super) fn pipeline_noop(
     {
         b = b.buffer_budget(v).max_buffered(1 << 30);
     }
-    let running = b.start(
-        |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
-            std::hint::black_box(ev.event_type());
-            Ok(())
-        },
-    )?;
+    b
+}
+
+/// Times `running` over `events`, then stops it.
+fn timed(what: &str, running: RunningPipeline, events: u64) -> Result<(u64, f64)> {
     let r = time_until_finished(&running, events)?;
     if debug() {
         eprintln!(
-            "noop {:.0}/s {:?}",
+            "{what} {:.0}/s {:?}",
             r.0 as f64 / r.1,
             running.source().stats()
         );
     }
     stop(running)?;
     Ok(r)
+}
+
+/// One pass of the pipeline with a no-op sync handler over `events`.
+pub(super) fn pipeline_noop(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    events: u64,
+    traces: bool,
+) -> Result<(u64, f64)> {
+    let running = noop_builder(brokers, topic, group, traces).start(
+        |ev: &CloudEvent<'_>, _: &mut Work| -> std::result::Result<(), String> {
+            std::hint::black_box(ev.event_type());
+            Ok(())
+        },
+    )?;
+    timed("noop", running, events)
+}
+
+/// The same with a no-op batch handler: one call per lane's run of up to
+/// `batch` (64) events, one outcome each.
+pub(super) fn pipeline_batch_noop(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    events: u64,
+) -> Result<(u64, f64)> {
+    let running = noop_builder(brokers, topic, group, false).start_batch(
+        |batch: &mut [BatchEntry<'_, '_>]| -> std::result::Result<Vec<BatchOutcome>, String> {
+            Ok(batch
+                .iter()
+                .map(|e| {
+                    std::hint::black_box(e.event().event_type());
+                    BatchOutcome::Done(serde_json::Value::Null)
+                })
+                .collect())
+        },
+    )?;
+    timed("batch noop", running, events)
 }
 
 /// One pass of the bare poll loop over `events`.
