@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import xzepr_event
 
 from xzepr_consumer import HAS_OTEL, ConfigError, KafkaConsumerConfig, TraceContext, init_tracing
 from xzepr_consumer.devstack import DevStack, produce
@@ -67,22 +68,6 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-def _event(seq: int) -> tuple[bytes, bytes]:
-    body = {
-        "id": f"T{seq:025d}",
-        "specversion": "1.0.1",
-        "type": "traced",
-        "source": "xzepr.event.receiver.01M82X4ET7AYGAEYSHF5AKVAVW",
-        "success": True,
-        "platform_id": "linux",
-        "package": "traces",
-        "version": str(seq),
-        "release": "1",
-        "data": {"events": [], "event_receivers": [], "event_receiver_groups": []},
-    }
-    return f"k{seq}".encode(), json.dumps(body).encode()
-
-
 def test_spans_reach_the_otlp_receiver_and_the_handler_continues_the_trace(
     stack: DevStack,
     kafka_config: Callable[[], KafkaConsumerConfig],
@@ -94,7 +79,7 @@ def test_spans_reach_the_otlp_receiver_and_the_handler_continues_the_trace(
     produce(
         stack.brokers,
         stack.topic,
-        [_event(i) for i in range(n)],
+        [xzepr_event(i, "traced", "T", "traces") for i in range(n)],
         headers=[("traceparent", traceparent.encode()), ("tracestate", b"vendor=1")],
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
