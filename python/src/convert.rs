@@ -20,6 +20,7 @@ struct Classes {
     receiver: Py<PyAny>,
     group: Py<PyAny>,
     record: Py<PyAny>,
+    trace: Py<PyAny>,
 }
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
@@ -35,6 +36,7 @@ fn classes(py: Python<'_>) -> PyResult<&Classes> {
             receiver: get("EventReceiverEntity")?,
             group: get("EventReceiverGroupEntity")?,
             record: get("KafkaRecord")?,
+            trace: get("TraceContext")?,
         })
     })
 }
@@ -292,6 +294,17 @@ pub(crate) fn record_to_py<'py>(
         info.timestamp.map(|t| t.millis()),
         info.timestamp.map(|t| t.kind()),
     ))
+}
+
+/// A W3C trace context as the package's `TraceContext`.
+pub(crate) fn trace_to_py<'py>(
+    py: Python<'py>,
+    t: &xzepr_consumer::trace::TraceContext,
+) -> PyResult<Bound<'py, PyAny>> {
+    classes(py)?
+        .trace
+        .bind(py)
+        .call1((t.traceparent(), t.state.as_deref()))
 }
 
 /// An RFC 3339 timestamp as an aware `datetime` in UTC, parsed as the decoder

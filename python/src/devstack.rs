@@ -108,6 +108,12 @@ impl StandIn {
         self.with(|s| Json(serde_json::Value::Array(s.recorded_events())))
     }
 
+    /// The `traceparent` header of every event post that carried one, in
+    /// arrival order.
+    fn recorded_traceparents(&self) -> PyResult<Vec<String>> {
+        self.with(|s| s.recorded_traceparents())
+    }
+
     /// Every receiver, in insertion order.
     fn receivers(&self) -> PyResult<Json> {
         self.with(|s| Json(serde_json::Value::Array(s.receivers())))

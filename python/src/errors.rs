@@ -95,7 +95,7 @@ pub(crate) fn tool_error(py: Python<'_>, e: &dyn std::error::Error) -> PyErr {
 }
 
 /// An error's text, then each cause's that it does not already show.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

@@ -32,7 +32,9 @@ use xzepr_consumer::handler::{
 };
 
 use crate::bridge::Wake;
-use crate::convert::{message_to_py, py_to_value, record_to_py};
+use xzepr_consumer::trace::TraceContext;
+
+use crate::convert::{message_to_py, py_to_value, record_to_py, trace_to_py};
 use crate::errors::poisoned;
 
 type Reply = oneshot::Sender<Result<Value, HandlerError>>;
@@ -45,6 +47,8 @@ struct Parked {
     group: Option<u64>,
     message: CloudEventMessage,
     info: WorkInfo,
+    /// The handler attempt span's context (traces on, one-event handlers).
+    trace: Option<TraceContext>,
     reply: Reply,
 }
 
@@ -103,6 +107,9 @@ impl Inbox {
             let key = p.key.into_pyobject(py)?.into_any();
             let message = message_to_py(py, &p.message)?;
             message.setattr("kafka", record_to_py(py, &p.info)?)?;
+            if let Some(trace) = &p.trace {
+                message.setattr("trace_context", trace_to_py(py, trace)?)?;
+            }
             let token = Bound::new(
                 py,
                 Token {
@@ -148,7 +155,10 @@ impl AsyncHandler for Bridge {
     ) -> BoxFuture<Result<Value, HandlerError>> {
         let inbox = Arc::clone(&self.0);
         Box::pin(async move {
-            let (parked, answer) = inbox.parked(None, message, info);
+            // Polled inside the attempt's span: its context, for the handler
+            // to continue the trace.
+            let trace = xzepr_consumer::trace::current();
+            let (parked, answer) = inbox.parked(None, message, info, trace);
             inbox.park(vec![parked])?;
             inbox.answer(answer).await
         })
@@ -167,7 +177,8 @@ impl AsyncBatchHandler for Bridge {
             let group = Some(inbox.next_key.fetch_add(1, SeqCst));
             let (parked, answers): (Vec<_>, Vec<_>) = batch
                 .into_iter()
-                .map(|(message, info)| inbox.parked(group, message, info))
+                // One call for many events runs in no event's span.
+                .map(|(message, info)| inbox.parked(group, message, info, None))
                 .unzip();
             inbox.park(parked)?;
             // In turn: the call ends with its last answer anyway, and every
@@ -198,6 +209,7 @@ impl Inbox {
         group: Option<u64>,
         message: CloudEventMessage,
         info: WorkInfo,
+        trace: Option<TraceContext>,
     ) -> (Parked, Answer) {
         let (reply, answer) = oneshot::channel();
         let key = self.next_key.fetch_add(1, SeqCst);
@@ -206,6 +218,7 @@ impl Inbox {
             group,
             message,
             info,
+            trace,
             reply,
         };
         let guard = Unanswered {

@@ -18,6 +18,7 @@
 //! | [`replay`] | `offsets show`/`reset` and `redrive`, the incident tools |
 //! | [`client`] | the XZepr REST client (awaitables on the shared tokio runtime) |
 //! | [`config`] | `KafkaConsumerConfig` from the `XZEPR_KAFKA_*` environment |
+//! | [`trace`] | `init_tracing()`: the core's OTLP export from the `OTEL_*` variables (feature `otel`) |
 //! | [`convert`] | owned messages into the package's dataclasses, JSON values both ways |
 //! | [`errors`] | Rust errors into the package's exception classes |
 //! | `devstack` | the embedded broker and XZepr stand-in (feature `dev-stack`) |
@@ -42,6 +43,7 @@ mod idempotency;
 mod inbox;
 mod replay;
 mod settings;
+mod trace;
 
 use std::sync::OnceLock;
 
@@ -83,6 +85,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(replay::redrive, m)?)?;
     m.add_function(wrap_pyfunction!(consumer::metric_names, m)?)?;
     m.add_function(wrap_pyfunction!(convert::parse_timestamp, m)?)?;
+    m.add_function(wrap_pyfunction!(trace::has_otel, m)?)?;
+    m.add_function(wrap_pyfunction!(trace::init_tracing, m)?)?;
+    m.add_function(wrap_pyfunction!(trace::tracing_active, m)?)?;
+    m.add_function(wrap_pyfunction!(trace::flush_tracing, m)?)?;
+    m.add_function(wrap_pyfunction!(trace::shutdown_tracing, m)?)?;
     m.add_function(wrap_pyfunction!(config::kafka_config_from_env, m)?)?;
     m.add_function(wrap_pyfunction!(config::check_kafka_config, m)?)?;
     m.add_function(wrap_pyfunction!(client::client_config_from_env, m)?)?;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +19,26 @@ from xzepr_consumer.idempotency import HAS_POSTGRES
 
 DATA = Path(__file__).resolve().parents[2] / "tests" / "data"
 _groups = itertools.count()
+
+
+def xzepr_event(
+    seq: int, event_type: str, id_prefix: str, package: str, event_id: str | None = None
+) -> tuple[bytes, bytes]:
+    """An XZepr CloudEvent as ``(key, payload)``: key ``k{seq}``, id
+    ``{id_prefix}{seq:025d}`` unless ``event_id``, version ``seq``."""
+    body = {
+        "id": event_id or f"{id_prefix}{seq:025d}",
+        "specversion": "1.0.1",
+        "type": event_type,
+        "source": "xzepr.event.receiver.01M82X4ET7AYGAEYSHF5AKVAVW",
+        "success": True,
+        "platform_id": "linux",
+        "package": package,
+        "version": str(seq),
+        "release": "1",
+        "data": {"events": [], "event_receivers": [], "event_receiver_groups": []},
+    }
+    return f"k{seq}".encode(), json.dumps(body).encode()
 
 
 @pytest.fixture

@@ -5,13 +5,12 @@ letter, the terminal posts, offsets), through the library's one event flow."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from conftest import committed, run_until
+from conftest import committed, run_until, xzepr_event
 
 from xzepr_consumer import (
     BatchResult,
@@ -31,19 +30,7 @@ QUICK_RETRY = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05)
 
 
 def _event(seq: int) -> tuple[bytes, bytes]:
-    body = {
-        "id": f"B{seq:025d}",
-        "specversion": "1.0.1",
-        "type": "rows",
-        "source": "xzepr.event.receiver.01M82X4ET7AYGAEYSHF5AKVAVW",
-        "success": True,
-        "platform_id": "linux",
-        "package": "batch",
-        "version": str(seq),
-        "release": "1",
-        "data": {"events": [], "event_receivers": [], "event_receiver_groups": []},
-    }
-    return f"k{seq}".encode(), json.dumps(body).encode()
+    return xzepr_event(seq, "rows", "B", "batch")
 
 
 @pytest.fixture

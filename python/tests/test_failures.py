@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import committed, run_until
+from conftest import committed, run_until, xzepr_event
 
 from xzepr_consumer import (
     CloudEventMessage,
@@ -29,19 +29,7 @@ from xzepr_consumer.devstack import DevStack, committed_offsets, produce
 
 
 def _event(seq: int, event_type: str = "failures") -> tuple[bytes, bytes]:
-    body = {
-        "id": f"F{seq:025d}",
-        "specversion": "1.0.1",
-        "type": event_type,
-        "source": "xzepr.event.receiver.01M82X4ET7AYGAEYSHF5AKVAVW",
-        "success": True,
-        "platform_id": "linux",
-        "package": "failures",
-        "version": str(seq),
-        "release": "1",
-        "data": {"events": [], "event_receivers": [], "event_receiver_groups": []},
-    }
-    return f"k{seq}".encode(), json.dumps(body).encode()
+    return xzepr_event(seq, event_type, "F", "failures")
 
 
 def _produce(stack: DevStack, n: int, event_type: str = "failures") -> None:

@@ -28,10 +28,6 @@ NOT_FROM_PYTHON = {
         "runs on the asyncio loop (the pipeline's async path), so the setting "
         "would be accepted and ignored"
     ),
-    "traces": (
-        "the package is built without the `otel` feature, so `build()` would refuse "
-        "`true`; traces from Python are not wired yet"
-    ),
 }
 
 #: ``XzeprConsumer`` keyword arguments named otherwise than their setting.

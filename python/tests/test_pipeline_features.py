@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import committed, run_until
+from conftest import committed, run_until, xzepr_event
 
 from xzepr_consumer import (
     CloudEventMessage,
@@ -36,19 +36,7 @@ QUICK_RETRY = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05)
 
 
 def _event(seq: int, event_type: str, event_id: str | None = None) -> tuple[bytes, bytes]:
-    body = {
-        "id": event_id or f"P{seq:025d}",
-        "specversion": "1.0.1",
-        "type": event_type,
-        "source": "xzepr.event.receiver.01M82X4ET7AYGAEYSHF5AKVAVW",
-        "success": True,
-        "platform_id": "linux",
-        "package": "features",
-        "version": str(seq),
-        "release": "1",
-        "data": {"events": [], "event_receivers": [], "event_receiver_groups": []},
-    }
-    return f"k{seq}".encode(), json.dumps(body).encode()
+    return xzepr_event(seq, event_type, "P", "features", event_id)
 
 
 def test_a_handler_failing_once_is_retried_and_reported_completed(

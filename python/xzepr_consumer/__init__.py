@@ -51,8 +51,10 @@ from .settings import (
     RetryPolicy,
     Settings,
 )
+from .trace import HAS_OTEL, TraceContext, Tracing, init_tracing
 
 __all__ = [
+    "HAS_OTEL",
     "Adaptive",
     "Assignment",
     "BatchCallback",
@@ -88,6 +90,8 @@ __all__ = [
     "SecurityProtocol",
     "Settings",
     "SslConfig",
+    "TraceContext",
+    "Tracing",
     "XzeprApiError",
     "XzeprAuthError",
     "XzeprClient",
@@ -96,6 +100,7 @@ __all__ = [
     "XzeprConsumer",
     "XzeprConsumerError",
     "XzeprNotFoundError",
+    "init_tracing",
 ]
 
 __version__ = "0.1.0"

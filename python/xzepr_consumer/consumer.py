@@ -158,8 +158,9 @@ class XzeprConsumer:
             stay uncommitted (replayed by the next run), and ``run`` raises
             ``XzeprConsumerError`` saying why.
         ordering, max_in_flight, handler_timeout, drain_timeout,
-        commit_interval, skip_own_events, retry, dead_letter, metrics_addr:
-            the ``Settings`` fields of the same names, over ``settings``.
+        commit_interval, skip_own_events, retry, dead_letter, metrics_addr,
+        traces: the ``Settings`` fields of the same names, over ``settings``;
+            spans are on anyway while ``init_tracing()`` exports.
         type_prefixes: ``Settings.types``, over ``settings``.
     """
 
@@ -186,6 +187,7 @@ class XzeprConsumer:
         retry: RetryPolicy | None = None,
         dead_letter: DeadLetter | None = None,
         metrics_addr: str | None = None,
+        traces: bool | None = None,
     ) -> None:
         if client is None and any(x is not None for x in (receiver_name, receiver_id, work_name)):
             raise ValueError("receiver_name, receiver_id and work_name need a client to report to")
@@ -215,6 +217,7 @@ class XzeprConsumer:
             "retry": None if retry is None else retry._config(),
             "dead_letter": None if dead_letter is None else dead_letter._config(),
             "metrics_addr": metrics_addr,
+            "traces": traces,
         }
         self._settings: dict[str, Any] = {
             **_base_config(settings),
@@ -314,9 +317,13 @@ class XzeprConsumer:
         loop = asyncio.get_running_loop()
         reporting = await self._reporting_args()
         store = self._idempotency
+        settings = self._settings
+        if _native.tracing_active():
+            # As the CLI: spans are made when something exports them.
+            settings = {**settings, "traces": True}
         native = _native.Consumer(
             self.config._to_native(),
-            json.dumps(self._settings),
+            json.dumps(settings),
             client=None if self._reporting is None else self._reporting.client._client(),
             reporting=reporting,
             idempotency=None if store is None else store._native,

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from . import _native
+from .trace import TraceContext
 
 
 def _time(value: Any) -> datetime:
@@ -243,7 +244,12 @@ class CloudEventMessage:
     """CloudEvents 1.0.1 message from XZepr.
 
     ``kafka`` is the record it came in, set on the messages a consumer hands
-    to its handler (None on a message decoded by hand).
+    to its handler (None on a message decoded by hand). ``trace_context`` is
+    the handler attempt span's W3C context while spans are exported
+    (``init_tracing()``), for the handler to continue the trace; None
+    otherwise, and for a batch handler's messages (a call for many events runs
+    in no one event's span). The producer's own context stays in
+    ``kafka.header("traceparent")``.
     """
 
     success: bool
@@ -259,6 +265,7 @@ class CloudEventMessage:
     package: str
     data: CloudEventData
     kafka: KafkaRecord | None = None
+    trace_context: TraceContext | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CloudEventMessage:

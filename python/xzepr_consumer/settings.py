@@ -276,6 +276,9 @@ class Settings:
     rate_limit: RateLimit | None = None
     #: The lifecycle reporter's posts in flight (a number, or ``Adaptive``).
     report_concurrency: int | Adaptive = 128
+    #: A span per event and per step. On by itself while ``init_tracing()``
+    #: exports; needs a build with ``HAS_OTEL``.
+    traces: bool = False
 
     def to_config(self) -> dict[str, Any]:
         """The ``PipelineConfig`` JSON object of these settings."""
@@ -307,6 +310,7 @@ class Settings:
             "metrics_addr": self.metrics_addr,
             "rate_limit": None if self.rate_limit is None else self.rate_limit._config(),
             "report_concurrency": _concurrency(self.report_concurrency),
+            "traces": self.traces,
         }
 
 
