@@ -57,4 +57,11 @@ pub struct SourceStats {
     /// its tokens handed out, never more than `burst + per_second × elapsed`
     /// (per bucket).
     pub rate_tokens_granted: AtomicU64,
+    /// Bytes of messages librdkafka has prefetched and not yet handed to the
+    /// poll thread (its consumer queue, as of its last statistics, once a
+    /// second): bounded by librdkafka's `queued.max.messages.kbytes` plus the
+    /// fetch responses in flight, and counted apart from `buffered_bytes`.
+    pub prefetched_bytes: AtomicU64,
+    /// The most of `prefetched_bytes` seen.
+    pub peak_prefetched_bytes: AtomicU64,
 }

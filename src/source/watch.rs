@@ -1,6 +1,7 @@
 //! What the poll thread learns about the cluster for health and metrics,
-//! without a call of its own to the brokers: whether one is reachable, and each
-//! assigned partition's committed offset, high watermark and lag.
+//! without a call of its own to the brokers: whether one is reachable, each
+//! assigned partition's committed offset, high watermark and lag, and the bytes
+//! librdkafka holds prefetched.
 //!
 //! Both come from librdkafka's statistics, which its own thread gathers from the
 //! fetch and commit responses it already gets and hands to the poll thread's
@@ -77,6 +78,12 @@ struct Partition {
     committed_offset: i64,
     #[serde(default = "invalid")]
     consumer_lag: i64,
+    /// Bytes in the queue this partition's fetches land in. The consumer
+    /// forwards every partition's fetch queue to its one queue, and librdkafka
+    /// reports the forwarded queue's size for each: the largest of them is
+    /// that queue, not a share of it.
+    #[serde(default)]
+    fetchq_size: u64,
 }
 
 fn invalid() -> i64 {
@@ -104,6 +111,15 @@ pub(super) fn on_statistics(
     };
     let up = parsed.brokers.values().any(|b| b.state == "UP");
     stats.brokers_down.store(!up, Relaxed);
+    let prefetched = parsed
+        .topics
+        .values()
+        .flat_map(|t| t.partitions.values())
+        .map(|p| p.fetchq_size)
+        .max()
+        .unwrap_or(0);
+    stats.prefetched_bytes.store(prefetched, Relaxed);
+    stats.peak_prefetched_bytes.fetch_max(prefetched, Relaxed);
     let known = |v: i64| (v >= 0).then_some(v);
     let mut parts: Vec<PartitionProgress> = parsed
         .topics
@@ -143,9 +159,9 @@ mod tests {
       "topics": {
         "t": {"topic": "t", "partitions": {
           "0": {"partition": 0, "desired": true, "hi_offset": 10, "ls_offset": 10,
-                "committed_offset": 7, "consumer_lag": 3},
+                "committed_offset": 7, "consumer_lag": 3, "fetchq_size": 4096},
           "1": {"partition": 1, "desired": false, "hi_offset": 5,
-                "committed_offset": -1001, "consumer_lag": -1},
+                "committed_offset": -1001, "consumer_lag": -1, "fetchq_size": 4096},
           "2": {"partition": 2, "desired": true, "hi_offset": -1,
                 "committed_offset": -1001, "consumer_lag": -1},
           "-1": {"partition": -1, "desired": false, "hi_offset": -1,
@@ -161,6 +177,8 @@ mod tests {
         all_brokers_down(&stats);
         on_statistics(REPORT.as_bytes(), &stats, &progress);
         assert!(!stats.brokers_down.load(Relaxed), "a broker is UP");
+        // Each partition reports the one forwarded queue: not summed.
+        assert_eq!(stats.prefetched_bytes.load(Relaxed), 4096);
         let p = progress.lock().unwrap().clone();
         assert_eq!(p.len(), 2, "only the assigned partitions: {p:?}");
         assert_eq!(
@@ -177,6 +195,11 @@ mod tests {
         let down = REPORT.replace(r#""state": "UP""#, r#""state": "DOWN""#);
         on_statistics(down.as_bytes(), &stats, &progress);
         assert!(stats.brokers_down.load(Relaxed));
+
+        let drained = REPORT.replace(r#""fetchq_size": 4096"#, r#""fetchq_size": 0"#);
+        on_statistics(drained.as_bytes(), &stats, &progress);
+        assert_eq!(stats.prefetched_bytes.load(Relaxed), 0);
+        assert_eq!(stats.peak_prefetched_bytes.load(Relaxed), 4096);
     }
 
     #[test]

@@ -142,6 +142,15 @@ enum Command {
         /// adaptive), and `run --rate 2000` over a 20 s backlog.
         #[arg(long)]
         flow_control: bool,
+        /// Also the no-op, I/O and reporting cases, and the memory under a
+        /// backlog, against a broker in its own process over TCP: `tansu`
+        /// (started here, SQLite storage; TANSU_BIN, ~/.cargo/bin/tansu or
+        /// PATH) or the HOST:PORT of one already running.
+        #[arg(long, value_name = "tansu|HOST:PORT")]
+        broker: Option<bench::Target>,
+        /// Messages waiting in that broker for its memory case.
+        #[arg(long, default_value_t = 1_000_000)]
+        broker_backlog: u64,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -255,6 +264,8 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             exec_events,
             traces,
             flow_control,
+            broker,
+            broker_backlog,
             json,
         } => {
             if traces && !cfg!(feature = "otel") {
@@ -273,6 +284,10 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                 exec_events,
                 traces,
                 flow_control,
+                broker: broker.map(|target| bench::BrokerSettings {
+                    target,
+                    backlog: broker_backlog,
+                }),
             })?;
             if json {
                 println!("{}", serde_json::to_string(&f)?);

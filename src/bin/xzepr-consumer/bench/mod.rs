@@ -12,12 +12,15 @@
 //! With `--flow-control`, also the reporter against a service with a knee at
 //! fixed and adaptive concurrency, and `run --rate` over a backlog.
 //!
+//! With `--broker`, also the no-op, I/O and reporting cases and the memory
+//! under a backlog against a broker in its own process (Tansu, or an address).
+//!
 //! One file per family of cases: `pipeline.rs` (poll loop, no-op, batch
 //! no-op, I/O, threads, reporting), `forward.rs` (`run --forward`), `wraps.rs`
 //! (the reporter, `run --forward`, `run --exec` and large-event decoding
 //! beside the bare thing each wraps), `flow.rs` (flow control), `traces.rs`
-//! (the OTLP sink of `bench --traces`); this file holds the settings, the
-//! figures and the order the cases run in.
+//! (the OTLP sink of `bench --traces`), `broker.rs` (the broker apart); this
+//! file holds the settings, the figures and the order the cases run in.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -33,6 +36,7 @@ use xzepr_consumer::report::{Reporter, ReporterConfig, ReporterTask};
 use crate::baseline::{self, anyhow_like::Result};
 use crate::produce::produce;
 
+mod broker;
 mod flow;
 mod forward;
 mod pipeline;
@@ -40,6 +44,7 @@ mod pipeline;
 mod traces;
 mod wraps;
 
+pub use broker::{BrokerSettings, Target};
 use forward::{run_forward, zero_ms_endpoint};
 use pipeline::{
     io_pass, pipeline_batch_noop, pipeline_noop, pipeline_report, raw_pass, rss_mb, threads_pass,
@@ -78,6 +83,8 @@ pub struct Settings {
     pub traces: bool,
     /// Also the flow-control cases (`flow.rs`).
     pub flow_control: bool,
+    /// Also the cases against a broker apart (`broker.rs`).
+    pub broker: Option<broker::BrokerSettings>,
 }
 
 /// The figures of one `bench` run.
@@ -147,6 +154,9 @@ pub struct Figures {
     /// Each path beside the bare thing it wraps.
     #[serde(flatten)]
     pub wraps: wraps::WrapFigures,
+    /// With `--broker`: the same cases against a broker in its own process.
+    #[serde(flatten)]
+    pub broker: Option<broker::BrokerFigures>,
 }
 
 impl std::fmt::Display for Figures {
@@ -244,6 +254,9 @@ impl std::fmt::Display for Figures {
         write!(f, "\n{}", self.wraps)?;
         if let Some(flow) = &self.flow_control {
             write!(f, "\n{flow}")?;
+        }
+        if let Some(broker) = &self.broker {
+            write!(f, "\n{broker}")?;
         }
         Ok(())
     }
@@ -345,6 +358,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
         let n = AtomicU64::new(0);
         move |what: &str| format!("bench-{what}-{}", n.fetch_add(1, Relaxed))
     };
+    // The broker apart first: its memory case reads this process's resident
+    // set, which the mock's backlog would fill.
+    let broker = (s.broker.as_ref())
+        .map(|b| broker::run(&rt, b, s, &group))
+        .transpose()?;
 
     // Memory first, while the process holds nothing else: a backlog far larger
     // than the budget, consumed by the I/O case for a few seconds.
@@ -626,5 +644,6 @@ pub fn run(s: &Settings) -> Result<Figures> {
         io_eps_256_5ms_untraced_rounds: io_off,
         flow_control,
         wraps,
+        broker,
     })
 }

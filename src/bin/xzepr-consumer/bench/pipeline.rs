@@ -89,16 +89,23 @@ pub(super) fn raw_pass(brokers: &str, topic: &str, group: &str, events: u64) -> 
     Ok((events, events as f64 / eps))
 }
 
-/// Total and count of the handlers' waits, to measure the real `L`.
+/// Total and count of the handlers' waits, to measure the real `L`; and the
+/// most bytes librdkafka held prefetched in any of the passes, to break the
+/// memory down.
 #[derive(Default)]
 pub(super) struct Waits {
     nanos: AtomicU64,
     count: AtomicU64,
+    peak_prefetched: AtomicU64,
 }
 
 impl Waits {
     pub(super) fn mean_ms(&self) -> f64 {
         self.nanos.load(Relaxed) as f64 / self.count.load(Relaxed).max(1) as f64 / 1e6
+    }
+
+    pub(super) fn peak_prefetched_bytes(&self) -> u64 {
+        self.peak_prefetched.load(Relaxed)
     }
 }
 
@@ -130,7 +137,9 @@ pub(super) fn io_pass(
             }
         })?;
     let (n, secs) = time_until_finished(&running, events)?;
-    let peak = running.source().stats().peak_buffered_bytes.load(Relaxed);
+    let stats = running.source().stats();
+    let peak = stats.peak_buffered_bytes.load(Relaxed);
+    (waits.peak_prefetched).fetch_max(stats.peak_prefetched_bytes.load(Relaxed), Relaxed);
     if debug() {
         eprintln!(
             "io {max_in_flight} x {latency:?}: {:.0}/s {:?}",
