@@ -16,7 +16,6 @@
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +24,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use xzepr_consumer::source::SourceOptions;
 
-use super::pipeline::{io_pass, pipeline_noop, pipeline_report, raw_pass, rss_mb, Waits};
+use super::pipeline::{io_pass, pipeline_noop, pipeline_report, raw_pass, rss_mb, PeakRss, Waits};
 use super::{debug, median, windowed, Settings};
 use crate::baseline::anyhow_like::Result;
 
@@ -287,18 +286,7 @@ fn backlog_memory(
     group: &str,
 ) -> Result<Memory> {
     let before_mb = rss_mb();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let sampling = Arc::clone(&sampling);
-        std::thread::spawn(move || {
-            let mut peak = 0.0f64;
-            while sampling.load(Relaxed) {
-                peak = peak.max(rss_mb());
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            peak
-        })
-    };
+    let sampler = PeakRss::start();
     let waits = Arc::new(Waits::default());
     let passed = io_pass(
         rt,
@@ -309,8 +297,7 @@ fn backlog_memory(
         (1024, Duration::from_millis(20), false),
         &waits,
     );
-    sampling.store(false, Relaxed);
-    let peak_mb = sampler.join().unwrap_or(0.0);
+    let peak_mb = sampler.stop();
     let (_, _, buffered) = passed?;
     Ok(Memory {
         before_mb,

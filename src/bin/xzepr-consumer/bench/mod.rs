@@ -22,7 +22,7 @@
 //! (the OTLP sink of `bench --traces`), `broker.rs` (the broker apart); this
 //! file holds the settings, the figures and the order the cases run in.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,7 +48,7 @@ pub use broker::{BrokerSettings, Target};
 use forward::{run_forward, zero_ms_endpoint};
 use pipeline::{
     io_pass, pipeline_batch_noop, pipeline_noop, pipeline_report, raw_pass, rss_mb, threads_pass,
-    Waits,
+    PeakRss, Waits,
 };
 #[cfg(feature = "otel")]
 pub use traces::traces;
@@ -379,18 +379,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
         SOURCE_RECEIVER,
     )?;
     let rss_before_mb = rss_mb();
-    let sampling = Arc::new(AtomicBool::new(true));
-    let sampler = {
-        let sampling = Arc::clone(&sampling);
-        std::thread::spawn(move || {
-            let mut peak = 0.0f64;
-            while sampling.load(Relaxed) {
-                peak = peak.max(rss_mb());
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            peak
-        })
-    };
+    let sampler = PeakRss::start();
     let waits = Arc::new(Waits::default());
     let (_, _, peak_buffered_bytes) = io_pass(
         &rt,
@@ -401,8 +390,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
         (1024, Duration::from_millis(20), false),
         &waits,
     )?;
-    sampling.store(false, Relaxed);
-    let peak_rss_mb = sampler.join().unwrap_or(0.0);
+    let peak_rss_mb = sampler.stop();
 
     // The bare poll loop against the no-op pipeline, on the same messages.
     // With traces, the traced no-op pipeline is a third path of each round.

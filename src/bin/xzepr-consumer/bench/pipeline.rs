@@ -173,6 +173,35 @@ pub(super) fn threads_pass(
     Ok(r)
 }
 
+/// The process's peak resident set while it lives, sampled every 10 ms on a
+/// thread of its own.
+pub(super) struct PeakRss {
+    sampling: Arc<std::sync::atomic::AtomicBool>,
+    sampler: std::thread::JoinHandle<f64>,
+}
+
+impl PeakRss {
+    pub(super) fn start() -> Self {
+        let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let on = Arc::clone(&sampling);
+        let sampler = std::thread::spawn(move || {
+            let mut peak = 0.0f64;
+            while on.load(Relaxed) {
+                peak = peak.max(rss_mb());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            peak
+        });
+        PeakRss { sampling, sampler }
+    }
+
+    /// The peak in MB.
+    pub(super) fn stop(self) -> f64 {
+        self.sampling.store(false, Relaxed);
+        self.sampler.join().unwrap_or(0.0)
+    }
+}
+
 /// The process's resident set, in MB (0 where /proc is not there).
 pub(super) fn rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
