@@ -298,12 +298,12 @@ fn backlog_memory(
         &waits,
     );
     let peak_mb = sampler.stop();
-    let (_, _, buffered) = passed?;
+    let (_, _, peaks) = passed?;
     Ok(Memory {
         before_mb,
         peak_mb,
-        prefetched: waits.peak_prefetched_bytes(),
-        buffered,
+        prefetched: peaks.prefetched,
+        buffered: peaks.buffered,
     })
 }
 

@@ -381,7 +381,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
     let rss_before_mb = rss_mb();
     let sampler = PeakRss::start();
     let waits = Arc::new(Waits::default());
-    let (_, _, peak_buffered_bytes) = io_pass(
+    let (_, _, peaks) = io_pass(
         &rt,
         &brokers,
         "bench-backlog",
@@ -610,7 +610,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
         io_eps_threads_4_5ms,
         backlog: s.backlog,
         buffer_budget: xzepr_consumer::source::SourceOptions::default().buffer_budget as u64,
-        peak_buffered_bytes,
+        peak_buffered_bytes: peaks.buffered,
         rss_before_mb,
         peak_rss_mb,
         api_latency_ms: s.latency_ms,

@@ -89,23 +89,23 @@ pub(super) fn raw_pass(brokers: &str, topic: &str, group: &str, events: u64) -> 
     Ok((events, events as f64 / eps))
 }
 
-/// Total and count of the handlers' waits, to measure the real `L`; and the
-/// most bytes librdkafka held prefetched in any of the passes, to break the
-/// memory down.
+/// Total and count of the handlers' waits, to measure the real `L`.
 #[derive(Default)]
 pub(super) struct Waits {
     nanos: AtomicU64,
     count: AtomicU64,
-    peak_prefetched: AtomicU64,
+}
+
+/// The most bytes one I/O pass held: in the pipeline's buffers, and
+/// prefetched by librdkafka (to break the memory down).
+pub(super) struct Peaks {
+    pub(super) buffered: u64,
+    pub(super) prefetched: u64,
 }
 
 impl Waits {
     pub(super) fn mean_ms(&self) -> f64 {
         self.nanos.load(Relaxed) as f64 / self.count.load(Relaxed).max(1) as f64 / 1e6
-    }
-
-    pub(super) fn peak_prefetched_bytes(&self) -> u64 {
-        self.peak_prefetched.load(Relaxed)
     }
 }
 
@@ -119,7 +119,7 @@ pub(super) fn io_pass(
     events: u64,
     (max_in_flight, latency, traces): (usize, Duration, bool),
     waits: &Arc<Waits>,
-) -> Result<(u64, f64, u64)> {
+) -> Result<(u64, f64, Peaks)> {
     let w = Arc::clone(waits);
     let running = Pipeline::builder(config(brokers, topic, group))
         .traces(traces)
@@ -138,8 +138,10 @@ pub(super) fn io_pass(
         })?;
     let (n, secs) = time_until_finished(&running, events)?;
     let stats = running.source().stats();
-    let peak = stats.peak_buffered_bytes.load(Relaxed);
-    (waits.peak_prefetched).fetch_max(stats.peak_prefetched_bytes.load(Relaxed), Relaxed);
+    let peaks = Peaks {
+        buffered: stats.peak_buffered_bytes.load(Relaxed),
+        prefetched: stats.peak_prefetched_bytes.load(Relaxed),
+    };
     if debug() {
         eprintln!(
             "io {max_in_flight} x {latency:?}: {:.0}/s {:?}",
@@ -148,7 +150,7 @@ pub(super) fn io_pass(
         );
     }
     stop(running)?;
-    Ok((n, secs, peak))
+    Ok((n, secs, peaks))
 }
 
 /// One pass of a sync handler blocking its thread for `latency`, 4 workers.
