@@ -36,6 +36,7 @@ from conftest import Receiver, committed, run_until, xzepr_event
 from xzepr_consumer import (
     DeadLetter,
     KafkaConsumerConfig,
+    RetryPolicy,
     Settings,
     XzeprClient,
     XzeprClientConfig,
@@ -410,14 +411,16 @@ def test_the_batch_callback_fails_what_has_no_package(stack: DevStack) -> None:
         config = KafkaConsumerConfig(
             brokers=stack.brokers, topic=stack.topic, service_name="doc-batch"
         )
-        consumer = XzeprConsumer(
-            config, client=client, work_name="load", settings=Settings(types=["load"], batch=8)
-        )
+        # Retries on: a PermanentError must still not be retried.
+        retry = RetryPolicy(max_attempts=3, backoff_base=0.01, backoff_max=0.05)
+        settings = Settings(types=["load"], batch=8, retry=retry)
+        consumer = XzeprConsumer(config, client=client, work_name="load", settings=settings)
         await run_until(
             consumer,
             lambda: consume(consumer),
             lambda: len(posts(stack, "load.completed")) + len(posts(stack, "load.failed")) >= n,
         )
+        assert consumer.metrics().retried == 0, consumer.metrics()
 
     asyncio.run(main())
     completed = [e["payload"]["details"] for e in posts(stack, "load.completed")]
