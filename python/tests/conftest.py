@@ -1,4 +1,5 @@
-"""Fixtures: the embedded dev stack (in-process broker + XZepr stand-in)."""
+"""Fixtures: the embedded dev stack (in-process broker + XZepr stand-in), and
+an OTLP/HTTP traces receiver."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import asyncio
 import itertools
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import NoReturn
 
@@ -114,3 +117,47 @@ async def run_until(
     finally:
         consumer.stop()
         await asyncio.wait_for(task, 60)
+
+
+class Receiver:
+    """An OTLP/HTTP traces receiver on 127.0.0.1:0: keeps every
+    ``POST /v1/traces`` body and answers an empty export response."""
+
+    def __init__(self) -> None:
+        self.bodies: list[bytes] = []
+        self.paths: list[str] = []
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                owner.paths.append(self.path)
+                if self.path == "/v1/traces":
+                    owner.bodies.append(body)
+                self.send_response(200 if self.path == "/v1/traces" else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.close()

@@ -9,63 +9,17 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import xzepr_event
+from conftest import Receiver, xzepr_event
 
 from xzepr_consumer import HAS_OTEL, ConfigError, KafkaConsumerConfig, TraceContext, init_tracing
 from xzepr_consumer.devstack import DevStack, produce
 
 TRACED_RUN = Path(__file__).with_name("traced_run.py")
 OTEL_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-
-
-class Receiver:
-    """An OTLP/HTTP traces receiver on 127.0.0.1:0: keeps every
-    ``POST /v1/traces`` body and answers an empty export response."""
-
-    def __init__(self) -> None:
-        self.bodies: list[bytes] = []
-        self.paths: list[str] = []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                owner.paths.append(self.path)
-                if self.path == "/v1/traces":
-                    owner.bodies.append(body)
-                self.send_response(200 if self.path == "/v1/traces" else 404)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def endpoint(self) -> str:
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
-    yield r
-    r.close()
 
 
 def test_spans_reach_the_otlp_receiver_and_the_handler_continues_the_trace(
