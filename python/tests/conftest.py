@@ -16,7 +16,7 @@ from typing import NoReturn
 
 import pytest
 
-from xzepr_consumer import KafkaConsumerConfig, XzeprConsumer
+from xzepr_consumer import CloudEventMessage, DeadLetter, KafkaConsumerConfig, XzeprConsumer
 from xzepr_consumer.devstack import DevStack, committed_offsets
 from xzepr_consumer.idempotency import HAS_POSTGRES
 
@@ -117,6 +117,28 @@ async def run_until(
     finally:
         consumer.stop()
         await asyncio.wait_for(task, 60)
+
+
+def dead_letter(
+    stack: DevStack, config: KafkaConsumerConfig, n: int, failing: tuple[str, ...]
+) -> None:
+    """Consumes the topic's ``n`` events in ``config``'s group with the default
+    dead letter (``<topic>.dlq``), failing each event whose id ends with one
+    of ``failing``, until all ``n`` are committed."""
+
+    async def handle(message: CloudEventMessage) -> None:
+        if message.id.endswith(failing):
+            raise RuntimeError("downstream bug")
+
+    async def main() -> None:
+        consumer = XzeprConsumer(config, dead_letter=DeadLetter())
+        await run_until(
+            consumer,
+            lambda: consumer.run_with_callback(handle),
+            lambda: committed(stack, config.group_id) == (n, n),
+        )
+
+    asyncio.run(main())
 
 
 class Receiver:

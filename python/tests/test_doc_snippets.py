@@ -31,10 +31,9 @@ from types import TracebackType
 from typing import Any, cast
 
 import pytest
-from conftest import Receiver, committed, run_until, xzepr_event
+from conftest import Receiver, committed, dead_letter, run_until, xzepr_event
 
 from xzepr_consumer import (
-    DeadLetter,
     KafkaConsumerConfig,
     RetryPolicy,
     Settings,
@@ -365,20 +364,7 @@ def test_the_redrive_dry_run_counts_the_dead_letters(tmp_path: Path) -> None:
         config = KafkaConsumerConfig(
             brokers=stack.brokers, topic=stack.topic, service_name="doc", group_id=group
         )
-
-        async def handle(message: Any) -> None:
-            if message.id.endswith(bad):
-                raise RuntimeError("downstream bug")
-
-        async def dead_letters() -> None:
-            consumer = XzeprConsumer(config, dead_letter=DeadLetter())
-            await run_until(
-                consumer,
-                lambda: consumer.run_with_callback(handle),
-                lambda: committed(stack, group) == (n, n),
-            )
-
-        asyncio.run(dead_letters())
+        dead_letter(stack, config, n, bad)
         program = write(block("docs/how-to/redrive-after-a-fix.md#1"), tmp_path / "redrive.py")
         run = subprocess.run(
             [sys.executable, str(program)],

@@ -4,20 +4,16 @@ calls, as the CLI makes them)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import committed, run_until
+from conftest import dead_letter
 
 from xzepr_consumer import (
-    CloudEventMessage,
     ConfigError,
-    DeadLetter,
     KafkaConsumerConfig,
-    XzeprConsumer,
 )
 from xzepr_consumer.devstack import DevStack, committed_offsets, produce
 from xzepr_consumer.replay import offsets_reset, offsets_show, redrive
@@ -52,19 +48,7 @@ def test_offsets_are_shown_and_moved_and_dead_letters_redriven(replay_stack: Dev
         brokers=stack.brokers, topic=stack.topic, service_name="py-replay", group_id=group
     )
 
-    async def handle(message: CloudEventMessage) -> None:
-        if message.id.endswith(("1", "3")):
-            raise RuntimeError("downstream bug")
-
-    async def main() -> None:
-        consumer = XzeprConsumer(config, dead_letter=DeadLetter())
-        await run_until(
-            consumer,
-            lambda: consumer.run_with_callback(handle),
-            lambda: committed(stack, group) == (n, n),
-        )
-
-    asyncio.run(main())
+    dead_letter(stack, config, n, ("1", "3"))
 
     # The mock broker takes a commit from outside a group only if the group
     # never had a member: the offsets are moved in a group of their own.
