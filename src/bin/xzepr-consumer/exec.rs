@@ -14,7 +14,10 @@
 //! process group is killed then (see [`group`]) and the pipes are read for at
 //! most [`PIPE_GRACE`] more. A group of its own also keeps a Ctrl-C at the
 //! terminal from reaching the programs: it reaches `run` alone, which then
-//! drains, and the programs in flight finish their events.
+//! drains, and the programs in flight finish their events. A program is
+//! created in `run`'s group and moves to its own just before it executes; one
+//! caught by the group signal in that instant (killed by SIGINT or SIGTERM
+//! while `run` stops) never ran, and is started once more.
 //!
 //! No `XZEPR_*` variable of `run`'s own environment reaches the child: they
 //! hold its credentials (`XZEPR_API_TOKEN`, `XZEPR_KAFKA_SASL_PASSWORD`, and
@@ -35,6 +38,8 @@ use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use xzepr_consumer::decode::CloudEventMessage;
 use xzepr_consumer::handler::{AsyncHandler, BoxFuture, HandlerError, WorkInfo};
+
+use crate::run_status;
 
 /// `run --help`'s summary of the child's contract (the variables set in
 /// [`Exec::command`]).
@@ -81,6 +86,12 @@ fn record_var(name: &str) -> bool {
 /// Its group is killed first, so this bounds only what a process outside the
 /// group holds open; what was read by then is used.
 const PIPE_GRACE: Duration = Duration::from_millis(250);
+
+/// How long a program killed by SIGINT or SIGTERM waits for `run` to see the
+/// same signal, before it counts as a failure of its own: `run`'s listener
+/// and the program's reaper are two tasks, in either order, milliseconds
+/// apart.
+const STOP_SEEN_WITHIN: Duration = Duration::from_secs(1);
 
 /// Most stdout kept for `details` (a larger output is not used as details).
 const STDOUT_MAX: usize = 1 << 20;
@@ -164,8 +175,52 @@ impl Exec {
             HandlerError::with_code(format!("event to JSON: {e}"), "encode").permanent()
         })?;
         input.push(b'\n');
+        let mut command = self.command(&message, &info);
+        let (mut status, mut out, mut err) = self.run_once(&mut command, &input).await?;
+        if status.as_ref().is_ok_and(stop_signal)
+            && run_status::stopping_within(STOP_SEEN_WITHIN).await
+        {
+            // Killed by the stop signal sent to `run`'s whole process group, in
+            // the moment it was still a member (before its own group): it never
+            // ran. The drain waits for this second start.
+            tracing::info!(
+                topic = %info.topic,
+                partition = info.partition,
+                offset = info.offset,
+                "Program caught by the stop signal before it started; running it again."
+            );
+            (status, out, err) = self.run_once(&mut command, &input).await?;
+        }
+        let (out, err) = (out.into_bytes(), err.into_bytes());
+        let status = status.map_err(|e| {
+            HandlerError::with_code(format!("waiting for {}: {e}", self.program()), "wait")
+        })?;
+        if status.success() {
+            return Ok(details(&out));
+        }
+        let tail = String::from_utf8_lossy(&err);
+        let tail = tail.trim();
+        let (what, code) = match status.code() {
+            Some(code) => (format!("exited with status {code}"), "exit_status"),
+            None => (describe_signal(&status), "signal"),
+        };
+        let message = if tail.is_empty() {
+            format!("{} {what}", self.program())
+        } else {
+            format!("{} {what}: {tail}", self.program())
+        };
+        Err(HandlerError::with_code(message, code))
+    }
+
+    /// Starts `command` with `input` on its stdin and waits for it: its exit
+    /// status, the head of its stdout and the tail of its stderr.
+    async fn run_once(
+        &self,
+        command: &mut tokio::process::Command,
+        input: &[u8],
+    ) -> Result<(std::io::Result<std::process::ExitStatus>, Capture, Capture), HandlerError> {
         // A program that cannot be started will not start on a retry either.
-        let mut group = group::Group::spawn(&mut self.command(&message, &info)).map_err(|e| {
+        let mut group = group::Group::spawn(command).map_err(|e| {
             HandlerError::with_code(format!("cannot start {}: {e}", self.program()), "spawn")
                 .permanent()
         })?;
@@ -173,7 +228,7 @@ impl Exec {
         let write = async move {
             if let Some(mut stdin) = stdin {
                 // A program that exits without reading its input is not an error.
-                let _ = stdin.write_all(&input).await;
+                let _ = stdin.write_all(input).await;
             }
         };
         let mut out = Capture::new(Keep::Head(STDOUT_MAX));
@@ -199,25 +254,7 @@ impl Exec {
         };
         // The group's members are reaped in the background.
         drop(group);
-        let (out, err) = (out.into_bytes(), err.into_bytes());
-        let status = status.map_err(|e| {
-            HandlerError::with_code(format!("waiting for {}: {e}", self.program()), "wait")
-        })?;
-        if status.success() {
-            return Ok(details(&out));
-        }
-        let tail = String::from_utf8_lossy(&err);
-        let tail = tail.trim();
-        let (what, code) = match status.code() {
-            Some(code) => (format!("exited with status {code}"), "exit_status"),
-            None => (describe_signal(&status), "signal"),
-        };
-        let message = if tail.is_empty() {
-            format!("{} {what}", self.program())
-        } else {
-            format!("{} {what}: {tail}", self.program())
-        };
-        Err(HandlerError::with_code(message, code))
+        Ok((status, out, err))
     }
 }
 
@@ -239,6 +276,21 @@ fn describe_signal(status: &std::process::ExitStatus) -> String {
         Some(sig) => format!("was killed by signal {sig}"),
         None => format!("ended with {status}"),
     }
+}
+
+/// Killed by a signal that stops `run` (SIGINT, SIGTERM).
+#[cfg(unix)]
+fn stop_signal(status: &std::process::ExitStatus) -> bool {
+    use rustix::process::Signal;
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .signal()
+        .is_some_and(|s| s == Signal::INT.as_raw() || s == Signal::TERM.as_raw())
+}
+
+#[cfg(not(unix))]
+fn stop_signal(_: &std::process::ExitStatus) -> bool {
+    false
 }
 
 #[cfg(not(unix))]

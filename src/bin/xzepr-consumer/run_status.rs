@@ -2,8 +2,11 @@
 //! line every [`LOG_EVERY`], and the wait for the signal that stops it.
 
 use std::io::IsTerminal;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
 
 use xzepr_consumer::pipeline::RunningPipeline;
 
@@ -23,7 +26,10 @@ pub(crate) async fn watch(running: &RunningPipeline) -> &'static str {
     let mut tick = tokio::time::interval(STATUS_EVERY);
     let reason = loop {
         tokio::select! {
-            s = &mut signalled => break s.unwrap_or("no signal handler"),
+            s = &mut signalled => {
+                raise_stop();
+                break s.unwrap_or("no signal handler");
+            }
             _ = tick.tick() => {
                 if running.source().is_finished() {
                     break "the consumer stopped";
@@ -34,6 +40,30 @@ pub(crate) async fn watch(running: &RunningPipeline) -> &'static str {
     };
     status.finish();
     reason
+}
+
+/// Whether a stop signal came (set once, never cleared: `run` stops).
+static STOPPING: AtomicBool = AtomicBool::new(false);
+/// Wakes those waiting in [`stopping_within`].
+static STOP: Notify = Notify::const_new();
+
+fn raise_stop() {
+    STOPPING.store(true, SeqCst);
+    STOP.notify_waiters();
+}
+
+/// Whether `run` is stopping on a signal, or starts to within `within`: the
+/// signal that killed a program may be seen by the program's reaper before
+/// `run`'s own listener has run.
+pub(crate) async fn stopping_within(within: Duration) -> bool {
+    let notified = STOP.notified();
+    tokio::pin!(notified);
+    // Registered before the check, so a stop raised in between still wakes it.
+    notified.as_mut().enable();
+    if STOPPING.load(SeqCst) {
+        return true;
+    }
+    tokio::time::timeout(within, notified).await.is_ok() || STOPPING.load(SeqCst)
 }
 
 /// The live line on a terminal, or a periodic log line otherwise.
