@@ -606,3 +606,34 @@ fn a_corrupt_completion_map_means_a_full_replay() {
         1
     );
 }
+
+/// The last commit at shutdown is confirmed, not assumed: the answer of a
+/// manual async commit never reaches the context in this rust-rdkafka
+/// (fede1024/rust-rdkafka#856), so waiting on it alone spent the whole bound
+/// and took a refused commit for a lost answer.
+#[test]
+fn the_final_commit_at_shutdown_is_confirmed() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cluster = cluster("final", 2);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "final", 2, 500, |i| format!("{i}").into_bytes());
+    let config = KafkaConsumerConfig::new(&brokers, "final", "final-test");
+    let mut o = options(64);
+    // No periodic commit: only the final one can move the group's offsets.
+    o.commit_interval = Duration::from_secs(3600);
+    let mut source = Source::start(&config, o).unwrap();
+    let seen: Seen = Arc::default();
+    let workers = shuffling_workers(&mut source, Arc::clone(&seen), &[]);
+    wait_for("every message", || total(&seen) >= 500);
+    let handle = stop(&source, workers);
+    let s = handle.stats();
+    assert_eq!(
+        s.final_commits_confirmed.load(Relaxed),
+        1,
+        "the final commit was not confirmed"
+    );
+    assert_eq!(
+        committed(&brokers, "xzepr-consumer-final-test", "final", 2),
+        end_offsets(&brokers, "final", 2)
+    );
+}

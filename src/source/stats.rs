@@ -22,6 +22,9 @@ pub struct SourceStats {
     pub resumes: AtomicU64,
     /// Commits sent (async and sync).
     pub commits: AtomicU64,
+    /// Final commits at shutdown the group coordinator confirmed (the
+    /// committed offsets read back equal those sent).
+    pub final_commits_confirmed: AtomicU64,
     /// Synchronous commits on revoke that the broker refused.
     pub revoke_commit_failures: AtomicU64,
     /// Partitions currently assigned.

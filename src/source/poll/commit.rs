@@ -1,7 +1,7 @@
 //! Committing: which commit points to send, sending them on schedule
 //! (asynchronously), and the final commit that waits for the broker's answer.
 
-use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -94,41 +94,85 @@ impl PollLoop {
         }
     }
 
-    /// Commits `tpl` and waits for the broker's answer until `deadline`,
-    /// serving callbacks meanwhile (messages polled here are dropped, never
-    /// handled: every partition is paused). A refusal (a rebalance in
-    /// progress) is tried again while there is time.
+    /// Commits `tpl` and waits for the broker's answer until `deadline`
+    /// (messages polled meanwhile are dropped, never handled: every partition
+    /// is paused). A refusal (a rebalance in progress) is tried again while
+    /// there is time.
+    ///
+    /// The answer is the group's offsets read back, not the commit callback:
+    /// this rust-rdkafka never delivers the answer of a manual async commit
+    /// (fede1024/rust-rdkafka#856). The coordinator handles the read after the
+    /// commit sent before it on the same connection, so one read decides.
     pub(super) fn commit_within(&self, tpl: &TopicPartitionList, deadline: Instant) {
         let ctx = self.consumer.context();
         loop {
-            let answers = ctx.commit_answers.load(Acquire);
             let failed_before = ctx.failed_commits.lock().map_or(0, |f| f.len());
             if let Err(e) = self.consumer.commit(tpl, CommitMode::Async) {
                 tracing::warn!(error = %e, "Final commit not sent.");
                 return;
             }
-            while ctx.commit_answers.load(Acquire) == answers && Instant::now() < deadline {
-                drop(self.consumer.poll(Duration::from_millis(20)));
+            let mut answer = self.read_back(tpl, deadline);
+            // A refusal the callback did report (should a version deliver it).
+            drop(self.consumer.poll(Duration::ZERO));
+            if ctx.failed_commits.lock().map_or(0, |f| f.len()) > failed_before {
+                answer = Answer::Refused;
             }
-            let answered = ctx.commit_answers.load(Acquire) != answers;
-            let failed = ctx.failed_commits.lock().map_or(0, |f| f.len()) > failed_before;
-            match (answered, failed) {
-                (true, false) => {
+            match answer {
+                Answer::Confirmed => {
                     ctx.stats.commits.fetch_add(1, Relaxed);
+                    ctx.stats.final_commits_confirmed.fetch_add(1, Relaxed);
                     return;
                 }
-                (true, true) if Instant::now() + Duration::from_millis(200) < deadline => {
+                Answer::Refused if Instant::now() + REFUSED_PAUSE < deadline => {
                     tracing::debug!("Final commit refused; retrying.");
-                    std::thread::sleep(Duration::from_millis(200));
+                    std::thread::sleep(REFUSED_PAUSE);
                 }
-                _ => {
+                answer => {
                     tracing::warn!(
-                        answered,
-                        "Final commit not acknowledged in time: what finished since the last commit is replayed."
+                        ?answer,
+                        "Final commit not confirmed in time: what finished since the last commit is replayed."
                     );
                     return;
                 }
             }
         }
     }
+
+    /// Reads the group's committed offsets of `sent`'s partitions (until
+    /// `deadline`) and compares them with `sent`.
+    fn read_back(&self, sent: &TopicPartitionList, deadline: Instant) -> Answer {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.consumer.committed_offsets(sent.clone(), left) {
+            Ok(got) => {
+                let same = sent.elements().iter().all(|el| {
+                    got.find_partition(el.topic(), el.partition())
+                        .is_some_and(|g| g.offset() == el.offset())
+                });
+                if same {
+                    Answer::Confirmed
+                } else {
+                    Answer::Refused
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Reading the committed offsets back failed.");
+                Answer::Unknown
+            }
+        }
+    }
 }
+
+/// What became of the final commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// The group's offsets are those sent.
+    Confirmed,
+    /// They are not (the coordinator refused the commit).
+    Refused,
+    /// No answer in time (the coordinator is unreachable).
+    Unknown,
+}
+
+/// Pause before a refused final commit is sent again: a rebalance in
+/// progress settles in a few hundred ms.
+const REFUSED_PAUSE: Duration = Duration::from_millis(200);

@@ -13,7 +13,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -100,7 +100,6 @@ pub(super) fn start(
         fatal: Mutex::new(None),
         stats: Arc::clone(&stats),
         progress: Arc::clone(&progress),
-        commit_answers: AtomicU64::new(0),
         failed_commits: Mutex::new(Vec::new()),
     };
     let consumer: BaseConsumer<Context> = client_config.create_with_context(context)?;

@@ -2,10 +2,7 @@
 //! maps, revoke drains and commits), commit answers, and client errors.
 
 use std::collections::HashMap;
-use std::sync::atomic::{
-    AtomicU64,
-    Ordering::{Relaxed, Release},
-};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,11 +40,12 @@ pub(super) struct Context {
     pub(super) stats: Arc<SourceStats>,
     /// Published from librdkafka's statistics (see `watch`).
     pub(super) progress: Arc<Mutex<Vec<crate::source::PartitionProgress>>>,
-    /// Commit answers seen by `commit_callback` (a wait on one counts them).
-    pub(super) commit_answers: AtomicU64,
     /// Partitions of async commits that failed, for the poll loop to send
     /// again: the callback may run while the state is locked (inside a sync
-    /// commit), so it never takes that lock.
+    /// commit), so it never takes that lock. This rust-rdkafka delivers no
+    /// answer of a manual async commit (fede1024/rust-rdkafka#856): until it
+    /// does, a refused periodic commit stands until its point moves, and the
+    /// revoke's and shutdown's commits (sent whole, and confirmed) cover it.
     pub(super) failed_commits: Mutex<Vec<PartKey>>,
 }
 
@@ -85,7 +83,6 @@ impl ConsumerContext for Context {
         result: rdkafka::error::KafkaResult<()>,
         offsets: &TopicPartitionList,
     ) {
-        self.commit_answers.fetch_add(1, Release);
         let Err(e) = result else { return };
         tracing::debug!(error = %e, "Commit failed; retrying at the next interval.");
         if let Ok(mut failed) = self.failed_commits.lock() {
