@@ -157,6 +157,11 @@ enum Command {
         /// Messages waiting in that broker for its memory case.
         #[arg(long, default_value_t = 1_000_000)]
         broker_backlog: u64,
+        /// Only the paths beside the bare thing each wraps (the reporter, `run
+        /// --forward`, `run --exec`, large-event decoding; uses --partitions,
+        /// --forward-events, --exec-events): a minute or two, to profile one.
+        #[arg(long, conflicts_with_all = ["traces", "flow_control", "broker"])]
+        wraps_only: bool,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -272,12 +277,13 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             flow_control,
             broker,
             broker_backlog,
+            wraps_only,
             json,
         } => {
             if traces && !cfg!(feature = "otel") {
                 return Err("bench --traces needs a build with feature otel".into());
             }
-            let f = bench::run(&bench::Settings {
+            let settings = bench::Settings {
                 events,
                 partitions,
                 rounds: rounds.max(1),
@@ -294,16 +300,30 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                     target,
                     backlog: broker_backlog,
                 }),
-            })?;
-            if json {
-                println!("{}", serde_json::to_string(&f)?);
+            };
+            if wraps_only {
+                let f = bench::run_wraps(&settings)?;
+                print_figures(&f, json)?;
             } else {
-                println!("{f}");
+                print_figures(&bench::run(&settings)?, json)?;
             }
         }
         Command::Produce(args) => produce::run(&args)?,
         Command::Offsets { command } => offsets::run(&command)?,
         Command::Redrive(args) => redrive::run(&args)?,
+    }
+    Ok(())
+}
+
+/// A bench's figures: one JSON object, or the table.
+fn print_figures(
+    f: &(impl serde::Serialize + std::fmt::Display),
+    json: bool,
+) -> baseline::anyhow_like::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(f)?);
+    } else {
+        println!("{f}");
     }
     Ok(())
 }

@@ -52,6 +52,7 @@ use pipeline::{
 };
 #[cfg(feature = "otel")]
 pub use traces::traces;
+pub use wraps::WrapFigures;
 
 /// Least measured time per round of a case.
 const MIN_WINDOW: Duration = Duration::from_secs(1);
@@ -346,18 +347,69 @@ fn config(brokers: &str, topic: &str, group: &str) -> KafkaConsumerConfig {
 const BENCH_RECEIVER: &str = "01BENCHRECEIVER00000000000";
 const SOURCE_RECEIVER: &str = "01M82X4ET7AYGAEYSHF5AKVAVW";
 
+/// Creates `name` with `partitions` on the mock broker and produces `events`
+/// generated events into it.
+fn fill_topic(
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    (brokers, name): (&str, &str),
+    partitions: i32,
+    events: u64,
+) -> Result<()> {
+    cluster.create_topic(name, partitions, 1)?;
+    produce(brokers, name, 0, events, None, SOURCE_RECEIVER)?;
+    Ok(())
+}
+
+/// The runtime every case runs on: two workers, as the machine has two cores.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Consumer group names, fresh for each pass.
+fn groups() -> impl Fn(&str) -> String {
+    let n = AtomicU64::new(0);
+    move |what: &str| format!("bench-{what}-{}", n.fetch_add(1, Relaxed))
+}
+
+/// Only the paths beside the bare thing each wraps (`wraps.rs`, `bench
+/// --wraps-only`): a minute or two instead of the whole run, so one of them
+/// can be profiled on its own.
+pub fn run_wraps(s: &Settings) -> Result<WrapFigures> {
+    let cluster = MockCluster::new(1)?;
+    let brokers = cluster.bootstrap_servers();
+    let rt = runtime()?;
+    let endpoint = zero_ms_endpoint(&rt)?;
+    fill_topic(
+        &cluster,
+        (&brokers, "bench-forward"),
+        s.partitions,
+        s.forward_events,
+    )?;
+    fill_topic(
+        &cluster,
+        (&brokers, "bench-exec"),
+        s.partitions,
+        s.exec_events,
+    )?;
+    wraps::run(
+        &rt,
+        &brokers,
+        ("bench-forward", s.forward_events),
+        ("bench-exec", s.exec_events),
+        &endpoint,
+        &groups(),
+    )
+}
+
 /// Runs the benchmark on an in-process mock broker.
 pub fn run(s: &Settings) -> Result<Figures> {
     let cluster = MockCluster::new(1)?;
     let brokers = cluster.bootstrap_servers();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let group = {
-        let n = AtomicU64::new(0);
-        move |what: &str| format!("bench-{what}-{}", n.fetch_add(1, Relaxed))
-    };
+    let rt = runtime()?;
+    let group = groups();
     // The broker apart first: its memory case reads this process's resident
     // set, which the mock's backlog would fill.
     let broker = (s.broker.as_ref())
@@ -369,15 +421,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
     let partitions = i32::try_from(s.backlog.div_ceil(4_000))
         .unwrap_or(i32::MAX)
         .max(1);
-    cluster.create_topic("bench-backlog", partitions, 1)?;
-    produce(
-        &brokers,
-        "bench-backlog",
-        0,
-        s.backlog,
-        None,
-        SOURCE_RECEIVER,
-    )?;
+    fill_topic(&cluster, (&brokers, "bench-backlog"), partitions, s.backlog)?;
     let rss_before_mb = rss_mb();
     let sampler = PeakRss::start();
     let waits = Arc::new(Waits::default());
@@ -399,8 +443,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
     let paths = if s.traces { 4 } else { 3 };
     for round in 0..s.rounds {
         let topic = format!("bench-{round}");
-        cluster.create_topic(&topic, s.partitions, 1)?;
-        produce(&brokers, &topic, 0, s.events, None, SOURCE_RECEIVER)?;
+        fill_topic(&cluster, (&brokers, &topic), s.partitions, s.events)?;
         for path in (0..paths).map(|p| (p + round) % paths) {
             let noop_pass = |traces| {
                 windowed(|_| pipeline_noop(&brokers, &topic, &group("noop"), s.events, traces))
@@ -430,8 +473,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
     let io_partitions = i32::try_from(s.io_events.div_ceil(4_000))
         .unwrap_or(1)
         .max(1);
-    cluster.create_topic("bench-io", io_partitions, 1)?;
-    produce(&brokers, "bench-io", 0, s.io_events, None, SOURCE_RECEIVER)?;
+    fill_topic(&cluster, (&brokers, "bench-io"), io_partitions, s.io_events)?;
     let mut io = Vec::new();
     for (n, ms) in [(256usize, 5u64), (1024, 20)] {
         let waits = Arc::new(Waits::default());
@@ -493,14 +535,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
     let (addr, _standin) =
         rt.block_on(crate::standin::start(Duration::from_millis(s.latency_ms)))?;
     let api_url = format!("http://{addr}");
-    cluster.create_topic("bench-report", s.partitions, 1)?;
-    produce(
-        &brokers,
-        "bench-report",
-        0,
+    fill_topic(
+        &cluster,
+        (&brokers, "bench-report"),
+        s.partitions,
         s.report_events,
-        None,
-        SOURCE_RECEIVER,
     )?;
     let report = pipeline_report(
         &rt,
@@ -510,14 +549,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
         s.report_events,
         &api_url,
     )?;
-    cluster.create_topic("bench-seed", s.partitions, 1)?;
-    produce(
-        &brokers,
-        "bench-seed",
-        0,
+    fill_topic(
+        &cluster,
+        (&brokers, "bench-seed"),
+        s.partitions,
         s.seed_events,
-        None,
-        SOURCE_RECEIVER,
     )?;
     let seed = rt.block_on(baseline::seed_design(
         &brokers,
@@ -531,14 +567,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
     // `run --forward` to an endpoint answering at once, without and with the
     // lifecycle posts.
     let endpoint = zero_ms_endpoint(&rt)?;
-    cluster.create_topic("bench-forward", s.partitions, 1)?;
-    produce(
-        &brokers,
-        "bench-forward",
-        0,
+    fill_topic(
+        &cluster,
+        (&brokers, "bench-forward"),
+        s.partitions,
         s.forward_events,
-        None,
-        SOURCE_RECEIVER,
     )?;
     let mut forward_rounds = Vec::new();
     for _ in 0..3 {
@@ -566,14 +599,11 @@ pub fn run(s: &Settings) -> Result<Figures> {
         )?;
         reported.push(n as f64 / secs);
     }
-    cluster.create_topic("bench-exec", s.partitions, 1)?;
-    produce(
-        &brokers,
-        "bench-exec",
-        0,
+    fill_topic(
+        &cluster,
+        (&brokers, "bench-exec"),
+        s.partitions,
         s.exec_events,
-        None,
-        SOURCE_RECEIVER,
     )?;
     let wraps = wraps::run(
         &rt,
