@@ -197,6 +197,17 @@ impl Forward {
         Ok(Bytes::from(bytes))
     }
 
+    /// The whole request for one event: headers and body.
+    pub(crate) fn build(
+        &self,
+        message: &CloudEventMessage,
+        info: &WorkInfo,
+    ) -> Result<http::Request<Bytes>, HandlerError> {
+        self.request(message, info)?
+            .body(self.body(message)?)
+            .map_err(encode_error)
+    }
+
     /// The endpoint's URL.
     pub(crate) fn uri(&self) -> &http::Uri {
         &self.inner.uri
@@ -207,10 +218,7 @@ impl Forward {
         message: CloudEventMessage,
         info: WorkInfo,
     ) -> Result<Value, HandlerError> {
-        let req = self
-            .request(&message, &info)?
-            .body(self.body(&message)?)
-            .map_err(encode_error)?;
+        let req = self.build(&message, &info)?;
         let (status, _) = self.exchange(req, ERROR_BODY_MAX).await?;
         Ok(serde_json::json!({ "http_status": status.as_u16() }))
     }
@@ -483,12 +491,7 @@ mod tests {
             );
             assert_eq!(a.header, format!("ce-{}", a.name));
         }
-        let get = |n: &str| {
-            attrs
-                .iter()
-                .find(|(a, _)| a.name == n)
-                .map(|(_, v)| *v)
-        };
+        let get = |n: &str| attrs.iter().find(|(a, _)| a.name == n).map(|(_, v)| *v);
         assert_eq!(get("specversion"), Some("1.0"));
         assert_eq!(get("id"), Some(m.id.as_str()));
         assert_eq!(get("platformid"), Some(m.platform_id.as_str()));

@@ -83,3 +83,40 @@ pub(super) fn run_forward(
     }
     Ok(r)
 }
+
+/// Microseconds to build one `run --forward` request (binary mode: about
+/// fifteen headers, `data` serialized as the body) for a generated event with
+/// a key, a timestamp and two Kafka headers; the median of three rounds.
+pub(super) fn request_build_us() -> Result<f64> {
+    use xzepr_consumer::decode::CloudEventMessage;
+    use xzepr_consumer::handler::{Record, Timestamp, Work};
+    const BUILDS: usize = 100_000;
+    let (id, payload) = xzepr_consumer::generate::xzepr_event(5, super::SOURCE_RECEIVER);
+    let message: CloudEventMessage = serde_json::from_slice(&payload)?;
+    let headers = vec![
+        (
+            "ce_traceparent".to_owned(),
+            b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_vec(),
+        ),
+        ("tenant".to_owned(), b"acme".to_vec()),
+    ];
+    let record = Record::new(
+        Some(id.as_bytes()),
+        &headers,
+        Some(Timestamp::CreateTime(1_700_000_000_000)),
+    );
+    let info = Work::new(format!("work-{id}"), "bench-forward".into(), 3, 123_456)
+        .with_record(record)
+        .info();
+    let forward = crate::forward::Forward::new("http://127.0.0.1:9/events", false, 1)?;
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let start = std::time::Instant::now();
+        for _ in 0..BUILDS {
+            let req = forward.build(&message, &info).map_err(|e| e.to_string())?;
+            std::hint::black_box(req);
+        }
+        rounds.push(start.elapsed().as_secs_f64() * 1e6 / BUILDS as f64);
+    }
+    Ok(super::median(rounds))
+}

@@ -47,6 +47,9 @@ pub struct WrapFigures {
     /// The generator posting a body the size of a forwarded event's, 128 tasks.
     pub raw_forward_posts: f64,
     pub forward_over_raw: f64,
+    /// Microseconds of CPU to build one forwarded request (headers and body),
+    /// apart from the pipeline and the network.
+    pub forward_request_build_us: f64,
     /// `run --exec /bin/true`, 16 in flight, and a loop spawning it 16 at once.
     pub exec_true_eps: f64,
     pub spawn_true_eps: f64,
@@ -75,8 +78,8 @@ impl std::fmt::Display for WrapFigures {
         )?;
         writeln!(
             f,
-            "forward / raw posts:   {:>10.2} ({:.0} / {:.0}, {HTTP_CONCURRENCY} at once)",
-            self.forward_over_raw, self.forward_key_eps, self.raw_forward_posts
+            "forward / raw posts:   {:>10.2} ({:.0} / {:.0}, {HTTP_CONCURRENCY} at once; {:.2} µs to build a request)",
+            self.forward_over_raw, self.forward_key_eps, self.raw_forward_posts, self.forward_request_build_us
         )?;
         writeln!(
             f,
@@ -404,6 +407,7 @@ pub(super) fn run(
     let [(exec_true_eps, spawn_true_eps), (exec_sh_eps, spawn_sh_eps)] =
         exec_and_spawn(rt, (brokers, exec, exec_events), group)?;
     let (decode_large_over_plan, decode_large_gbps) = decode_large()?;
+    let forward_request_build_us = super::forward::request_build_us()?;
     Ok(WrapFigures {
         reporter_posts_0ms,
         raw_posts_0ms,
@@ -414,6 +418,7 @@ pub(super) fn run(
         forward_key_eps,
         raw_forward_posts,
         forward_over_raw: forward_key_eps / raw_forward_posts,
+        forward_request_build_us,
         exec_true_eps,
         spawn_true_eps,
         exec_sh_eps,
