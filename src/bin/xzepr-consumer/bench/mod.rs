@@ -388,19 +388,32 @@ pub fn run_wraps(s: &Settings) -> Result<WrapFigures> {
         s.partitions,
         s.forward_events,
     )?;
+    wraps_family(&rt, &cluster, s, &endpoint, &groups())
+}
+
+/// The family of `wraps.rs`, on `cluster` whose `bench-forward` holds
+/// `forward_events` generated events: fills `bench-exec`, then runs it.
+fn wraps_family(
+    rt: &tokio::runtime::Runtime,
+    cluster: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    s: &Settings,
+    endpoint: &str,
+    group: &dyn Fn(&str) -> String,
+) -> Result<WrapFigures> {
+    let brokers = cluster.bootstrap_servers();
     fill_topic(
-        &cluster,
+        cluster,
         (&brokers, "bench-exec"),
         s.partitions,
         s.exec_events,
     )?;
     wraps::run(
-        &rt,
+        rt,
         &brokers,
         ("bench-forward", s.forward_events),
         ("bench-exec", s.exec_events),
-        &endpoint,
-        &groups(),
+        endpoint,
+        group,
     )
 }
 
@@ -599,20 +612,7 @@ pub fn run(s: &Settings) -> Result<Figures> {
         )?;
         reported.push(n as f64 / secs);
     }
-    fill_topic(
-        &cluster,
-        (&brokers, "bench-exec"),
-        s.partitions,
-        s.exec_events,
-    )?;
-    let wraps = wraps::run(
-        &rt,
-        &brokers,
-        ("bench-forward", s.forward_events),
-        ("bench-exec", s.exec_events),
-        &endpoint,
-        &group,
-    )?;
+    let wraps = wraps_family(&rt, &cluster, s, &endpoint, &group)?;
     let flow_control = if s.flow_control {
         Some(flow::run(&rt, &cluster, &brokers, &endpoint)?)
     } else {
