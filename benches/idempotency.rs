@@ -1,6 +1,6 @@
 //! The idempotency guard against the guide's way, side by side on one local PostgreSQL.
 //!
-//! `cargo bench --features postgres --bench idempotency [-- EVENTS]`
+//! `cargo bench --features postgres,dev-stack --bench idempotency [-- EVENTS]`
 //!
 //! Starts a throwaway server (`tests/pg_support`), twice: with PostgreSQL's durable
 //! defaults (`fsync`, `synchronous_commit` on: production) and with durability off.
@@ -15,14 +15,9 @@
 //! guard ran. `IN_FLIGHT=n` and `DELAY_US=µs` override the guard's
 //! `max_in_flight_batches` and `batch_delay` to compare settings.
 //!
-//! Then the whole pipeline on the durable server: N events from librdkafka's mock
-//! cluster through an async no-op handler (per-key order, 256 in flight), three ways
-//! in one run: no guard, the guide's way inside the handler, and
-//! `PipelineBuilder::idempotency(guard)`. Events/s from the first event taken to the
-//! last offset finished.
+//! The whole pipeline with the guard against the guide's way in the same pipeline is
+//! `xzepr-consumer bench --postgres local` (`guard_over_guide`).
 
-#[path = "../tests/kafka_support/mod.rs"]
-mod kafka_support;
 #[path = "../tests/pg_support/mod.rs"]
 mod pg_support;
 
@@ -191,113 +186,6 @@ async fn bench_server(name: &str, settings: &[&str], n: usize) {
     );
 }
 
-/// Which idempotency the pipeline bench runs with.
-#[derive(Clone, Copy, PartialEq)]
-enum Way {
-    Off,
-    Guide,
-    Guard,
-}
-
-/// Events/s of one pipeline run over `n` events of `topic`, in a fresh group.
-fn pipeline_run(
-    rt: &tokio::runtime::Runtime,
-    brokers: &str,
-    topic: &str,
-    n: u64,
-    way: Way,
-    pool: &PgPool,
-) -> f64 {
-    use xzepr_consumer::config::KafkaConsumerConfig;
-    use xzepr_consumer::decode::CloudEventMessage;
-    use xzepr_consumer::dispatch::Ordering;
-    use xzepr_consumer::handler::WorkInfo;
-    use xzepr_consumer::pipeline::Pipeline;
-
-    let group = match way {
-        Way::Off => "off",
-        Way::Guide => "guide",
-        Way::Guard => "guard",
-    };
-    let mut builder = Pipeline::builder(KafkaConsumerConfig::new(brokers, topic, group))
-        .ordering(Ordering::PerKey)
-        .max_in_flight(CONCURRENCY)
-        .runtime(rt.handle().clone());
-    if way == Way::Guard {
-        let guard =
-            rt.block_on(async { IdempotencyGuard::new(pool.clone(), Duration::from_secs(86400)) });
-        builder = builder.idempotency(guard);
-    }
-    let pool = pool.clone();
-    let running = builder
-        .start_async(move |m: CloudEventMessage, _: WorkInfo| {
-            let pool = pool.clone();
-            async move {
-                if way == Way::Guide {
-                    guide_process(&pool, &m.id).await;
-                }
-                Ok::<_, String>(serde_json::Value::Null)
-            }
-        })
-        .expect("pipeline");
-    // From the first event on: the group join is the same for every way.
-    while running.metrics().consumed == 0 {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let started = Instant::now();
-    while running.metrics().finished < n {
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let rate = n as f64 / started.elapsed().as_secs_f64();
-    running.shutdown();
-    running.join().expect("join");
-    rate
-}
-
-fn bench_pipeline(rt: &tokio::runtime::Runtime, n: u64) {
-    let Some(pg) = pg_support::PgServer::start("idempotency pipeline bench", pg_support::DURABLE)
-    else {
-        return;
-    };
-    let pool = rt.block_on(async {
-        let pool = pg.pool(POOL).await;
-        sqlx::raw_sql(GUIDE_TABLE)
-            .execute(&pool)
-            .await
-            .expect("guide table");
-        IdempotencyGuard::migrate(&pool).await.expect("migrate");
-        pool
-    });
-    // 16 partitions: the mock keeps about 5 MB per partition, silently dropping the rest.
-    let cluster = kafka_support::cluster("idem", 16);
-    let brokers = cluster.bootstrap_servers();
-    kafka_support::produce_keyed(
-        &brokers,
-        "idem",
-        16,
-        n,
-        |i| format!("key-{}", i % 4096),
-        |i| xzepr_consumer::generate::xzepr_event(i, "01SOMEONEELSE").1,
-    );
-    let off = pipeline_run(rt, &brokers, "idem", n, Way::Off, &pool);
-    let guide = pipeline_run(rt, &brokers, "idem", n, Way::Guide, &pool);
-    let guard = pipeline_run(rt, &brokers, "idem", n, Way::Guard, &pool);
-    println!(
-        "
-pipeline, durable server ({n} events, async no-op handler, per key, {CONCURRENCY} in flight)"
-    );
-    println!("| idempotency | events/s | vs no guard |");
-    println!("| --- | ---: | ---: |");
-    for (way, rate) in [
-        ("none", off),
-        ("guide's SELECT + INSERT in the handler", guide),
-        ("`PipelineBuilder::idempotency(guard)`", guard),
-    ] {
-        println!("| {way} | {rate:.0} | {:.2}× |", rate / off);
-    }
-    println!("pipeline guard vs guide's way: {:.1}×", guard / guide);
-}
-
 fn main() {
     // `cargo bench` passes `--bench`; a bare number is the event count.
     let n: usize = std::env::args()
@@ -317,5 +205,4 @@ fn main() {
         )
         .await;
     });
-    bench_pipeline(&rt, n as u64);
 }

@@ -21,6 +21,9 @@
 //! [`KneeServer`] is a service with a capacity (flat latency up to a knee of
 //! concurrent requests, then rising, 503 past twice the knee), for the
 //! flow-control tests and `bench`.
+//!
+//! [`postgres::LocalPostgres`] (with feature `postgres`) is a throwaway
+//! PostgreSQL server, for the idempotency tests and `bench --postgres local`.
 
 // The request helpers return the HTTP error response itself as their `Err`: a
 // dev-only server where that reads best, and size does not matter.
@@ -44,6 +47,8 @@ use tokio::net::TcpListener;
 use crate::generate::ulid_like;
 
 mod knee;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub use knee::{KneeServer, KneeStats, Latencies, LatencySnapshot};
 
 /// Where the stand-in publishes the CloudEvents of what it records.

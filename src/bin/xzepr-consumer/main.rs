@@ -157,9 +157,21 @@ enum Command {
         /// Messages waiting in that broker for its memory case.
         #[arg(long, default_value_t = 1_000_000)]
         broker_backlog: u64,
+        /// Also the pipeline with the PostgreSQL idempotency guard against
+        /// the guide's SELECT + INSERT per event in the same pipeline (a build
+        /// with feature postgres): `local` starts a throwaway server with
+        /// durable defaults (initdb and pg_ctl from PG_BIN_DIR or
+        /// /usr/lib/postgresql/*/bin); a URL uses a running one, in a database
+        /// the bench creates there and drops.
+        #[arg(long, value_name = "local|URL")]
+        postgres: Option<bench::Postgres>,
+        /// Events of that comparison.
+        #[arg(long, default_value_t = 20_000)]
+        guard_events: u64,
         /// Only the paths beside the bare thing each wraps (the reporter, `run
-        /// --forward`, `run --exec`, large-event decoding; uses --partitions,
-        /// --forward-events, --exec-events): a minute or two, to profile one.
+        /// --forward`, `run --exec`, large-event decoding, and the guard with
+        /// --postgres; uses --partitions, --forward-events, --exec-events,
+        /// --guard-events): a minute or two, to profile one.
         #[arg(long, conflicts_with_all = ["traces", "flow_control", "broker"])]
         wraps_only: bool,
         /// Print one JSON object instead of a table.
@@ -277,11 +289,16 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
             flow_control,
             broker,
             broker_backlog,
+            postgres,
+            guard_events,
             wraps_only,
             json,
         } => {
             if traces && !cfg!(feature = "otel") {
                 return Err("bench --traces needs a build with feature otel".into());
+            }
+            if postgres.is_some() && !cfg!(feature = "postgres") {
+                return Err("bench --postgres needs a build with feature postgres".into());
             }
             let settings = bench::Settings {
                 events,
@@ -300,6 +317,8 @@ fn run_command(cli: Cli) -> baseline::anyhow_like::Result<()> {
                     target,
                     backlog: broker_backlog,
                 }),
+                postgres,
+                guard_events,
             };
             if wraps_only {
                 let f = bench::run_wraps(&settings)?;

@@ -84,15 +84,15 @@ pub(super) fn run_forward(
     Ok(r)
 }
 
-/// Microseconds to build one `run --forward` request (binary mode: about
-/// fifteen headers, `data` serialized as the body) for a generated event with
-/// a key, a timestamp and two Kafka headers; the median of three rounds.
-pub(super) fn request_build_us() -> Result<f64> {
-    use xzepr_consumer::decode::CloudEventMessage;
+/// A generated event with a key, a timestamp and two Kafka headers, as
+/// `run --forward` gets it: the message and its work.
+fn sample_event() -> Result<(
+    xzepr_consumer::decode::CloudEventMessage,
+    xzepr_consumer::handler::WorkInfo,
+)> {
     use xzepr_consumer::handler::{Record, Timestamp, Work};
-    const BUILDS: usize = 100_000;
     let (id, payload) = xzepr_consumer::generate::xzepr_event(5, super::SOURCE_RECEIVER);
-    let message: CloudEventMessage = serde_json::from_slice(&payload)?;
+    let message = serde_json::from_slice(&payload)?;
     let headers = vec![
         (
             "ce_traceparent".to_owned(),
@@ -108,6 +108,25 @@ pub(super) fn request_build_us() -> Result<f64> {
     let info = Work::new(format!("work-{id}"), "bench-forward".into(), 3, 123_456)
         .with_record(record)
         .info();
+    Ok((message, info))
+}
+
+/// The headers and body `run --forward` sends `endpoint` for that event:
+/// what the load generator posts, prebuilt, to price the request's shape.
+pub(super) fn forwarded_request(endpoint: &str) -> Result<(http::HeaderMap, bytes::Bytes)> {
+    let (message, info) = sample_event()?;
+    let forward = crate::forward::Forward::new(endpoint, false, 1)?;
+    let req = forward.build(&message, &info).map_err(|e| e.to_string())?;
+    let (parts, body) = req.into_parts();
+    Ok((parts.headers, body))
+}
+
+/// Microseconds to build one `run --forward` request (binary mode: about
+/// fifteen headers, `data` serialized as the body) for [`sample_event`]; the
+/// median of three rounds.
+pub(super) fn request_build_us() -> Result<f64> {
+    const BUILDS: usize = 100_000;
+    let (message, info) = sample_event()?;
     let forward = crate::forward::Forward::new("http://127.0.0.1:9/events", false, 1)?;
     let mut rounds = Vec::new();
     for _ in 0..3 {

@@ -12,13 +12,17 @@
 //! With `--flow-control`, also the reporter against a service with a knee at
 //! fixed and adaptive concurrency, and `run --rate` over a backlog.
 //!
+//! With `--postgres`, also the pipeline with the PostgreSQL idempotency guard
+//! against the guide's way in the same pipeline.
+//!
 //! With `--broker`, also the no-op, I/O and reporting cases and the memory
 //! under a backlog against a broker in its own process (Tansu, or an address).
 //!
 //! One file per family of cases: `pipeline.rs` (poll loop, no-op, batch
 //! no-op, I/O, threads, reporting), `forward.rs` (`run --forward`), `wraps.rs`
 //! (the reporter, `run --forward`, `run --exec` and large-event decoding
-//! beside the bare thing each wraps), `flow.rs` (flow control), `traces.rs`
+//! beside the bare thing each wraps), `guard.rs` (the idempotency guard),
+//! `flow.rs` (flow control), `traces.rs`
 //! (the OTLP sink of `bench --traces`), `broker.rs` (the broker apart); this
 //! file holds the settings, the figures and the order the cases run in.
 
@@ -39,6 +43,7 @@ use crate::produce::produce;
 mod broker;
 mod flow;
 mod forward;
+mod guard;
 mod pipeline;
 #[cfg(feature = "otel")]
 mod traces;
@@ -46,6 +51,7 @@ mod wraps;
 
 pub use broker::{BrokerSettings, Target};
 use forward::{run_forward, zero_ms_endpoint};
+pub use guard::Postgres;
 use pipeline::{
     io_pass, pipeline_batch_noop, pipeline_noop, pipeline_report, raw_pass, rss_mb, threads_pass,
     PeakRss, Waits,
@@ -86,6 +92,10 @@ pub struct Settings {
     pub flow_control: bool,
     /// Also the cases against a broker apart (`broker.rs`).
     pub broker: Option<broker::BrokerSettings>,
+    /// Also the idempotency guard against the guide's way (`guard.rs`).
+    pub postgres: Option<guard::Postgres>,
+    /// Events of that comparison.
+    pub guard_events: u64,
 }
 
 /// The figures of one `bench` run.
@@ -407,14 +417,46 @@ fn wraps_family(
         s.partitions,
         s.exec_events,
     )?;
-    wraps::run(
+    let mut figures = wraps::run(
         rt,
         &brokers,
         ("bench-forward", s.forward_events),
         ("bench-exec", s.exec_events),
         endpoint,
         group,
-    )
+    )?;
+    if let Some(target) = &s.postgres {
+        fill_topic(
+            cluster,
+            (&brokers, "bench-guard"),
+            s.partitions,
+            s.guard_events,
+        )?;
+        figures.guard = Some(guard_family(rt, &brokers, s.guard_events, target, group)?);
+    }
+    Ok(figures)
+}
+
+#[cfg(feature = "postgres")]
+fn guard_family(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    events: u64,
+    target: &guard::Postgres,
+    group: &dyn Fn(&str) -> String,
+) -> Result<guard::GuardFigures> {
+    guard::run(rt, (brokers, "bench-guard", events), target, group)
+}
+
+#[cfg(not(feature = "postgres"))]
+fn guard_family(
+    _: &tokio::runtime::Runtime,
+    _: &str,
+    _: u64,
+    _: &guard::Postgres,
+    _: &dyn Fn(&str) -> String,
+) -> Result<guard::GuardFigures> {
+    Err("bench --postgres needs a build with feature postgres".into())
 }
 
 /// Runs the benchmark on an in-process mock broker.

@@ -47,6 +47,11 @@ pub struct WrapFigures {
     /// The generator posting a body the size of a forwarded event's, 128 tasks.
     pub raw_forward_posts: f64,
     pub forward_over_raw: f64,
+    /// The generator posting the forwarder's whole request, prebuilt (its
+    /// ~15 `ce-*` and `kafka-*` headers too): what the request's shape costs
+    /// the client and the server, apart from the pipeline.
+    pub raw_forward_posts_full: f64,
+    pub forward_over_raw_full: f64,
     /// Microseconds of CPU to build one forwarded request (headers and body),
     /// apart from the pipeline and the network.
     pub forward_request_build_us: f64,
@@ -62,6 +67,9 @@ pub struct WrapFigures {
     /// over the 17 KB and 67 KB long-string vectors; and ours in GB/s.
     pub decode_large_over_plan: f64,
     pub decode_large_gbps: f64,
+    /// With `--postgres`: the idempotency guard against the guide's way.
+    #[serde(flatten)]
+    pub guard: Option<super::guard::GuardFigures>,
 }
 
 impl std::fmt::Display for WrapFigures {
@@ -83,6 +91,11 @@ impl std::fmt::Display for WrapFigures {
         )?;
         writeln!(
             f,
+            "forward / raw, same request: {:>4.2} ({:.0} posts/s with the forwarded headers)",
+            self.forward_over_raw_full, self.raw_forward_posts_full
+        )?;
+        writeln!(
+            f,
             "exec / spawn:          {:>10.2} (true {:.0} / {:.0}, sh {:.0} / {:.0}, {EXEC_CONCURRENCY} at once)",
             self.exec_over_spawn,
             self.exec_true_eps,
@@ -94,26 +107,33 @@ impl std::fmt::Display for WrapFigures {
             f,
             "decode large / plan:   {:>10.2} ({:.2} GB/s, envelope)",
             self.decode_large_over_plan, self.decode_large_gbps
-        )
+        )?;
+        if let Some(guard) = &self.guard {
+            write!(f, "\n{guard}")?;
+        }
+        Ok(())
     }
 }
 
-/// Medians of `ROUNDS` interleaved rounds of `a` and `b` (each a rate).
+/// Medians of `ROUNDS` interleaved rounds of each path (each a rate); the
+/// order turns by one each round.
+fn interleaved<const N: usize>(paths: [&mut dyn FnMut() -> Result<f64>; N]) -> Result<[f64; N]> {
+    let mut rates: [Vec<f64>; N] = std::array::from_fn(|_| Vec::new());
+    for round in 0..ROUNDS {
+        for i in (0..N).map(|p| (p + round) % N) {
+            rates[i].push(paths[i]()?);
+        }
+    }
+    Ok(rates.map(median))
+}
+
+/// [`interleaved`] of two.
 fn side_by_side(
     mut a: impl FnMut() -> Result<f64>,
     mut b: impl FnMut() -> Result<f64>,
 ) -> Result<(f64, f64)> {
-    let (mut ra, mut rb) = (Vec::new(), Vec::new());
-    for round in 0..ROUNDS {
-        if round % 2 == 0 {
-            ra.push(a()?);
-            rb.push(b()?);
-        } else {
-            rb.push(b()?);
-            ra.push(a()?);
-        }
-    }
-    Ok((median(ra), median(rb)))
+    let [a, b] = interleaved([&mut a, &mut b])?;
+    Ok((a, b))
 }
 
 /// Repeats `pass(n)` (a rate over `n` items) until a second of work was timed.
@@ -126,7 +146,12 @@ fn window_of(n: usize, mut pass: impl FnMut(usize) -> Result<f64>) -> Result<f64
 
 /// `n` posts of a prebuilt `body` by `concurrency` tasks over one pooled
 /// client: the bare HTTP rate the reporter and the forwarder build on.
-async fn raw_posts(url: &str, body: Bytes, n: usize, concurrency: usize) -> Result<f64> {
+async fn raw_posts(
+    url: &str,
+    (headers, body): Prebuilt,
+    n: usize,
+    concurrency: usize,
+) -> Result<f64> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(concurrency)
         .build_http();
@@ -135,14 +160,18 @@ async fn raw_posts(url: &str, body: Bytes, n: usize, concurrency: usize) -> Resu
     let start = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|_| {
-            let (client, body, uri, next) =
-                (client.clone(), body.clone(), uri.clone(), Arc::clone(&next));
+            let (client, headers, body, uri, next) = (
+                client.clone(),
+                headers.clone(),
+                body.clone(),
+                uri.clone(),
+                Arc::clone(&next),
+            );
             tokio::spawn(async move {
                 while next.fetch_add(1, Relaxed) < n {
-                    let req = hyper::Request::post(uri.clone())
-                        .header("content-type", "application/json")
-                        .header("authorization", "Bearer bench-token")
-                        .body(Full::new(body.clone()))?;
+                    let mut req =
+                        hyper::Request::post(uri.clone()).body(Full::new(body.clone()))?;
+                    *req.headers_mut() = headers.clone();
                     let resp = client.request(req).await?;
                     let status = resp.status();
                     resp.into_body().collect().await?;
@@ -160,6 +189,23 @@ async fn raw_posts(url: &str, body: Bytes, n: usize, concurrency: usize) -> Resu
         t.await?.map_err(|e| e.to_string())?;
     }
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The headers and body the load generator posts, each time.
+type Prebuilt = (http::HeaderMap, Bytes);
+
+/// A JSON post with `bench`'s token: the headers a client sends at least.
+fn plain(body: Bytes) -> Prebuilt {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::AUTHORIZATION,
+        http::HeaderValue::from_static("Bearer bench-token"),
+    );
+    (headers, body)
 }
 
 /// The body of a `started` post as the reporter writes it, for the generator.
@@ -234,7 +280,12 @@ fn reporter_and_raw(rt: &tokio::runtime::Runtime, latency: Duration) -> Result<(
         || window_of(n, |n| reporter_posts(rt, &base, n)),
         || {
             window_of(n, |n| {
-                rt.block_on(raw_posts(&events, started_body(), n, HTTP_CONCURRENCY))
+                rt.block_on(raw_posts(
+                    &events,
+                    plain(started_body()),
+                    n,
+                    HTTP_CONCURRENCY,
+                ))
             })
         },
     )
@@ -248,16 +299,24 @@ fn forwarded_body() -> Result<Bytes> {
 }
 
 /// `run --forward` under per-key order (128 in flight) against the generator
-/// at 128 tasks, same endpoint: `(forward, raw)` per second.
+/// at 128 tasks, same endpoint, posting the body with a client's two headers
+/// and posting the forwarder's whole request (its ~15 headers) prebuilt:
+/// `[forward, raw, raw with the forwarded headers]` per second.
 fn forward_and_raw(
     rt: &tokio::runtime::Runtime,
     (brokers, topic, events): (&str, &str, u64),
     endpoint: &str,
     group: &dyn Fn(&str) -> String,
-) -> Result<(f64, f64)> {
-    let body = forwarded_body()?;
-    side_by_side(
-        || {
+) -> Result<[f64; 3]> {
+    let body = plain(forwarded_body()?);
+    let full = super::forward::forwarded_request(endpoint)?;
+    let generator = |prebuilt: &Prebuilt| {
+        window_of(events as usize, |n| {
+            rt.block_on(raw_posts(endpoint, prebuilt.clone(), n, HTTP_CONCURRENCY))
+        })
+    };
+    interleaved([
+        &mut || {
             windowed(|_| {
                 let group = group("forward-key");
                 run_forward(
@@ -269,12 +328,9 @@ fn forward_and_raw(
                 )
             })
         },
-        || {
-            window_of(events as usize, |n| {
-                rt.block_on(raw_posts(endpoint, body.clone(), n, HTTP_CONCURRENCY))
-            })
-        },
-    )
+        &mut || generator(&body),
+        &mut || generator(&full),
+    ])
 }
 
 /// One pass of `run --exec PROGRAM...` over `events`, per-key order,
@@ -402,7 +458,7 @@ pub(super) fn run(
 ) -> Result<WrapFigures> {
     let (reporter_posts_0ms, raw_posts_0ms) = reporter_and_raw(rt, Duration::ZERO)?;
     let (reporter_posts_5ms, raw_posts_5ms) = reporter_and_raw(rt, Duration::from_millis(5))?;
-    let (forward_key_eps, raw_forward_posts) =
+    let [forward_key_eps, raw_forward_posts, raw_forward_posts_full] =
         forward_and_raw(rt, (brokers, forward, forward_events), endpoint, group)?;
     let [(exec_true_eps, spawn_true_eps), (exec_sh_eps, spawn_sh_eps)] =
         exec_and_spawn(rt, (brokers, exec, exec_events), group)?;
@@ -418,6 +474,8 @@ pub(super) fn run(
         forward_key_eps,
         raw_forward_posts,
         forward_over_raw: forward_key_eps / raw_forward_posts,
+        raw_forward_posts_full,
+        forward_over_raw_full: forward_key_eps / raw_forward_posts_full,
         forward_request_build_us,
         exec_true_eps,
         spawn_true_eps,
@@ -426,5 +484,6 @@ pub(super) fn run(
         exec_over_spawn: f64::min(exec_true_eps / spawn_true_eps, exec_sh_eps / spawn_sh_eps),
         decode_large_over_plan,
         decode_large_gbps,
+        guard: None,
     })
 }
