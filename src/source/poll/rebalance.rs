@@ -163,6 +163,7 @@ impl ConsumerContext for Context {
                         delay,
                         delayed: None,
                         held_back: false,
+                        next: None,
                     },
                 );
             }

@@ -58,6 +58,7 @@ pub(super) fn route(
                 // Finished by a previous owner: finished here, never dispatched.
                 let _ = p.tracker.dispatched(m.offset());
                 p.tracker.finished(m.offset());
+                p.next = Some(m.offset() + 1);
                 st.stats.skipped_done.fetch_add(1, Relaxed);
                 continue;
             }
@@ -71,6 +72,7 @@ pub(super) fn route(
                 p.delayed = Some(now + wait);
                 st.delayed += 1;
                 st.stats.delay_pauses.fetch_add(1, Relaxed);
+                p.next = Some(m.offset());
                 to_rewind.push(((topic, partition), m.offset()));
                 continue;
             }
@@ -98,6 +100,7 @@ pub(super) fn route(
                     st.paused += 1;
                     st.stats.pauses.fetch_add(1, Relaxed);
                 }
+                p.next = Some(m.offset());
                 to_rewind.push((key, m.offset()));
                 continue;
             }
@@ -107,6 +110,7 @@ pub(super) fn route(
         let msg = copy_message(&m, Arc::clone(&topic), p, buf);
         drop(m);
         let _ = p.tracker.dispatched(msg.offset);
+        p.next = Some(msg.offset + 1);
         p.arrivals.arrived(
             msg.offset,
             now,

@@ -39,6 +39,10 @@ pub(super) struct Part {
     /// Paused because its next message did not fit in the buffer budget (and
     /// sought back to it): resumed once all the buffers are half empty.
     pub(super) held_back: bool,
+    /// The offset it reads next: after the last message taken from it, or the
+    /// one it was sought back to. A resume seeks it there (see
+    /// `PollLoop::resume_ready`).
+    pub(super) next: Option<i64>,
 }
 
 pub(super) type PartKey = (Arc<str>, i32);
