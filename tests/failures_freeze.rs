@@ -1,6 +1,7 @@
 //! Failures that must never freeze, crash or loop the consumer, on librdkafka's
 //! mock cluster. Every test holds the failure: a lane that never releases, a
-//! member that joins while the consumer lags, a handler that overruns its
+//! member that joins while the consumer lags, a partition paused when a
+//! rebalance takes it and gives it back, a handler that overruns its
 //! timeout, a dead-letter cluster that is down and comes back, brokers that
 //! disappear before a shutdown.
 #![cfg(feature = "dev-stack")]
@@ -48,6 +49,13 @@ fn wait_for(what: &str, running: &RunningPipeline, mut done: impl FnMut() -> boo
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The mock broker waits a session timeout less a second for every member to
+/// rejoin when one joins or leaves a group: 29 s with the default.
+fn short_session(mut config: KafkaConsumerConfig) -> KafkaConsumerConfig {
+    config.session_timeout = Duration::from_secs(6);
+    config
 }
 
 fn event(i: u64) -> Vec<u8> {
@@ -116,7 +124,8 @@ fn a_member_joining_while_a_sync_pipeline_lags_keeps_it_running() {
     let seen: Arc<Mutex<HashSet<(i32, i64)>>> = Arc::default();
     let start = |slow: bool| {
         let seen = Arc::clone(&seen);
-        Pipeline::builder(KafkaConsumerConfig::new(&brokers, "lagging", "lagging"))
+        let config = short_session(KafkaConsumerConfig::new(&brokers, "lagging", "lagging"));
+        Pipeline::builder(config)
             .ordering(Ordering::Unordered)
             .max_in_flight(8)
             .batch(1)
@@ -152,15 +161,88 @@ fn a_member_joining_while_a_sync_pipeline_lags_keeps_it_running() {
         "the lagging member stopped: {:?}",
         lagging.health()
     );
-    for running in [&lagging, &joining] {
-        running.shutdown();
-    }
+    // One member leaves at a time. Two leaving together start a rebalance
+    // that neither rejoins, and the mock broker refuses every commit while a
+    // group is joining (Kafka takes a current generation's commit then).
+    joining.shutdown();
+    joining.join().expect("the joining member stops cleanly");
+    let ends = end_offsets(&brokers, "lagging", 4);
+    wait_for(
+        "the lagging member to commit every partition",
+        &lagging,
+        || committed(&brokers, "xzepr-consumer-lagging", "lagging", 4) == ends,
+    );
+    lagging.shutdown();
     lagging.join().expect("the lagging member stops cleanly");
-    joining.join().unwrap();
     assert_eq!(
         committed(&brokers, "xzepr-consumer-lagging", "lagging", 4),
-        end_offsets(&brokers, "lagging", 4)
+        ends
     );
+}
+
+/// Scenario 2b: librdkafka keeps a partition's pause through a rebalance
+/// that gives the partition back to the same member. Both partitions are
+/// paused over their buffer share (their first events held) when a second
+/// member joins and then leaves; each is assigned back, and must be read
+/// again to its end.
+#[test]
+fn a_partition_paused_when_revoked_is_read_again_when_assigned_back() {
+    const PER_PARTITION: u64 = 300;
+    let cluster = cluster("pausedback", 2);
+    let brokers = cluster.bootstrap_servers();
+    produce(&brokers, "pausedback", 2, 2 * PER_PARTITION, event);
+    let rt = runtime();
+    let (release, gate) = tokio::sync::watch::channel(false);
+    let config = short_session(KafkaConsumerConfig::new(
+        &brokers,
+        "pausedback",
+        "pausedback",
+    ));
+    let running = Pipeline::builder(config)
+        .runtime(rt.handle().clone())
+        .commit_interval(Duration::from_millis(50))
+        .drain_timeout(Duration::from_millis(200))
+        .buffer_budget(64 * 1024)
+        .start_async(move |_m: CloudEventMessage, _info: WorkInfo| {
+            let mut gate = gate.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                Ok::<_, String>(serde_json::Value::Null)
+            }
+        })
+        .unwrap();
+    let pauses = || running.source().stats().pauses.load(Relaxed);
+    wait_for("both partitions paused over their share", &running, || {
+        pauses() >= 2
+    });
+    // A second member: the group rebalances, every partition is revoked from
+    // the paused one, and it gets one of them back.
+    let other: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "xzepr-consumer-pausedback")
+        .set("session.timeout.ms", "6000")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    other.subscribe(&["pausedback"]).unwrap();
+    let start = Instant::now();
+    while other.assignment().map_or(0, |a| a.count()) == 0 {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the second member got no partition"
+        );
+        let _ = other.poll(Duration::from_millis(50));
+    }
+    release.send(true).unwrap();
+    // It leaves: both partitions are assigned back to the first member.
+    other.unsubscribe();
+    drop(other);
+    let ends = end_offsets(&brokers, "pausedback", 2);
+    wait_for("every partition committed to its end", &running, || {
+        committed(&brokers, "xzepr-consumer-pausedback", "pausedback", 2) == ends
+    });
+    running.shutdown();
+    running.join().unwrap();
 }
 
 /// Scenario 6: a sync closure cannot be cancelled; when it succeeds past its

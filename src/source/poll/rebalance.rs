@@ -120,6 +120,16 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
+            // librdkafka keeps a partition's pause through a rebalance that
+            // gives it back, and its new state here starts unpaused: one paused
+            // over its share (or a delay topic's, until due) when revoked would
+            // never be read again. Before `after_assign`, which pauses those
+            // without a start position.
+            if tpl.count() > 0 {
+                if let Err(e) = consumer.resume(tpl) {
+                    tracing::warn!(error = %e, "Resume of assigned partitions failed.");
+                }
+            }
             self.start.after_assign(consumer);
             // Before any message of these partitions is routed (this runs
             // inside `poll`, on the poll thread), so none runs that the map skips.
@@ -131,7 +141,6 @@ impl ConsumerContext for Context {
             let Ok(mut st) = self.state.lock() else {
                 return;
             };
-            let mut delay_parts = TopicPartitionList::new();
             for e in tpl.elements() {
                 st.epochs += 1;
                 let epoch = st.epochs;
@@ -144,9 +153,6 @@ impl ConsumerContext for Context {
                 });
                 let skip = maps.remove(&key);
                 let delay = st.delay_topics.iter().any(|t| t == e.topic());
-                if delay {
-                    delay_parts.add_partition(e.topic(), e.partition());
-                }
                 // librdkafka resumes assigned partitions from the committed offsets.
                 st.parts.insert(
                     key,
@@ -170,13 +176,6 @@ impl ConsumerContext for Context {
             self.stats.assigned.store(st.parts.len() as u64, Relaxed);
             self.stats.group_joined.store(true, Relaxed);
             drop(st);
-            // A delay topic's partition paused in an earlier assignment starts
-            // unpaused: the first message read decides again.
-            if delay_parts.count() > 0 {
-                if let Err(e) = consumer.resume(&delay_parts) {
-                    tracing::warn!(error = %e, "Resume of delay-topic partitions failed.");
-                }
-            }
             tracing::debug!(partitions = tpl.count(), "Partitions assigned.");
             if let Some(hooks) = &self.hooks {
                 hooks.assigned(&owned_partitions(tpl));
